@@ -1,0 +1,91 @@
+//! The TOML file as written: serde structs that mirror it key for key (`deny_unknown_fields`), with spans
+//! kept so that every later check can name the file, line and column. No defaults and no checks live here;
+//! those are in `lib.rs`, which turns a `File` into a `Config`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub names: Option<S<Vec<S<String>>>>,
+    pub listen: Option<Listen>,
+    pub tls: Option<S<Tls>>,
+    #[serde(default)]
+    pub route: Vec<S<Route>>,
+    #[serde(default)]
+    pub upstream: BTreeMap<String, S<Upstream>>,
+    pub trusted_proxies: Option<Vec<S<String>>>,
+    pub headers: Option<Headers>,
+    pub timeouts: Option<Timeouts>,
+    pub log: Option<Log>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub https: Option<Vec<S<String>>>,
+    pub http: Option<Vec<S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
+    pub self_signed: Option<S<bool>>,
+    pub min_version: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub path: S<String>,
+    pub upstream: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub servers: S<Vec<S<String>>>,
+}
+
+/// A security header: a string sets the value, `false` turns it off, `true` keeps the default.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderSetting {
+    On(bool),
+    Value(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Headers {
+    pub strict_transport_security: Option<S<HeaderSetting>>,
+    pub x_frame_options: Option<S<HeaderSetting>>,
+    pub x_content_type_options: Option<S<HeaderSetting>>,
+    pub referrer_policy: Option<S<HeaderSetting>>,
+    /// Header settings (by key name above) that replace the app's own value instead of yielding to it.
+    pub force: Option<Vec<S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub upstream_connect: Option<S<String>>,
+    pub upstream_response: Option<S<String>>,
+    pub client_idle: Option<S<String>>,
+    pub shutdown: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub access: Option<S<bool>>,
+    pub format: Option<S<String>>,
+    pub level: Option<S<String>>,
+}

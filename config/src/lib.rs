@@ -1,0 +1,889 @@
+//! Portcullis configuration: reads the TOML file (`file.rs` mirrors it), checks every key, and builds the
+//! typed [`Config`] that the proxy runs on. Every default lives here, in [`defaults`], and every problem is
+//! reported as `FILE:LINE:COL: key: what is wrong`. No sockets, no certificates: those are other crates'.
+
+#![forbid(unsafe_code)]
+
+mod cidr;
+mod duration;
+pub mod file;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use cidr::Cidr;
+use file::S;
+
+/// The hardened defaults, in one place (docs/CONFIG.md repeats them for users).
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const HTTPS: &[&str] = &["0.0.0.0:443", "[::]:443"];
+    pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
+    pub const HSTS: &str = "max-age=63072000; includeSubDomains";
+    pub const X_FRAME_OPTIONS: &str = "DENY";
+    pub const X_CONTENT_TYPE_OPTIONS: &str = "nosniff";
+    /// Not `no-referrer`: Django's CSRF check rejects HTTPS POSTs without a same-origin Referer.
+    pub const REFERRER_POLICY: &str = "strict-origin-when-cross-origin";
+    pub const UPSTREAM_CONNECT: Duration = Duration::from_secs(5);
+    /// As nginx's `proxy_read_timeout`; gunicorn kills a worker after 30 s by default.
+    pub const UPSTREAM_RESPONSE: Duration = Duration::from_secs(60);
+    pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+    pub const SHUTDOWN: Duration = Duration::from_secs(30);
+}
+
+/// The checked configuration the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and relative paths); `<demo>` for the embedded default.
+    pub source: PathBuf,
+    /// Host names served, lower-case; empty means any.
+    pub names: Vec<String>,
+    pub listen: Listen,
+    pub tls: Tls,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub headers: SecurityHeaders,
+    pub timeouts: Timeouts,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub https: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub source: CertSource,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Generated at start for the configured names (rcgen), kept in memory only.
+    SelfSigned,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3: Mozilla "intermediate".
+    Tls12,
+    /// TLS 1.3 only: Mozilla "modern".
+    Tls13,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub servers: Vec<ServerAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => write!(f, "{a}"),
+            ServerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One security header: the value, and whether it replaces the app's own value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRule {
+    pub value: String,
+    pub force: bool,
+}
+
+/// `None` means the header is turned off.
+#[derive(Debug, Clone)]
+pub struct SecurityHeaders {
+    pub strict_transport_security: Option<HeaderRule>,
+    pub x_frame_options: Option<HeaderRule>,
+    pub x_content_type_options: Option<HeaderRule>,
+    pub referrer_policy: Option<HeaderRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub client_idle: Duration,
+    pub shutdown: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub access: bool,
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// One thing wrong with a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.key,
+            self.message
+        )
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read (the operator's fault: wrong path or permissions).
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file was read, and these keys are wrong (the operator's fault).
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<Problem> },
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Checks config text; `path` names it in messages and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
+        let mut check = Checker {
+            path,
+            text,
+            problems: Vec::new(),
+        };
+        let file: file::File = match toml::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                check.toml_error(&e);
+                return Err(check.into_error());
+            }
+        };
+        let config = check.build(file);
+        if check.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(check.into_error())
+        }
+    }
+
+    /// The upstream a request path goes to: longest matching prefix.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.path))
+    }
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn into_error(self) -> Error {
+        Error::Invalid {
+            problems: self.problems,
+        }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        (line, col)
+    }
+
+    fn problem(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = self.line_col(span.start);
+        self.problems.push(Problem {
+            file: self.path.to_owned(),
+            line,
+            col,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn toml_error(&mut self, e: &toml::de::Error) {
+        let span = e.span().unwrap_or(0..0);
+        // The key is what the error points at when that is a bare key, else the table it sits in.
+        let at = self.text.get(span.clone()).unwrap_or("").trim();
+        let key = if !at.is_empty()
+            && at
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            at.to_owned()
+        } else {
+            self.enclosing_table(span.start)
+        };
+        let message = e.message().trim().replace('\n', " ");
+        self.problem(span, key, message);
+    }
+
+    fn enclosing_table(&self, offset: usize) -> String {
+        let before = &self.text[..offset.min(self.text.len())];
+        before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+            .unwrap_or_else(|| "(top level)".to_owned())
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new("")).join(p)
+        }
+    }
+
+    fn build(&mut self, f: file::File) -> Config {
+        let names = self.names(f.names);
+        let listen = self.listen(f.listen);
+        let tls = self.tls(f.tls);
+        let upstreams = self.upstreams(&f.upstream);
+        let routes = self.routes(f.route, &f.upstream);
+        let trusted_proxies = f
+            .trusted_proxies
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.get_ref().parse::<Cidr>() {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    self.problem(s.span(), format!("trusted_proxies[{i}]"), why);
+                    None
+                }
+            })
+            .collect();
+        let headers = self.headers(f.headers);
+        let timeouts = self.timeouts(f.timeouts);
+        let log = self.log(f.log);
+        Config {
+            source: self.path.to_owned(),
+            names,
+            listen,
+            tls,
+            routes,
+            upstreams,
+            trusted_proxies,
+            headers,
+            timeouts,
+            log,
+        }
+    }
+
+    fn names(&mut self, names: Option<S<Vec<S<String>>>>) -> Vec<String> {
+        let Some(names) = names else {
+            return Vec::new();
+        };
+        let span = names.span();
+        let names = names.into_inner();
+        if names.is_empty() {
+            self.problem(
+                span,
+                "names",
+                "is empty: leave it out to serve any host name",
+            );
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for (i, n) in names.into_iter().enumerate() {
+            let lower = n.get_ref().trim_end_matches('.').to_ascii_lowercase();
+            if !valid_host_name(&lower) {
+                self.problem(
+                    n.span(),
+                    format!("names[{i}]"),
+                    format!("{:?} is not a host name", n.get_ref()),
+                );
+            } else {
+                out.push(lower);
+            }
+        }
+        out
+    }
+
+    fn addrs(&mut self, key: &str, list: Vec<S<String>>) -> Vec<SocketAddr> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, a) in list.into_iter().enumerate() {
+            match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => out.push(addr),
+                Err(_) => self.problem(
+                    a.span(),
+                    format!("listen.{key}[{i}]"),
+                    format!("{:?} is not an address with a port, like \"127.0.0.1:8443\" or \"[::]:443\"", a.get_ref()),
+                ),
+            }
+        }
+        out
+    }
+
+    fn listen(&mut self, l: Option<file::Listen>) -> Listen {
+        let default = |d: &[&str]| {
+            d.iter()
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<SocketAddr>>()
+        };
+        let (https, http) = match l {
+            None => (None, None),
+            Some(l) => (l.https, l.http),
+        };
+        let https = match https {
+            Some(list) => self.addrs("https", list),
+            None => default(defaults::HTTPS),
+        };
+        let http = match http {
+            Some(list) => self.addrs("http", list),
+            None => default(defaults::HTTP),
+        };
+        Listen { https, http }
+    }
+
+    fn tls(&mut self, t: Option<S<file::Tls>>) -> Tls {
+        let Some(t) = t else {
+            self.problem(
+                0..0,
+                "tls",
+                "missing: give `cert` and `key` files, or `self_signed = true`",
+            );
+            return Tls {
+                source: CertSource::SelfSigned,
+                min_version: TlsVersion::Tls12,
+            };
+        };
+        let span = t.span();
+        let t = t.into_inner();
+        let self_signed = t.self_signed.as_ref().is_some_and(|s| *s.get_ref());
+        let source = match (t.cert, t.key, self_signed) {
+            (Some(cert), Some(key), false) => CertSource::Files {
+                cert: self.resolve(cert.get_ref()),
+                key: self.resolve(key.get_ref()),
+            },
+            (None, None, true) => CertSource::SelfSigned,
+            (Some(c), _, true) => {
+                self.problem(
+                    c.span(),
+                    "tls.cert",
+                    "give either `cert` and `key`, or `self_signed = true`, not both",
+                );
+                CertSource::SelfSigned
+            }
+            (_, Some(k), true) => {
+                self.problem(
+                    k.span(),
+                    "tls.key",
+                    "give either `cert` and `key`, or `self_signed = true`, not both",
+                );
+                CertSource::SelfSigned
+            }
+            (Some(_), None, false) => {
+                self.problem(
+                    span,
+                    "tls.key",
+                    "missing: `cert` needs its private key file",
+                );
+                CertSource::SelfSigned
+            }
+            (None, Some(_), false) => {
+                self.problem(
+                    span,
+                    "tls.cert",
+                    "missing: `key` needs its certificate chain file",
+                );
+                CertSource::SelfSigned
+            }
+            (None, None, false) => {
+                self.problem(
+                    span,
+                    "tls",
+                    "give `cert` and `key` files, or `self_signed = true`",
+                );
+                CertSource::SelfSigned
+            }
+        };
+        let min_version = match t.min_version {
+            None => TlsVersion::Tls12,
+            Some(v) => match v.get_ref().as_str() {
+                "1.2" => TlsVersion::Tls12,
+                "1.3" => TlsVersion::Tls13,
+                other => {
+                    self.problem(
+                        v.span(),
+                        "tls.min_version",
+                        format!("{other:?}: use \"1.2\" or \"1.3\""),
+                    );
+                    TlsVersion::Tls12
+                }
+            },
+        };
+        Tls {
+            source,
+            min_version,
+        }
+    }
+
+    fn upstreams(
+        &mut self,
+        ups: &std::collections::BTreeMap<String, S<file::Upstream>>,
+    ) -> Vec<Upstream> {
+        let mut out = Vec::with_capacity(ups.len());
+        for (name, u) in ups {
+            let servers = u.get_ref().servers.get_ref();
+            if servers.is_empty() {
+                self.problem(
+                    u.get_ref().servers.span(),
+                    format!("upstream.{name}.servers"),
+                    "is empty: list at least one server",
+                );
+            }
+            let mut addrs = Vec::with_capacity(servers.len());
+            for (i, s) in servers.iter().enumerate() {
+                let key = format!("upstream.{name}.servers[{i}]");
+                let text = s.get_ref();
+                if let Some(path) = text.strip_prefix("unix:") {
+                    if path.is_empty() {
+                        self.problem(s.span(), key, "\"unix:\" needs a socket path");
+                    } else {
+                        addrs.push(ServerAddr::Unix(self.resolve(path)));
+                    }
+                } else {
+                    match text.parse::<SocketAddr>() {
+                        Ok(a) => addrs.push(ServerAddr::Tcp(a)),
+                        Err(_) => self.problem(
+                            s.span(),
+                            key,
+                            format!("{text:?} is not \"IP:PORT\" or \"unix:/path/to.sock\""),
+                        ),
+                    }
+                }
+            }
+            out.push(Upstream {
+                name: name.clone(),
+                servers: addrs,
+            });
+        }
+        out
+    }
+
+    fn routes(
+        &mut self,
+        routes: Vec<S<file::Route>>,
+        ups: &std::collections::BTreeMap<String, S<file::Upstream>>,
+    ) -> Vec<Route> {
+        if routes.is_empty() {
+            self.problem(
+                0..0,
+                "route",
+                "missing: add at least one [[route]] with a path and an upstream",
+            );
+        }
+        let mut out: Vec<Route> = Vec::with_capacity(routes.len());
+        for (i, r) in routes.into_iter().enumerate() {
+            let r = r.into_inner();
+            let path = r.path.get_ref();
+            if !path.starts_with('/') {
+                self.problem(
+                    r.path.span(),
+                    format!("route[{i}].path"),
+                    format!("{path:?} must start with '/'"),
+                );
+                continue;
+            }
+            if out.iter().any(|o| o.path == *path) {
+                self.problem(
+                    r.path.span(),
+                    format!("route[{i}].path"),
+                    format!("{path:?} is routed twice"),
+                );
+                continue;
+            }
+            // BTreeMap order is the order of Checker::upstreams' output.
+            match ups.keys().position(|k| k == r.upstream.get_ref()) {
+                Some(upstream) => out.push(Route {
+                    path: path.clone(),
+                    upstream,
+                }),
+                None => self.problem(
+                    r.upstream.span(),
+                    format!("route[{i}].upstream"),
+                    format!("no [upstream.{}] is defined", r.upstream.get_ref()),
+                ),
+            }
+        }
+        out.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        out
+    }
+
+    fn header(
+        &mut self,
+        key: &str,
+        s: Option<S<file::HeaderSetting>>,
+        default: &str,
+        force: bool,
+    ) -> Option<HeaderRule> {
+        let value = match s {
+            None => default.to_owned(),
+            Some(s) => match s.get_ref() {
+                file::HeaderSetting::On(false) => return None,
+                file::HeaderSetting::On(true) => default.to_owned(),
+                file::HeaderSetting::Value(v) => {
+                    if v.is_empty() || !v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+                        self.problem(
+                            s.span(),
+                            format!("headers.{key}"),
+                            "must be non-empty visible ASCII (or false to turn it off)",
+                        );
+                    }
+                    v.clone()
+                }
+            },
+        };
+        Some(HeaderRule { value, force })
+    }
+
+    fn headers(&mut self, h: Option<file::Headers>) -> SecurityHeaders {
+        const KEYS: [&str; 4] = [
+            "strict_transport_security",
+            "x_frame_options",
+            "x_content_type_options",
+            "referrer_policy",
+        ];
+        let h = h.unwrap_or(file::Headers {
+            strict_transport_security: None,
+            x_frame_options: None,
+            x_content_type_options: None,
+            referrer_policy: None,
+            force: None,
+        });
+        let mut forced = [false; 4];
+        for (i, f) in h.force.unwrap_or_default().into_iter().enumerate() {
+            match KEYS.iter().position(|k| k == f.get_ref()) {
+                Some(k) => forced[k] = true,
+                None => self.problem(
+                    f.span(),
+                    format!("headers.force[{i}]"),
+                    format!("{:?} is not one of {}", f.get_ref(), KEYS.join(", ")),
+                ),
+            }
+        }
+        SecurityHeaders {
+            strict_transport_security: self.header(
+                KEYS[0],
+                h.strict_transport_security,
+                defaults::HSTS,
+                forced[0],
+            ),
+            x_frame_options: self.header(
+                KEYS[1],
+                h.x_frame_options,
+                defaults::X_FRAME_OPTIONS,
+                forced[1],
+            ),
+            x_content_type_options: self.header(
+                KEYS[2],
+                h.x_content_type_options,
+                defaults::X_CONTENT_TYPE_OPTIONS,
+                forced[2],
+            ),
+            referrer_policy: self.header(
+                KEYS[3],
+                h.referrer_policy,
+                defaults::REFERRER_POLICY,
+                forced[3],
+            ),
+        }
+    }
+
+    fn duration(&mut self, key: &str, s: Option<S<String>>, default: Duration) -> Duration {
+        match s {
+            None => default,
+            Some(s) => match duration::parse(s.get_ref()) {
+                Ok(d) => d,
+                Err(why) => {
+                    self.problem(s.span(), format!("timeouts.{key}"), why);
+                    default
+                }
+            },
+        }
+    }
+
+    fn timeouts(&mut self, t: Option<file::Timeouts>) -> Timeouts {
+        let t = t.unwrap_or(file::Timeouts {
+            upstream_connect: None,
+            upstream_response: None,
+            client_idle: None,
+            shutdown: None,
+        });
+        Timeouts {
+            upstream_connect: self.duration(
+                "upstream_connect",
+                t.upstream_connect,
+                defaults::UPSTREAM_CONNECT,
+            ),
+            upstream_response: self.duration(
+                "upstream_response",
+                t.upstream_response,
+                defaults::UPSTREAM_RESPONSE,
+            ),
+            client_idle: self.duration("client_idle", t.client_idle, defaults::CLIENT_IDLE),
+            shutdown: self.duration("shutdown", t.shutdown, defaults::SHUTDOWN),
+        }
+    }
+
+    fn log(&mut self, l: Option<file::Log>) -> Log {
+        let mut log = Log {
+            access: true,
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        };
+        let Some(l) = l else { return log };
+        if let Some(a) = l.access {
+            log.access = *a.get_ref();
+        }
+        if let Some(f) = l.format {
+            match f.get_ref().as_str() {
+                "text" => log.format = LogFormat::Text,
+                "json" => log.format = LogFormat::Json,
+                other => self.problem(
+                    f.span(),
+                    "log.format",
+                    format!("{other:?}: use \"text\" or \"json\""),
+                ),
+            }
+        }
+        if let Some(lv) = l.level {
+            match lv.get_ref().as_str() {
+                "error" | "warn" | "info" | "debug" | "trace" => log.level = lv.get_ref().clone(),
+                other => self.problem(
+                    lv.span(),
+                    "log.level",
+                    format!("{other:?}: use error, warn, info, debug or trace"),
+                ),
+            }
+        }
+        log
+    }
+}
+
+/// RFC 1123 host name, lower-case, optionally a leading `*.` wildcard label.
+fn valid_host_name(n: &str) -> bool {
+    let n = n.strip_prefix("*.").unwrap_or(n);
+    if n.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+names = ["localhost"]
+
+[listen]
+https = ["127.0.0.1:8443"]
+http  = ["127.0.0.1:8080"]
+
+[tls]
+cert = "/etc/portcullis/fullchain.pem"
+key  = "/etc/portcullis/privkey.pem"
+
+[[route]]
+path = "/"
+upstream = "app"
+
+[upstream.app]
+servers = ["127.0.0.1:8000"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(Path::new("/etc/portcullis/portcullis.toml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => Vec::new(),
+            Err(Error::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn the_issue_example_parses_with_hardened_defaults() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.names, ["localhost"]);
+        assert_eq!(
+            c.listen.https,
+            ["127.0.0.1:8443".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.routes[0].path, "/");
+        assert_eq!(
+            c.upstreams[0].servers,
+            [ServerAddr::Tcp("127.0.0.1:8000".parse().unwrap())]
+        );
+        assert_eq!(c.tls.min_version, TlsVersion::Tls12);
+        assert_eq!(
+            c.headers.strict_transport_security.unwrap().value,
+            defaults::HSTS
+        );
+        assert_eq!(c.timeouts.shutdown, Duration::from_secs(30));
+        assert!(c.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = parse(
+            &EXAMPLE
+                .replace("/etc/portcullis/fullchain.pem", "certs/full.pem")
+                .replace("127.0.0.1:8000", "unix:run/app.sock"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls.source,
+            CertSource::Files {
+                cert: "/etc/portcullis/certs/full.pem".into(),
+                key: "/etc/portcullis/privkey.pem".into()
+            }
+        );
+        assert_eq!(
+            c.upstreams[0].servers,
+            [ServerAddr::Unix("/etc/portcullis/run/app.sock".into())]
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let p = problems(&EXAMPLE.replace("http  =", "htp ="));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("/etc/portcullis/portcullis.toml:6:1: htp: unknown field"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let text = EXAMPLE
+            .replace("127.0.0.1:8443", "nonsense")
+            .replace("upstream = \"app\"", "upstream = \"nope\"")
+            .replace("127.0.0.1:8000", "localhost");
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].contains(":5:") && p[0].contains("listen.https[0]"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("route[0].upstream: no [upstream.nope]"))
+        );
+        assert!(p.iter().any(|l| l.contains("upstream.app.servers[0]")));
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let text = format!(
+            "{EXAMPLE}\n[[route]]\npath = \"/api/\"\nupstream = \"api\"\n[upstream.api]\nservers = [\"127.0.0.1:9000\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let api = c.route("/api/x").unwrap();
+        assert_eq!(c.upstreams[api.upstream].name, "api");
+        assert_eq!(c.upstreams[c.route("/x").unwrap().upstream].name, "app");
+    }
+
+    #[test]
+    fn headers_can_be_turned_off_changed_and_forced() {
+        let text = format!(
+            "{EXAMPLE}\n[headers]\nx_frame_options = false\nreferrer_policy = \"no-referrer\"\nforce = [\"referrer_policy\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.headers.x_frame_options.is_none());
+        assert_eq!(
+            c.headers.referrer_policy,
+            Some(HeaderRule {
+                value: "no-referrer".into(),
+                force: true
+            })
+        );
+        assert!(!c.headers.x_content_type_options.unwrap().force);
+    }
+
+    #[test]
+    fn bad_durations_and_versions_are_named() {
+        let text = format!("{EXAMPLE}\n[timeouts]\nshutdown = \"soon\"\n").replace(
+            "key  = \"/etc/portcullis/privkey.pem\"",
+            "key = \"k.pem\"\nmin_version = \"1.1\"",
+        );
+        let p = problems(&text);
+        assert!(p.iter().any(|l| l.contains("timeouts.shutdown")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("tls.min_version")), "{p:?}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Everything HTTP: connections (`server`), the proxying handler (`proxy`), the plain-HTTP redirect
+//! (`redirect`), and the header rules they share.
+
+pub mod forwarded;
+pub mod headers;
+pub mod hop;
+pub mod host;
+pub mod pages;
+pub mod proxy;
+pub mod redirect;
+pub mod server;

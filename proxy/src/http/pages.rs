@@ -1,0 +1,49 @@
+//! The small HTML pages Portcullis answers with itself (redirects, 4xx, 502, 504). They name no internal
+//! address and carry no upstream error text; the security headers are added by the caller like on any response.
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+
+/// A status page: `<h1>502 Bad Gateway</h1>` and a sentence, nothing else.
+pub fn status(code: StatusCode) -> Response<Body> {
+    let reason = code.canonical_reason().unwrap_or("Error");
+    let hint = match code.as_u16() {
+        400 => "The request could not be understood.",
+        404 => "There is nothing here.",
+        421 => "This server does not serve that host name on this connection.",
+        502 => "The application is not answering. Please try again in a moment.",
+        503 => "The service is temporarily unavailable. Please try again in a moment.",
+        504 => "The application took too long to answer. Please try again in a moment.",
+        _ => "",
+    };
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{} {reason}</title></head>\n<body><h1>{} {reason}</h1><p>{hint}</p></body></html>\n",
+        code.as_u16(),
+        code.as_u16()
+    );
+    let mut res = Response::new(Body::full(html));
+    *res.status_mut() = code;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// A `301` to `location`, with a one-line page for clients that do not follow it.
+pub fn redirect(location: HeaderValue) -> Response<Body> {
+    let mut res = Response::new(Body::full(
+        "<!doctype html>\n<html><body><h1>301 Moved Permanently</h1></body></html>\n",
+    ));
+    *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res.headers_mut().insert(header::LOCATION, location);
+    res
+}

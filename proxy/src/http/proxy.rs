@@ -1,0 +1,220 @@
+//! The request path on HTTPS: host check -> route -> upstream request (forwarding headers, no hop-by-hop
+//! fields, HTTP/1.1) -> response (no hop-by-hop fields, no version banners) -> security headers and access
+//! log on every response, ours or the app's. WebSocket upgrades become a byte tunnel once both sides agree.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::body::Body;
+use crate::http::{forwarded, hop, host, pages, redirect};
+use crate::state::State;
+use crate::telemetry::{Access, Logged};
+use crate::upstream;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Https,
+    /// Plain HTTP: redirects only.
+    Http,
+}
+
+/// Serves one request: the response always carries the security headers, and is logged when done.
+pub async fn serve(
+    state: &State,
+    listener: Listener,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Logged>, Infallible> {
+    let start = Instant::now();
+    let client = forwarded::client_addr(req.headers(), peer, &state.config.trusted_proxies);
+    let mut access = state.config.log.access.then(|| {
+        Box::new(Access {
+            start,
+            client,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            status: StatusCode::OK,
+            upstream: None,
+            bytes: 0,
+        })
+    });
+    let mut res = match listener {
+        Listener::Https => proxy(state, peer, client, req, access.as_deref_mut()).await,
+        Listener::Http => redirect::handle(state, &req),
+    };
+    state
+        .headers
+        .apply(res.headers_mut(), listener == Listener::Https);
+    if let Some(a) = access.as_deref_mut() {
+        a.status = res.status();
+    }
+    Ok(res.map(|b| Logged::new(b, access)))
+}
+
+async fn proxy(
+    state: &State,
+    peer: IpAddr,
+    client: IpAddr,
+    mut req: Request<Incoming>,
+    access: Option<&mut Access>,
+) -> Response<Body> {
+    let requested = host::requested(&req);
+    let names = &state.config.names;
+    if !names.is_empty() {
+        match requested.as_ref().and_then(host::name) {
+            Some(h) if host::allowed(names, h) => {}
+            _ => return pages::status(StatusCode::MISDIRECTED_REQUEST),
+        }
+    }
+    let Some(route) = state.config.route(req.uri().path()) else {
+        return pages::status(StatusCode::NOT_FOUND);
+    };
+    let group = route.upstream;
+    if let Some(a) = access {
+        a.upstream = Some(state.upstreams.group(group).name.clone());
+    }
+
+    // WebSocket (and any HTTP/1.1 upgrade): keep the client's half of the upgrade before the request moves.
+    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
+        req.headers()
+            .get(header::UPGRADE)
+            .cloned()
+            .map(|proto| (proto, hyper::upgrade::on(&mut req)))
+    } else {
+        None
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let h2 = parts.version == Version::HTTP_2;
+    hop::strip(&mut parts.headers);
+    // We answer `Expect: 100-continue` ourselves (hyper sends 100 when the body is first read).
+    parts.headers.remove(header::EXPECT);
+    if h2 {
+        join_cookies(&mut parts.headers);
+    }
+    forwarded::set(
+        &mut parts.headers,
+        peer,
+        client,
+        requested.as_ref(),
+        &state.config.trusted_proxies,
+    );
+    match &requested {
+        Some(h) => {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    if let Some((proto, _)) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(state.upstreams.pick(group).clone());
+    uri = uri.path_and_query(pq);
+    parts.uri = match uri.build() {
+        Ok(u) => u,
+        Err(_) => return pages::status(StatusCode::BAD_REQUEST),
+    };
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, Body::Stream(body));
+
+    let res = match state.upstreams.send(upstream_req).await {
+        Ok(res) => res,
+        Err(upstream::Error::Timeout) => {
+            tracing::warn!(upstream = %state.upstreams.group(group).name, "upstream timed out");
+            return pages::status(StatusCode::GATEWAY_TIMEOUT);
+        }
+        Err(e @ upstream::Error::Unavailable(_)) => {
+            tracing::warn!(upstream = %state.upstreams.group(group).name, error = %e, "upstream failed");
+            return pages::status(StatusCode::BAD_GATEWAY);
+        }
+    };
+
+    let mut res = res;
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((_, client_side)) = upgrade else {
+            // The app switched protocols without being asked: nothing sane to forward.
+            return pages::status(StatusCode::BAD_GATEWAY);
+        };
+        let upstream_side = hyper::upgrade::on(&mut res);
+        let (mut parts, _) = res.into_parts();
+        let proto = parts.headers.get(header::UPGRADE).cloned();
+        tokio::spawn(tunnel(client_side, upstream_side));
+        hop::strip(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = proto {
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        crate::http::headers::strip_banners(&mut parts.headers);
+        return Response::from_parts(parts, Body::Empty);
+    }
+    let (mut parts, body) = res.into_parts();
+    hop::strip(&mut parts.headers);
+    crate::http::headers::strip_banners(&mut parts.headers);
+    Response::from_parts(parts, Body::Stream(body))
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined by "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}

@@ -1,0 +1,30 @@
+//! The plain-HTTP listener's one job: `301` to the same path and query on HTTPS. The host comes from the
+//! request only when it is one of `names` (or any valid host when no names are set); it never reaches an
+//! upstream.
+
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode};
+
+use crate::body::Body;
+use crate::http::{host, pages};
+use crate::state::State;
+
+pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
+    let names = &state.config.names;
+    let requested = host::requested(req);
+    let target = match requested.as_ref().and_then(host::name) {
+        Some(h) if names.is_empty() || host::allowed(names, h) => h.to_ascii_lowercase(),
+        // An HTTP/1.0 request without Host: send it to the first concrete name, if there is one.
+        None if requested.is_none() => match names.iter().find(|n| !n.starts_with("*.")) {
+            Some(n) => n.clone(),
+            None => return pages::status(StatusCode::BAD_REQUEST),
+        },
+        _ => return pages::status(StatusCode::BAD_REQUEST),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{target}{}{pq}", state.redirect_port);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => pages::redirect(v),
+        Err(_) => pages::status(StatusCode::BAD_REQUEST),
+    }
+}

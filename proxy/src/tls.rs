@@ -1,0 +1,28 @@
+//! The rustls server configuration: protocol versions from the config, ALPN `h2` then `http/1.1`, session
+//! resumption (stateless tickets with rotating keys, plus a session cache for TLS 1.2 clients without
+//! tickets), certificates from the hot-swappable [`CertStore`].
+
+use std::sync::Arc;
+
+use portcullis_certs::CertStore;
+use portcullis_config::TlsVersion;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::{ServerConfig, SupportedProtocolVersion};
+
+pub fn server_config(
+    certs: Arc<CertStore>,
+    min: TlsVersion,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let versions: &[&SupportedProtocolVersion] = match min {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut c = ServerConfig::builder_with_provider(portcullis_certs::provider())
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    c.session_storage = ServerSessionMemoryCache::new(16 * 1024);
+    Ok(Arc::new(c))
+}
