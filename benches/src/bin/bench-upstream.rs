@@ -1,0 +1,109 @@
+//! `bench-upstream PORT`: the app server both proxies forward to in `benches/run`. Plain HTTP/1.1 with
+//! keep-alive on 127.0.0.1; `/` answers a ~100-byte body, `/1m` answers 1 MiB (allocated once, each response
+//! a cheap clone), anything else 404. It does as little as possible so that the proxy is what gets measured.
+//! PORT 0 picks a free port; the bound address is printed on stdout as `listening on ADDR`.
+
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// The small response: 100 bytes, about what a health check or a tiny JSON answer is.
+const SMALL: &[u8; 100] =
+    b"Hello from the Portcullis bench upstream. This body is exactly one hundred bytes long, padded: ....\n";
+
+/// The large response: 1 MiB.
+const LARGE_LEN: usize = 1024 * 1024;
+
+fn main() -> ExitCode {
+    let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
+        Some(Ok(p)) => p,
+        _ => {
+            eprintln!("usage: bench-upstream PORT   (0 picks a free port)");
+            return ExitCode::from(64);
+        }
+    };
+    // One thread: `benches/run` pins this process to the load generator's core.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench-upstream: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], port)))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-upstream: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {bound}")?;
+        out.flush()?;
+    }
+    let small = Bytes::from_static(SMALL);
+    let large = Bytes::from(vec![b'x'; LARGE_LEN]);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and the like: say so, back off, keep serving.
+                eprintln!("bench-upstream: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (small, large) = (small.clone(), large.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = match req.uri().path() {
+                    "/" => Some(small.clone()),
+                    "/1m" => Some(large.clone()),
+                    _ => None,
+                };
+                async move { Ok::<_, Infallible>(respond(body)) }
+            });
+            // Errors here are clients going away mid-response: nothing to do about them.
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(body: Option<Bytes>) -> Response<Full<Bytes>> {
+    let (status, body) = match body {
+        Some(b) => (StatusCode::OK, b),
+        None => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
+    };
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}

@@ -1,0 +1,152 @@
+//! TLS clients for tests: rustls (aws-lc-rs) trusting the test CA, HTTP/1.1 or HTTP/2 through hyper's
+//! low-level client, and raw byte exchanges for what a well-behaved client would never send.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+#[derive(Clone)]
+pub struct Client {
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Client {
+    pub fn new(ca_pem: &str) -> Client {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        Client {
+            roots: Arc::new(roots),
+        }
+    }
+
+    /// A client config trusting the test CA, offering `alpn`.
+    pub fn config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        c
+    }
+
+    pub async fn tls_with(
+        &self,
+        addr: SocketAddr,
+        sni: &str,
+        config: rustls::ClientConfig,
+    ) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from(sni.to_owned()).unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
+    pub async fn tls(&self, addr: SocketAddr, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        self.tls_with(addr, "localhost", self.config(alpn)).await
+    }
+
+    /// One HTTP/1.1 request on a new connection; `Host: localhost` unless the request sets one.
+    pub async fn send(&self, addr: SocketAddr, mut req: Request<Full<Bytes>>) -> Response<Bytes> {
+        if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut()
+                .insert(http::header::HOST, "localhost".parse().unwrap());
+        }
+        let tls = self.tls(addr, &[b"http/1.1"]).await;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        collect(send.send_request(req).await.unwrap()).await
+    }
+
+    /// One HTTP/2 request on a new connection.
+    pub async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Full<Bytes>>,
+    ) -> Response<Bytes> {
+        let tls = self.tls(addr, &[b"h2"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        if req.uri().authority().is_none() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            *req.uri_mut() = format!("https://localhost:{}{pq}", addr.port())
+                .parse()
+                .unwrap();
+        }
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        collect(send.send_request(req).await.unwrap()).await
+    }
+
+    pub async fn get(&self, addr: SocketAddr, path: &str) -> Response<Bytes> {
+        self.send(addr, Request::get(path).body(Full::default()).unwrap())
+            .await
+    }
+
+    /// Writes `bytes` over a new TLS connection (ALPN http/1.1) and reads until the server closes or 5 s
+    /// of silence.
+    pub async fn raw(&self, addr: SocketAddr, bytes: &[u8]) -> String {
+        let mut tls = self.tls(addr, &[b"http/1.1"]).await;
+        tls.write_all(bytes).await.unwrap();
+        read_all(&mut tls).await
+    }
+}
+
+pub async fn collect(res: Response<hyper::body::Incoming>) -> Response<Bytes> {
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Response::from_parts(parts, body)
+}
+
+/// Reads until EOF, an error, or 5 s without a byte.
+pub async fn read_all<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads until `needle` has been seen (or EOF / 5 s of silence).
+pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(needle) {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

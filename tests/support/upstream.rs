@@ -1,0 +1,260 @@
+//! A recording upstream that plays the app: a hyper HTTP/1.1 server on TCP or a unix socket that records
+//! every request it receives (method, target, headers, body length, which connection) for assertions.
+//!
+//! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes; `/upload` counts the
+//! body; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
+//! fields and its own X-Frame-Options; anything else answers 200 with the request headers as text.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    /// The body, when under 1 MiB.
+    pub body: Bytes,
+    /// Which upstream connection carried it (0, 1, ... in accept order).
+    pub conn: usize,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    records: Arc<Mutex<Vec<Recorded>>>,
+    conns: Arc<AtomicUsize>,
+}
+
+pub struct Upstream {
+    addr: String,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+    _dir: Option<super::TempDir>,
+    pub socket: Option<PathBuf>,
+}
+
+impl Upstream {
+    pub async fn tcp() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let shared = Shared::default();
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                serve(TokioIo::new(stream), s.clone());
+            }
+        });
+        Upstream {
+            addr: addr.to_string(),
+            shared,
+            task,
+            _dir: None,
+            socket: None,
+        }
+    }
+
+    pub async fn unix() -> Upstream {
+        let dir = super::TempDir::new("uds");
+        let path = dir.path().join("app.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let shared = Shared::default();
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                serve(TokioIo::new(stream), s.clone());
+            }
+        });
+        Upstream {
+            addr: format!("unix:{}", path.display()),
+            shared,
+            task,
+            _dir: Some(dir),
+            socket: Some(path),
+        }
+    }
+
+    /// As the config's `servers` entry wants it.
+    pub fn addr_string(&self) -> String {
+        self.addr.clone()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.records.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .expect("the upstream received no request")
+    }
+
+    pub fn connections(&self) -> usize {
+        self.shared.conns.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn serve<I>(io: I, shared: Shared)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = shared.conns.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| handle(req, shared.clone(), conn));
+        let _ = http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await;
+    });
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into()).boxed()
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: Shared,
+    conn: usize,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let mut rec = Recorded {
+        method: req.method().to_string(),
+        target: req.uri().to_string(),
+        version: req.version(),
+        headers: req.headers().clone(),
+        body_len: 0,
+        body: Bytes::new(),
+        conn,
+    };
+    if path == "/ws" {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        shared.records.lock().unwrap().push(rec);
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let res = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .body(full(""))
+            .unwrap();
+        return Ok(res);
+    }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+    }
+    // Read the body, keeping it when small.
+    let mut body = req.into_body();
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(d) = frame.data_ref() {
+            rec.body_len += d.len() as u64;
+            if kept.len() < 1 << 20 {
+                kept.extend_from_slice(d);
+            }
+        }
+    }
+    rec.body = Bytes::from(kept);
+    let headers_text: String = rec
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+        .collect();
+    let body_len = rec.body_len;
+    shared.records.lock().unwrap().push(rec);
+
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: u64 = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_stream(n, chunk);
+        let res = Response::builder()
+            .header("content-length", n.to_string())
+            .body(StreamBody::new(stream).boxed())
+            .unwrap();
+        return Ok(res);
+    }
+    if path == "/upload" {
+        return Ok(Response::new(full(format!("received {body_len} bytes"))));
+    }
+    if path == "/banner" {
+        let res = Response::builder()
+            .header("server", "gunicorn/20.1.0")
+            .header("x-powered-by", "Flask/2.2.2")
+            .header("x-frame-options", "SAMEORIGIN")
+            .header("connection", "x-hop")
+            .header("x-hop", "secret")
+            .header("keep-alive", "timeout=5")
+            .body(full("banner"))
+            .unwrap();
+        return Ok(res);
+    }
+    if path.starts_with("/slow/") {
+        return Ok(Response::new(full("slow done")));
+    }
+    Ok(Response::new(full(headers_text)))
+}
+
+/// `n` bytes as a stream of 64 KiB frames (never held whole).
+fn futures_stream(
+    n: u64,
+    chunk: Bytes,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
+    struct S {
+        left: u64,
+        chunk: Bytes,
+    }
+    impl futures_core::Stream for S {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            if self.left == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            let take = self.left.min(self.chunk.len() as u64) as usize;
+            self.left -= take as u64;
+            std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..take)))))
+        }
+    }
+    S { left: n, chunk }
+}
