@@ -23,6 +23,7 @@ pub struct File {
     pub headers: Option<Headers>,
     pub timeouts: Option<Timeouts>,
     pub log: Option<Log>,
+    pub process: Option<Process>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,4 +89,11 @@ pub struct Log {
     pub access: Option<S<bool>>,
     pub format: Option<S<String>>,
     pub level: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub user: Option<S<String>>,
+    pub group: Option<S<String>>,
 }

@@ -51,6 +51,16 @@ pub struct Config {
     pub headers: SecurityHeaders,
     pub timeouts: Timeouts,
     pub log: Log,
+    pub process: Process,
+}
+
+/// Who the process becomes after binding its listeners (see the privilege-drop step in `main`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    /// The unprivileged user to switch to; required when started as root.
+    pub user: Option<String>,
+    /// Its group; `None` means the user's primary group.
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +325,7 @@ impl Checker<'_> {
         let headers = self.headers(f.headers);
         let timeouts = self.timeouts(f.timeouts);
         let log = self.log(f.log);
+        let process = self.process(f.process);
         Config {
             source: self.path.to_owned(),
             names,
@@ -326,6 +337,33 @@ impl Checker<'_> {
             headers,
             timeouts,
             log,
+            process,
+        }
+    }
+
+    fn process(&mut self, p: Option<file::Process>) -> Process {
+        let Some(p) = p else {
+            return Process::default();
+        };
+        let mut name = |key: &str, v: Option<S<String>>| {
+            let v = v?;
+            let ok = !v.get_ref().is_empty()
+                && v.get_ref().len() <= 32
+                && v.get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !ok {
+                self.problem(
+                    v.span(),
+                    format!("process.{key}"),
+                    format!("{:?} is not a user or group name", v.get_ref()),
+                );
+            }
+            Some(v.into_inner())
+        };
+        Process {
+            user: name("user", p.user),
+            group: name("group", p.group),
         }
     }
 
@@ -794,6 +832,18 @@ servers = ["127.0.0.1:8000"]
         );
         assert_eq!(c.timeouts.shutdown, Duration::from_secs(30));
         assert!(c.trusted_proxies.is_empty());
+        assert_eq!(c.process, Process::default());
+    }
+
+    #[test]
+    fn process_user_and_group() {
+        let c = parse(&format!("{EXAMPLE}\n[process]\nuser = \"portcullis\"\n")).unwrap();
+        assert_eq!(c.process.user.as_deref(), Some("portcullis"));
+        assert_eq!(c.process.group, None);
+        assert!(
+            problems(&format!("{EXAMPLE}\n[process]\nuser = \"a b\"\n"))[0]
+                .contains("process.user")
+        );
     }
 
     #[test]

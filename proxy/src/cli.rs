@@ -26,6 +26,10 @@ pub enum Command {
         /// Log format (overrides [log] format).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// Keep running as root when started as root with no [process] user. Insecure: every request is then
+        /// handled by a root process.
+        #[arg(long)]
+        insecure_keep_root: bool,
     },
     /// Validate a config file: exit 0, or print every problem as FILE:LINE:COL: key: what is wrong and exit 64.
     Check {

@@ -36,7 +36,11 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Check { config } => check(&config),
-        cli::Command::Run { config, log_format } => match Config::load(&config) {
+        cli::Command::Run {
+            config,
+            log_format,
+            insecure_keep_root: _,
+        } => match Config::load(&config) {
             // 2. Load and check the config (exit 64 on a bad one).
             Ok(c) => run(c, log_format.map(Into::into), None),
             Err(e) => {
