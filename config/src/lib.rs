@@ -603,7 +603,7 @@ impl Checker<'_> {
                 ),
             }
         }
-        out.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        out.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         out
     }
 

@@ -68,10 +68,10 @@ impl http_body::Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Some(a), Poll::Ready(Some(Ok(frame)))) = (this.access.as_mut(), &poll) {
-            if let Some(d) = frame.data_ref() {
-                a.bytes += d.len() as u64;
-            }
+        if let (Some(a), Poll::Ready(Some(Ok(frame)))) = (this.access.as_mut(), &poll)
+            && let Some(d) = frame.data_ref()
+        {
+            a.bytes += d.len() as u64;
         }
         poll
     }

@@ -58,9 +58,7 @@ impl SecurityHeaders {
             if r.https_only && !https {
                 continue;
             }
-            if r.force {
-                headers.insert(r.name.clone(), r.value.clone());
-            } else if !headers.contains_key(&r.name) {
+            if r.force || !headers.contains_key(&r.name) {
                 headers.insert(r.name.clone(), r.value.clone());
             }
         }

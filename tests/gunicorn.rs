@@ -1,0 +1,104 @@
+//! A real Flask app under gunicorn (Debian packages python3-flask and gunicorn) on a unix socket, behind
+//! Portcullis: what the app receives and what the client gets back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use portcullis_tests::{Client, Pki, Portcullis, TempDir, config};
+
+struct Gunicorn(Child);
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_gunicorn(socket: &Path) -> Gunicorn {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let child = Command::new("/usr/bin/gunicorn")
+        .args(["--bind", &format!("unix:{}", socket.display()), "--workers", "2", "--chdir"])
+        .arg(&fixtures)
+        .arg("flask_app:app")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("/usr/bin/gunicorn is needed (Debian packages gunicorn and python3-flask; the test command installs them)");
+    let mut g = Gunicorn(child);
+    // Readiness: gunicorn creates the socket once it has bound it (workers then accept from its backlog).
+    for _ in 0..1000 {
+        if socket.exists() {
+            return g;
+        }
+        if let Ok(Some(status)) = g.0.try_wait() {
+            panic!("gunicorn exited: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("gunicorn did not create {}", socket.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flask_under_gunicorn_on_a_unix_socket() {
+    let dir = TempDir::new("gunicorn");
+    let pki = Pki::new(dir.path(), &["app.test"]);
+    let socket = dir.path().join("gunicorn.sock");
+    let _g = start_gunicorn(&socket);
+    let p = Portcullis::run(
+        &dir.write(
+            "p.toml",
+            &config(&pki, &format!("unix:{}", socket.display()), ""),
+        ),
+        &[],
+    );
+    assert!(p.ready, "{}", p.output());
+    let client = Client::new(&pki.ca_pem);
+
+    let req = Request::get("/?q=1")
+        .header("host", "app.test")
+        .header("x-forwarded-for", "6.6.6.6")
+        .body(Full::default())
+        .unwrap();
+    let res = client.send(p.https_addr(), req).await;
+    assert_eq!(res.status(), 200, "{}", String::from_utf8_lossy(res.body()));
+    assert!(
+        res.headers().get("server").is_none(),
+        "gunicorn's Server banner leaked: {:?}",
+        res.headers().get("server")
+    );
+    assert_eq!(
+        res.headers()["strict-transport-security"],
+        "max-age=63072000; includeSubDomains"
+    );
+    let body = String::from_utf8_lossy(res.body()).into_owned();
+    assert!(body.contains("\"X-Forwarded-For\":\"127.0.0.1\""), "{body}");
+    assert!(body.contains("\"X-Forwarded-Proto\":\"https\""), "{body}");
+    assert!(body.contains("\"host\":\"app.test\""), "{body}");
+    assert!(body.contains("\"path\":\"/?q=1\""), "{body}");
+
+    let form = Request::post("/accounts/login/")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(
+            b"username=alice&password=s3cret",
+        )))
+        .unwrap();
+    let res = client.send(p.https_addr(), form).await;
+    assert_eq!(res.status(), 200);
+    assert!(String::from_utf8_lossy(res.body()).contains("\"user\":\"alice\""));
+
+    let res = client
+        .send_h2(
+            p.https_addr(),
+            Request::get("/big").body(Full::default()).unwrap(),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.body().len(), 1_000_000);
+}

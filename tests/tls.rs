@@ -1,0 +1,287 @@
+//! TLS as a client sees it: TLS 1.2 and 1.3 only, TLS 1.2 limited to ECDHE + AEAD, the key-exchange groups
+//! (post-quantum hybrid first), ALPN h2 and http/1.1, session resumption, ECDSA and RSA keys in PKCS#8,
+//! SEC1 and PKCS#1 files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use portcullis_tests::client::{get_on, insecure_config, provider};
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config};
+use rustls::crypto::aws_lc_rs::kx_group;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Runs `openssl s_client` against `addr` with `args`; true when the handshake completed.
+fn openssl_handshake(addr: std::net::SocketAddr, args: &[&str]) -> bool {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl is needed for these tests (Debian package openssl)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A completed handshake prints the negotiated cipher; a refused one prints "Cipher is (NONE)" or nothing.
+    text.contains("Cipher is ") && !text.contains("Cipher is (NONE)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_and_1_3_only() {
+    let s = Setup::new("", "").await;
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(root(&s.pki))
+            .with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = s.client.tls_with(s.https(), "localhost", c).await;
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(want));
+        assert_eq!(get_on(tls, "/").await.status(), 200);
+    }
+    for old in ["-tls1_1", "-tls1"] {
+        assert!(
+            !openssl_handshake(s.https(), &[old, "-cipher", "DEFAULT:@SECLEVEL=0"]),
+            "{old} was accepted"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_offers_only_ecdhe_with_aead() {
+    let s = Setup::new("", "").await;
+    assert!(openssl_handshake(
+        s.https(),
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
+    ));
+    assert!(openssl_handshake(
+        s.https(),
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"]
+    ));
+    for weak in [
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "AES128-GCM-SHA256",
+        "AES128-SHA",
+        "DHE-RSA-AES128-GCM-SHA256",
+    ] {
+        assert!(
+            !openssl_handshake(s.https(), &["-tls1_2", "-cipher", weak]),
+            "{weak} was accepted"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_exchange_groups_post_quantum_hybrid_first() {
+    let s = Setup::new("", "").await;
+    // A default rustls client offers X25519MLKEM768 first; the server takes it.
+    let tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
+    assert_eq!(
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    for group in [kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1] {
+        let mut p = (*provider()).clone();
+        p.kx_groups = vec![group];
+        let c = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(root(&s.pki))
+            .with_no_client_auth();
+        let tls = s.client.tls_with(s.https(), "localhost", c).await;
+        assert_eq!(
+            tls.get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
+            Some(group.name())
+        );
+    }
+    assert!(
+        !openssl_handshake(s.https(), &["-tls1_3", "-groups", "ffdhe2048"]),
+        "finite-field DH was accepted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_offers_h2_and_http_1_1() {
+    let s = Setup::new("", "").await;
+    for (offer, want) in [
+        (vec![&b"h2"[..], b"http/1.1"], Some(&b"h2"[..])),
+        (vec![&b"http/1.1"[..]], Some(&b"http/1.1"[..])),
+        (vec![], None),
+    ] {
+        let tls = s.client.tls(s.https(), &offer).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), want);
+        if want != Some(b"h2") {
+            assert_eq!(get_on(tls, "/").await.status(), 200);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_on_tls_1_3_and_1_2() {
+    let s = Setup::new("", "").await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let c = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(root(&s.pki))
+                .with_no_client_auth(),
+        );
+        let first = s
+            .client
+            .tls_with(s.https(), "localhost", (*c).clone())
+            .await;
+        assert_eq!(
+            first.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // TLS 1.3 tickets arrive after the handshake: a request makes sure they were read.
+        assert_eq!(get_on(first, "/").await.status(), 200);
+        let second = s
+            .client
+            .tls_with(s.https(), "localhost", (*c).clone())
+            .await;
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{version:?}"
+        );
+    }
+}
+
+fn root(pki: &Pki) -> Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    Arc::new(roots)
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.
+async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
+    let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
+    assert!(
+        text.starts_with(header),
+        "{key} is not in the expected format: {}",
+        &text[..40.min(text.len())]
+    );
+    openssl(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-key",
+            key,
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+    );
+    let pki = Pki {
+        ca_pem: String::new(),
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join(key),
+    };
+    let p = Portcullis::run(&dir.write("p.toml", &config(&pki, "127.0.0.1:9", "")), &[]);
+    assert!(p.ready, "{}", p.output());
+    let tcp = tokio::net::TcpStream::connect(p.https_addr())
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_config(&[b"http/1.1"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let want = CertificateDer::from_pem_file(dir.path().join("cert.pem")).unwrap();
+    assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_keys_in_pkcs1_and_pkcs8() {
+    let dir = TempDir::new("rsa");
+    openssl(
+        dir.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "pkcs8.pem",
+        ],
+    );
+    serves_key_file(&dir, "pkcs8.pem", "-----BEGIN PRIVATE KEY-----").await;
+    openssl(
+        dir.path(),
+        &[
+            "rsa",
+            "-in",
+            "pkcs8.pem",
+            "-traditional",
+            "-out",
+            "pkcs1.pem",
+        ],
+    );
+    serves_key_file(&dir, "pkcs1.pem", "-----BEGIN RSA PRIVATE KEY-----").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecdsa_keys_in_sec1_and_pkcs8() {
+    let dir = TempDir::new("ec");
+    openssl(
+        dir.path(),
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sec1.pem",
+        ],
+    );
+    serves_key_file(&dir, "sec1.pem", "-----BEGIN EC PRIVATE KEY-----").await;
+    openssl(
+        dir.path(),
+        &[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "sec1.pem", "-out", "p8.pem",
+        ],
+    );
+    serves_key_file(&dir, "p8.pem", "-----BEGIN PRIVATE KEY-----").await;
+}
