@@ -44,7 +44,7 @@ fn upload_body()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_mib_upload_and_download_stream_with_bounded_memory() {
-    let s = Setup::new("", "").await;
+    let s = Setup::new("", "[limits]\nbody = \"1GiB\"\n").await;
 
     // Download over HTTP/1.1, counted frame by frame (never held whole here either).
     let tls = s.client.tls(s.https(), &[b"http/1.1"]).await;

@@ -24,6 +24,7 @@ pub struct File {
     pub timeouts: Option<Timeouts>,
     pub log: Option<Log>,
     pub process: Option<Process>,
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +48,29 @@ pub struct Tls {
 pub struct Route {
     pub path: S<String>,
     pub upstream: S<String>,
+    /// Overrides `limits.body` for this route (upload endpoints).
+    pub max_body: Option<S<Size>>,
+}
+
+/// A size: a whole number of bytes, or a string like "10MiB", "512KiB", "1GiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub header_bytes: Option<S<Size>>,
+    pub headers: Option<S<u64>>,
+    pub uri_bytes: Option<S<Size>>,
+    pub body: Option<S<Size>>,
+    pub max_requests_per_connection: Option<S<u64>>,
+    pub connections: Option<S<u64>>,
+    pub connections_per_ip: Option<S<u64>>,
+    pub h2_max_streams: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +104,8 @@ pub struct Timeouts {
     pub upstream_connect: Option<S<String>>,
     pub upstream_response: Option<S<String>>,
     pub client_idle: Option<S<String>>,
+    pub client_header: Option<S<String>>,
+    pub client_body: Option<S<String>>,
     pub shutdown: Option<S<String>>,
 }
 

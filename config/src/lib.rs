@@ -6,6 +6,7 @@
 
 mod cidr;
 mod duration;
+mod size;
 pub mod file;
 
 use std::fmt;
@@ -32,6 +33,20 @@ pub mod defaults {
     /// As nginx's `proxy_read_timeout`; gunicorn kills a worker after 30 s by default.
     pub const UPSTREAM_RESPONSE: Duration = Duration::from_secs(60);
     pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+    /// A request head must arrive whole within this (slowloris).
+    pub const CLIENT_HEADER: Duration = Duration::from_secs(10);
+    /// A request body that stops moving for this long is cut off.
+    pub const CLIENT_BODY: Duration = Duration::from_secs(60);
+    /// Request line + header lines (nginx: 4 x 8 KiB large buffers).
+    pub const HEADER_BYTES: u64 = 32 * 1024;
+    pub const HEADERS: u64 = 100;
+    pub const URI_BYTES: u64 = 8 * 1024;
+    /// Request bodies; raise it per route for upload endpoints (nginx's 1 MiB breaks too many apps).
+    pub const BODY: u64 = 10 * 1024 * 1024;
+    pub const MAX_REQUESTS_PER_CONNECTION: u64 = 10_000;
+    pub const CONNECTIONS: u64 = 10_000;
+    pub const CONNECTIONS_PER_IP: u64 = 256;
+    pub const H2_MAX_STREAMS: u64 = 128;
     pub const SHUTDOWN: Duration = Duration::from_secs(30);
 }
 
@@ -52,6 +67,23 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub log: Log,
     pub process: Process,
+    pub limits: Limits,
+    /// Things that work but deserve a second look (`check` prints them; they do not fail it).
+    pub warnings: Vec<Problem>,
+}
+
+/// Bounds on what one client or request may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub header_bytes: u64,
+    pub headers: u64,
+    pub uri_bytes: u64,
+    /// Default request body limit (413); routes may override it.
+    pub body: u64,
+    pub max_requests_per_connection: u64,
+    pub connections: u64,
+    pub connections_per_ip: u64,
+    pub h2_max_streams: u64,
 }
 
 /// Who the process becomes after binding its listeners (see the privilege-drop step in `main`).
@@ -98,6 +130,8 @@ pub struct Route {
     pub path: String,
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
+    /// Request body limit for this route (413 past it).
+    pub max_body: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +176,8 @@ pub struct Timeouts {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub client_idle: Duration,
+    pub client_header: Duration,
+    pub client_body: Duration,
     pub shutdown: Duration,
 }
 
@@ -212,6 +248,7 @@ impl Config {
             path,
             text,
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
         let file: file::File = match toml::from_str(text) {
             Ok(f) => f,
@@ -220,7 +257,8 @@ impl Config {
                 return Err(check.into_error());
             }
         };
-        let config = check.build(file);
+        let mut config = check.build(file);
+        config.warnings = std::mem::take(&mut check.warnings);
         if check.problems.is_empty() {
             Ok(config)
         } else {
@@ -238,6 +276,7 @@ struct Checker<'a> {
     path: &'a Path,
     text: &'a str,
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Checker<'_> {
@@ -253,6 +292,17 @@ impl Checker<'_> {
         let line = before.matches('\n').count() + 1;
         let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
         (line, col)
+    }
+
+    fn warning(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = self.line_col(span.start);
+        self.warnings.push(Problem {
+            file: self.path.to_owned(),
+            line,
+            col,
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn problem(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
@@ -308,14 +358,24 @@ impl Checker<'_> {
         let listen = self.listen(f.listen);
         let tls = self.tls(f.tls);
         let upstreams = self.upstreams(&f.upstream);
-        let routes = self.routes(f.route, &f.upstream);
+        let limits = self.limits(f.limits);
+        let routes = self.routes(f.route, &f.upstream, limits.body);
         let trusted_proxies = f
             .trusted_proxies
             .unwrap_or_default()
             .into_iter()
             .enumerate()
             .filter_map(|(i, s)| match s.get_ref().parse::<Cidr>() {
-                Ok(c) => Some(c),
+                Ok(c) => {
+                    if c.is_everything() {
+                        self.warning(
+                            s.span(),
+                            format!("trusted_proxies[{i}]"),
+                            format!("{c} trusts every address on the internet: any client can then claim any address in X-Forwarded-For"),
+                        );
+                    }
+                    Some(c)
+                }
                 Err(why) => {
                     self.problem(s.span(), format!("trusted_proxies[{i}]"), why);
                     None
@@ -338,7 +398,70 @@ impl Checker<'_> {
             timeouts,
             log,
             process,
+            limits,
+            warnings: Vec::new(),
         }
+    }
+
+    fn size(&mut self, key: &str, s: Option<S<file::Size>>, default: u64) -> u64 {
+        let Some(s) = s else { return default };
+        let parsed = match s.get_ref() {
+            file::Size::Bytes(n) => Ok(*n),
+            file::Size::Text(t) => size::parse(t),
+        };
+        match parsed {
+            Ok(0) => {
+                self.problem(s.span(), key, "must be more than zero");
+                default
+            }
+            Ok(n) => n,
+            Err(why) => {
+                self.problem(s.span(), key, why);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str, s: Option<S<u64>>, default: u64) -> u64 {
+        match s {
+            None => default,
+            Some(s) if *s.get_ref() == 0 => {
+                self.problem(s.span(), key, "must be more than zero");
+                default
+            }
+            Some(s) => *s.get_ref(),
+        }
+    }
+
+    fn limits(&mut self, l: Option<file::Limits>) -> Limits {
+        let l = l.unwrap_or(file::Limits {
+            header_bytes: None,
+            headers: None,
+            uri_bytes: None,
+            body: None,
+            max_requests_per_connection: None,
+            connections: None,
+            connections_per_ip: None,
+            h2_max_streams: None,
+        });
+        let limits = Limits {
+            header_bytes: self.size("limits.header_bytes", l.header_bytes, defaults::HEADER_BYTES),
+            headers: self.count("limits.headers", l.headers, defaults::HEADERS),
+            uri_bytes: self.size("limits.uri_bytes", l.uri_bytes, defaults::URI_BYTES),
+            body: self.size("limits.body", l.body, defaults::BODY),
+            max_requests_per_connection: self.count(
+                "limits.max_requests_per_connection",
+                l.max_requests_per_connection,
+                defaults::MAX_REQUESTS_PER_CONNECTION,
+            ),
+            connections: self.count("limits.connections", l.connections, defaults::CONNECTIONS),
+            connections_per_ip: self.count("limits.connections_per_ip", l.connections_per_ip, defaults::CONNECTIONS_PER_IP),
+            h2_max_streams: self.count("limits.h2_max_streams", l.h2_max_streams, defaults::H2_MAX_STREAMS),
+        };
+        if limits.header_bytes < 1024 {
+            self.problem(0..0, "limits.header_bytes", "must be at least 1KiB");
+        }
+        limits
     }
 
     fn process(&mut self, p: Option<file::Process>) -> Process {
@@ -562,6 +685,7 @@ impl Checker<'_> {
         &mut self,
         routes: Vec<S<file::Route>>,
         ups: &std::collections::BTreeMap<String, S<file::Upstream>>,
+        default_body: u64,
     ) -> Vec<Route> {
         if routes.is_empty() {
             self.problem(
@@ -590,11 +714,13 @@ impl Checker<'_> {
                 );
                 continue;
             }
+            let max_body = self.size(&format!("route[{i}].max_body"), r.max_body, default_body);
             // BTreeMap order is the order of Checker::upstreams' output.
             match ups.keys().position(|k| k == r.upstream.get_ref()) {
                 Some(upstream) => out.push(Route {
                     path: path.clone(),
                     upstream,
+                    max_body,
                 }),
                 None => self.problem(
                     r.upstream.span(),
@@ -705,6 +831,8 @@ impl Checker<'_> {
             upstream_connect: None,
             upstream_response: None,
             client_idle: None,
+            client_header: None,
+            client_body: None,
             shutdown: None,
         });
         Timeouts {
@@ -719,6 +847,8 @@ impl Checker<'_> {
                 defaults::UPSTREAM_RESPONSE,
             ),
             client_idle: self.duration("client_idle", t.client_idle, defaults::CLIENT_IDLE),
+            client_header: self.duration("client_header", t.client_header, defaults::CLIENT_HEADER),
+            client_body: self.duration("client_body", t.client_body, defaults::CLIENT_BODY),
             shutdown: self.duration("shutdown", t.shutdown, defaults::SHUTDOWN),
         }
     }
@@ -833,6 +963,27 @@ servers = ["127.0.0.1:8000"]
         assert_eq!(c.timeouts.shutdown, Duration::from_secs(30));
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.process, Process::default());
+    }
+
+    #[test]
+    fn limits_sizes_and_route_overrides() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.limits.body, 10 * 1024 * 1024);
+        assert_eq!(c.routes[0].max_body, 10 * 1024 * 1024);
+        let text = EXAMPLE.replace("upstream = \"app\"\n", "upstream = \"app\"\nmax_body = \"1GiB\"\n");
+        let c = parse(&format!("{text}\n[limits]\nbody = 1000\nheader_bytes = \"16KiB\"\n")).unwrap();
+        assert_eq!(c.routes[0].max_body, 1 << 30);
+        assert_eq!(c.limits.body, 1000);
+        assert_eq!(c.limits.header_bytes, 16 * 1024);
+        let p = problems(&format!("{EXAMPLE}\n[limits]\nbody = \"lots\"\nheaders = 0\n"));
+        assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn trusting_everyone_is_a_warning() {
+        let c = parse(&format!("trusted_proxies = [\"10.0.0.0/8\", \"0.0.0.0/0\"]\n{EXAMPLE}")).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].to_string().contains(":1:") && c.warnings[0].key == "trusted_proxies[1]", "{:?}", c.warnings);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug)]
 pub enum Body {
     Empty,
@@ -15,7 +17,14 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from the client or the upstream, frame by frame: never buffered whole.
     Stream(Incoming),
+    /// A client's request body that may carry at most `left` more bytes (then [`TooLarge`]).
+    Limited { inner: Incoming, left: u64 },
 }
+
+/// A request body went past its route's limit (the client's fault: 413).
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than the limit")]
+pub struct TooLarge;
 
 impl Body {
     pub fn full(b: impl Into<Bytes>) -> Body {
@@ -25,16 +34,25 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(s) => Pin::new(s).poll_frame(cx),
+            Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
+            Body::Limited { inner, left } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        if d.len() as u64 > *left {
+                            return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                        }
+                        *left -= d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map_err(Into::into),
+            },
         }
     }
 
@@ -42,7 +60,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream(s) => s.is_end_stream(),
+            Body::Stream(s) | Body::Limited { inner: s, .. } => s.is_end_stream(),
         }
     }
 
@@ -50,7 +68,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(s) => s.size_hint(),
+            Body::Stream(s) | Body::Limited { inner: s, .. } => s.size_hint(),
         }
     }
 }

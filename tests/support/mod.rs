@@ -31,6 +31,14 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Whether this test process runs as root (uid 0), read from /proc.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
 /// A temporary folder, removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -94,6 +102,8 @@ impl Pki {
         let key = dir.join("privkey.pem");
         std::fs::write(&cert, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
         std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+        // A private key readable by others is refused by `check`, as it should be.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let ca_pem = ca.pem();
         std::fs::write(dir.join("ca.pem"), &ca_pem).unwrap();
         Pki { ca_pem, cert, key }
@@ -122,8 +132,13 @@ pub struct Portcullis {
 
 impl Portcullis {
     /// `portcullis run --config FILE` with extra args; waits for "ready" (or exit).
+    /// As root (CI), `--insecure-keep-root` is added: these tests are about HTTP, and their upstream sockets
+    /// and files belong to root. The privilege tests start the binary themselves.
     pub fn run(config: &Path, extra: &[&str]) -> Portcullis {
         let mut args = vec!["run", "--config", config.to_str().unwrap()];
+        if is_root() {
+            args.push("--insecure-keep-root");
+        }
         args.extend_from_slice(extra);
         Portcullis::start(&args)
     }

@@ -2,6 +2,8 @@
 //! (`redirect`), and the header rules they share.
 
 pub mod forwarded;
+pub mod guard;
+pub mod head;
 pub mod headers;
 pub mod hop;
 pub mod host;

@@ -12,6 +12,7 @@ pub fn status(code: StatusCode) -> Response<Body> {
     let hint = match code.as_u16() {
         400 => "The request could not be understood.",
         404 => "There is nothing here.",
+        413 => "The request body is larger than this server accepts.",
         421 => "This server does not serve that host name on this connection.",
         502 => "The application is not answering. Please try again in a moment.",
         503 => "The service is temporarily unavailable. Please try again in a moment.",

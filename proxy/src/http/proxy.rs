@@ -79,6 +79,15 @@ async fn proxy(
         return pages::status(StatusCode::NOT_FOUND);
     };
     let group = route.upstream;
+    let max_body = route.max_body;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+    }
     if let Some(a) = access {
         a.upstream = Some(state.upstreams.group(group).name.clone());
     }
@@ -136,13 +145,22 @@ async fn proxy(
         Err(_) => return pages::status(StatusCode::BAD_REQUEST),
     };
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, Body::Stream(body));
+    // A declared length was checked above (and hyper holds the client to it); anything else is counted.
+    let body = if declared.is_some() {
+        Body::Stream(body)
+    } else {
+        Body::Limited { inner: body, left: max_body }
+    };
+    let upstream_req = Request::from_parts(parts, body);
 
     let res = match state.upstreams.send(upstream_req).await {
         Ok(res) => res,
         Err(upstream::Error::Timeout) => {
             tracing::warn!(upstream = %state.upstreams.group(group).name, "upstream timed out");
             return pages::status(StatusCode::GATEWAY_TIMEOUT);
+        }
+        Err(upstream::Error::BodyTooLarge) => {
+            return pages::status(StatusCode::PAYLOAD_TOO_LARGE);
         }
         Err(e @ upstream::Error::Unavailable(_)) => {
             tracing::warn!(upstream = %state.upstreams.group(group).name, error = %e, "upstream failed");

@@ -1,23 +1,28 @@
-//! Connections: accept loops for the HTTPS and plain-HTTP listeners, the TLS handshake (read the
-//! ClientHello first, then pick the config), HTTP/1.1 or HTTP/2 by ALPN, and the per-connection watch for
-//! idleness and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here.
+//! Connections: accept loops for the HTTPS and plain-HTTP listeners, admission (total and per-IP connection
+//! caps, checked before any TLS work), the TLS handshake (read the ClientHello first, then pick the config),
+//! HTTP/1.1 (behind the request guard) or HTTP/2 by ALPN, and the per-connection watch for idleness, request
+//! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::{CONNECTION, HeaderValue};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::http::guard::Guard;
 use crate::http::proxy::{self, Listener};
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -25,13 +30,68 @@ use crate::state::State;
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connection caps: in total and per client address. Taken once per connection, never per request.
+#[derive(Debug)]
+pub struct Admission {
+    total: AtomicU64,
+    max_total: u64,
+    per_ip: Mutex<HashMap<IpAddr, u64>>,
+    max_per_ip: u64,
+}
+
+/// A connection's place; given back on drop.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    pub fn new(max_total: u64, max_per_ip: u64) -> Admission {
+        Admission {
+            total: AtomicU64::new(0),
+            max_total,
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip,
+        }
+    }
+
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
+        let ip = ip.to_canonical();
+        if self.total.fetch_add(1, Ordering::Relaxed) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        // A poisoned lock only means another connection task panicked mid-update: the counts are still usable.
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            drop(per_ip);
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        *n += 1;
+        Some(Ticket {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = self.admission.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts connections until shutdown begins; each is served on its own task.
-pub async fn accept(
-    listener: TcpListener,
-    kind: Listener,
-    state: Arc<State>,
-    mut shutdown: Shutdown,
-) {
+pub async fn accept(listener: TcpListener, kind: Listener, state: Arc<State>, mut shutdown: Shutdown) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -45,6 +105,11 @@ pub async fn accept(
             },
             () = shutdown.begun() => break,
         };
+        let Some(ticket) = state.admission.admit(peer.ip()) else {
+            tracing::info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached");
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -52,8 +117,50 @@ pub async fn accept(
                 Listener::Https => https(stream, peer, state, shutdown).await,
                 Listener::Http => http(stream, peer, state, shutdown).await,
             }
+            drop(ticket);
         });
     }
+}
+
+/// Per-connection bookkeeping shared by the I/O wrapper, the service and `drive`.
+struct Conn {
+    touched: AtomicBool,
+    requests: AtomicU64,
+    close: Notify,
+}
+
+impl Conn {
+    fn new() -> Arc<Conn> {
+        Arc::new(Conn {
+            touched: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            close: Notify::new(),
+        })
+    }
+}
+
+/// The per-connection service: serves a request, and after `max_requests_per_connection` asks the client
+/// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
+/// that the future type stays concrete (and `Send`) without boxing every request.
+macro_rules! service {
+    ($state:expr, $conn:expr, $kind:expr, $ip:expr) => {{
+        let state = $state.clone();
+        let conn = $conn.clone();
+        let (kind, ip) = ($kind, $ip);
+        service_fn(move |req| {
+            let state = state.clone();
+            let conn = conn.clone();
+            async move {
+                let mut res = proxy::serve(&state, kind, ip, req).await?;
+                let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= state.config.limits.max_requests_per_connection {
+                    res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    conn.close.notify_one();
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        })
+    }};
 }
 
 async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
@@ -76,62 +183,73 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let touched = Arc::new(AtomicBool::new(true));
-    let io = Tracked {
-        inner: TokioIo::new(tls),
-        touched: touched.clone(),
-    };
+    let conn = Conn::new();
+    let svc = service!(state, conn, Listener::Https, peer.ip());
     let idle = state.config.timeouts.client_idle;
-    let svc_state = state.clone();
-    let svc = service_fn(move |req| {
-        let state = svc_state.clone();
-        async move { proxy::serve(&state, Listener::Https, peer.ip(), req).await }
-    });
+    let limits = &state.config.limits;
     if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
+        let io = Tracked {
+            inner: TokioIo::new(tls),
+            conn: conn.clone(),
+        };
+        let max_list = u32::try_from(limits.header_bytes).unwrap_or(u32::MAX);
+        let c = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_concurrent_streams(u32::try_from(limits.h2_max_streams).unwrap_or(u32::MAX))
+            .max_header_list_size(max_list)
+            // Rapid reset (CVE-2023-44487): few streams may wait reset before accept, and a client that
+            // makes us reset streams over and over is sent GOAWAY.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256))
+            .keep_alive_interval(None)
             .serve_connection(io, svc);
-        drive(conn, |c| c.graceful_shutdown(), touched, idle, shutdown).await;
+        drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
+        let guard = Guard::new(tls, state.guard.clone(), state.canned_https.clone(), peer.ip());
+        let io = Tracked {
+            inner: TokioIo::new(guard),
+            conn: conn.clone(),
+        };
+        let c = http1_builder(&state)
             .serve_connection(io, svc)
             .with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), touched, idle, shutdown).await;
+        drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
     }
 }
 
 async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
     let _ = stream.set_nodelay(true);
-    let touched = Arc::new(AtomicBool::new(true));
+    let conn = Conn::new();
+    let guard = Guard::new(stream, state.guard.clone(), state.canned_http.clone(), peer.ip());
     let io = Tracked {
-        inner: TokioIo::new(stream),
-        touched: touched.clone(),
+        inner: TokioIo::new(guard),
+        conn: conn.clone(),
     };
+    let svc = service!(state, conn, Listener::Http, peer.ip());
     let idle = state.config.timeouts.client_idle;
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        async move { proxy::serve(&state, Listener::Http, peer.ip(), req).await }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .serve_connection(io, svc);
-    drive(conn, |c| c.graceful_shutdown(), touched, idle, shutdown).await;
+    let c = http1_builder(&state).serve_connection(io, svc);
+    drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
+}
+
+fn http1_builder(state: &State) -> http1::Builder {
+    let limits = &state.config.limits;
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        // The guard has already held each head to our limits; hyper's own are a second line, set wider.
+        .max_buf_size(usize::try_from(limits.header_bytes).unwrap_or(usize::MAX).saturating_mul(2).max(64 * 1024))
+        .max_headers(usize::try_from(limits.headers).unwrap_or(usize::MAX).saturating_add(8));
+    b
 }
 
 /// Runs a connection to its end. It is asked to close gracefully (finish what is in flight, then close) when
-/// shutdown begins, or when no byte has moved either way for `idle` (checked twice per `idle`).
-async fn drive<C, G>(
-    conn: C,
-    graceful: G,
-    touched: Arc<AtomicBool>,
-    idle: Duration,
-    mut shutdown: Shutdown,
-) where
+/// shutdown begins, when it has served its quota of requests, or when no byte has moved either way for
+/// `idle` (checked twice per `idle`).
+async fn drive<C, G>(c: C, graceful: G, conn: Arc<Conn>, idle: Duration, mut shutdown: Shutdown)
+where
     C: Future<Output = Result<(), hyper::Error>>,
     G: Fn(Pin<&mut C>),
 {
-    tokio::pin!(conn);
+    tokio::pin!(c);
     let mut tick = tokio::time::interval(idle / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -139,25 +257,29 @@ async fn drive<C, G>(
     let mut closing = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => {
+            r = c.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
             _ = tick.tick(), if !closing => {
-                if touched.swap(false, Ordering::Relaxed) {
+                if conn.touched.swap(false, Ordering::Relaxed) {
                     quiet_ticks = 0;
                 } else {
                     quiet_ticks += 1;
                     if quiet_ticks >= 2 {
-                        graceful(conn.as_mut());
+                        graceful(c.as_mut());
                         closing = true;
                     }
                 }
             }
+            () = conn.close.notified(), if !closing => {
+                graceful(c.as_mut());
+                closing = true;
+            }
             () = shutdown.begun(), if !closing => {
-                graceful(conn.as_mut());
+                graceful(c.as_mut());
                 closing = true;
             }
         }
@@ -167,34 +289,26 @@ async fn drive<C, G>(
 /// A connection's I/O that notes whether any byte moved since the idle check last looked.
 struct Tracked<T> {
     inner: T,
-    touched: Arc<AtomicBool>,
+    conn: Arc<Conn>,
 }
 
 impl<T: Read + Unpin> Read for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
-            this.touched.store(true, Ordering::Relaxed);
+            this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
     }
 }
 
 impl<T: Write + Unpin> Write for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if r.is_ready() {
-            this.touched.store(true, Ordering::Relaxed);
+            this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
     }
@@ -219,7 +333,7 @@ impl<T: Write + Unpin> Write for Tracked<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if r.is_ready() {
-            this.touched.store(true, Ordering::Relaxed);
+            this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
     }

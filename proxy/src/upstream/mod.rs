@@ -27,6 +27,9 @@ pub enum Error {
     /// No response (or no connection) within the configured time: the upstream's fault (504).
     #[error("upstream timed out")]
     Timeout,
+    /// The client's body went past the route's limit while being forwarded (the client's fault: 413).
+    #[error("request body too large")]
+    BodyTooLarge,
 }
 
 #[derive(Debug)]
@@ -100,7 +103,9 @@ impl Upstreams {
             Err(_) => Err(Error::Timeout),
             Ok(Ok(res)) => Ok(res),
             Ok(Err(e)) => {
-                if timed_out(&e) {
+                if caused_by::<crate::body::TooLarge>(&e) {
+                    Err(Error::BodyTooLarge)
+                } else if timed_out(&e) {
                     Err(Error::Timeout)
                 } else {
                     Err(Error::Unavailable(describe(&e)))
@@ -108,6 +113,17 @@ impl Upstreams {
             }
         }
     }
+}
+
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {

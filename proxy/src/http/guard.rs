@@ -1,0 +1,384 @@
+//! The HTTP/1.1 request guard: an I/O wrapper between TLS (or TCP) and hyper that holds each request head
+//! until `head::check` has accepted it whole, then lets the body through while checking its framing. A
+//! refused head never reaches hyper, so never reaches an upstream: the guard answers it itself (400, 408,
+//! 414, 431, 501, 505, with the security headers) and closes. Bytes after an upgrade pass untouched.
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::head::{self, Chunked, Framing, Limits, Reject, Verdict};
+use super::headers::SecurityHeaders;
+
+/// Ready-made responses for refusals, built once at config load.
+#[derive(Debug)]
+pub struct Canned {
+    responses: Vec<(u16, bytes::Bytes)>,
+}
+
+impl Canned {
+    pub fn new(headers: &SecurityHeaders, https: bool) -> Canned {
+        let responses = [400u16, 408, 414, 431, 501, 505]
+            .into_iter()
+            .map(|code| {
+                let status = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_REQUEST);
+                let reason = status.canonical_reason().unwrap_or("Error");
+                let body = format!(
+                    "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1></body></html>\n"
+                );
+                let mut extra = http::HeaderMap::new();
+                headers.apply(&mut extra, https);
+                let mut text = format!(
+                    "HTTP/1.1 {code} {reason}\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
+                    body.len()
+                );
+                for (name, value) in &extra {
+                    text.push_str(name.as_str());
+                    text.push_str(": ");
+                    text.push_str(value.to_str().unwrap_or(""));
+                    text.push_str("\r\n");
+                }
+                text.push_str("\r\n");
+                text.push_str(&body);
+                (code, bytes::Bytes::from(text))
+            })
+            .collect();
+        Canned { responses }
+    }
+
+    fn get(&self, code: u16) -> bytes::Bytes {
+        self.responses
+            .iter()
+            .find(|(c, _)| *c == code)
+            .or(self.responses.first())
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// What the guard needs from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    /// A head must arrive whole within this, from its first byte (or from connection start).
+    pub header_timeout: Duration,
+    /// A body that stops moving for this long is cut off.
+    pub body_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Head,
+    Body,
+}
+
+enum State {
+    Head,
+    /// A head is complete; waiting for its first chunk-size line before releasing it.
+    Held(head::Head),
+    Length(u64),
+    Chunked(Chunked),
+    Passthrough,
+    Rejecting { bytes: bytes::Bytes },
+    Closing,
+    Closed,
+}
+
+pub struct Guard<T> {
+    inner: T,
+    state: State,
+    buf: BytesMut,
+    /// Leading bytes of `buf` that are checked and may go to hyper.
+    ready: usize,
+    scanned: usize,
+    settings: Arc<Settings>,
+    canned: Arc<Canned>,
+    peer: IpAddr,
+    timer: Pin<Box<Sleep>>,
+    /// What the timer is running for, if anything.
+    timer_kind: Option<Kind>,
+    /// Body bytes seen since the body timer was last armed.
+    body_progress: bool,
+}
+
+impl<T> Guard<T> {
+    pub fn new(inner: T, settings: Arc<Settings>, canned: Arc<Canned>, peer: IpAddr) -> Guard<T> {
+        let deadline = Instant::now() + settings.header_timeout;
+        Guard {
+            inner,
+            state: State::Head,
+            buf: BytesMut::new(),
+            ready: 0,
+            scanned: 0,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timer_kind: Some(Kind::Head),
+            body_progress: false,
+            settings,
+            canned,
+            peer,
+        }
+    }
+
+    fn reject(&mut self, r: Reject) {
+        tracing::info!(target: "access", client = %self.peer, status = r.status(), reason = r.reason(), "request refused");
+        self.state = State::Rejecting { bytes: self.canned.get(r.status()) };
+        self.buf.clear();
+        self.ready = 0;
+    }
+
+    fn arm(&mut self, kind: Kind) {
+        let after = match kind {
+            Kind::Head => self.settings.header_timeout,
+            Kind::Body => self.settings.body_timeout,
+        };
+        self.timer.as_mut().reset(Instant::now() + after);
+        self.timer_kind = Some(kind);
+    }
+
+    /// Moves the state machine over buffered bytes; sets `ready` when some may be delivered.
+    fn advance(&mut self) {
+        loop {
+            if self.ready > 0 || self.buf.is_empty() {
+                return;
+            }
+            match &mut self.state {
+                State::Head => match head::check(&self.buf, self.scanned, &self.settings.limits) {
+                    Verdict::Incomplete { scanned } => {
+                        self.scanned = scanned;
+                        return;
+                    }
+                    Verdict::Reject(r) => return self.reject(r),
+                    Verdict::Complete(h) => {
+                        self.scanned = 0;
+                        self.timer_kind = None;
+                        match h.framing {
+                            Framing::Length(n) => {
+                                self.ready = h.len;
+                                self.state = if n == 0 { State::Head } else { State::Length(n) };
+                            }
+                            Framing::Upgrade => {
+                                self.ready = h.len;
+                                self.state = State::Passthrough;
+                            }
+                            Framing::Chunked => self.state = State::Held(h),
+                        }
+                    }
+                },
+                State::Held(h) => {
+                    let h = *h;
+                    let mut c = Chunked::default();
+                    match c.feed(&self.buf[h.len..]) {
+                        Err(why) => return self.reject(Reject::Bad(why)),
+                        Ok(n) if c.sized() => {
+                            self.ready = h.len + n;
+                            self.state = if c.done() { State::Head } else { State::Chunked(c) };
+                        }
+                        // The first chunk-size line is not complete yet.
+                        Ok(_) => return,
+                    }
+                }
+                State::Length(left) => {
+                    let take = (*left).min(self.buf.len() as u64);
+                    *left -= take;
+                    self.ready = take as usize;
+                    if *left == 0 {
+                        self.state = State::Head;
+                    }
+                }
+                State::Chunked(c) => match c.feed(&self.buf) {
+                    Ok(n) => {
+                        self.ready = n;
+                        if c.done() {
+                            self.state = State::Head;
+                        }
+                    }
+                    Err(why) => {
+                        // Part of this body already went upstream: all we can do is cut the connection.
+                        tracing::info!(target: "access", client = %self.peer, reason = why, "request body refused");
+                        self.state = State::Closed;
+                        self.buf.clear();
+                        return;
+                    }
+                },
+                State::Passthrough => {
+                    self.ready = self.buf.len();
+                }
+                State::Rejecting { .. } | State::Closing | State::Closed => return,
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            this.advance();
+            if this.ready > 0 {
+                let n = this.ready.min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                this.ready -= n;
+                return Poll::Ready(Ok(()));
+            }
+            match &mut this.state {
+                State::Rejecting { bytes } => {
+                    while !bytes.is_empty() {
+                        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, bytes))?;
+                        if n == 0 {
+                            break;
+                        }
+                        bytes.advance(n);
+                    }
+                    this.state = State::Closing;
+                    continue;
+                }
+                State::Closing => {
+                    let _ = ready!(Pin::new(&mut this.inner).poll_shutdown(cx));
+                    this.state = State::Closed;
+                    continue;
+                }
+                State::Closed => return Poll::Ready(Ok(())),
+                _ => {}
+            }
+            // Bodies and tunnels read straight into hyper's buffer; what belongs to the next head is kept.
+            let direct = this.buf.is_empty() && matches!(this.state, State::Length(_) | State::Chunked(_) | State::Passthrough);
+            if direct {
+                let before = out.filled().len();
+                match Pin::new(&mut this.inner).poll_read(cx, out) {
+                    Poll::Ready(r) => {
+                        r?;
+                        let got = out.filled().len() - before;
+                        if got == 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                        this.body_progress = true;
+                        let keep = match &mut this.state {
+                            State::Length(left) => {
+                                let take = (*left).min(got as u64);
+                                *left -= take;
+                                if *left == 0 {
+                                    this.state = State::Head;
+                                }
+                                take as usize
+                            }
+                            State::Chunked(c) => match c.feed(&out.filled()[before..]) {
+                                Ok(n) => {
+                                    if c.done() {
+                                        this.state = State::Head;
+                                    }
+                                    n
+                                }
+                                Err(why) => {
+                                    tracing::info!(target: "access", client = %this.peer, reason = why, "request body refused");
+                                    this.state = State::Closed;
+                                    out.set_filled(before);
+                                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+                                }
+                            },
+                            _ => got,
+                        };
+                        if keep < got {
+                            this.buf.extend_from_slice(&out.filled()[before + keep..]);
+                            out.set_filled(before + keep);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return this.poll_timer(cx),
+                }
+            }
+            // Heads (and a held head's first chunk line) are buffered until checked.
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let got = rb.filled();
+                    if got.is_empty() {
+                        // EOF: a partial head is simply dropped.
+                        this.buf.clear();
+                        return Poll::Ready(Ok(()));
+                    }
+                    if matches!(this.state, State::Head) && this.timer_kind != Some(Kind::Head) {
+                        this.arm(Kind::Head);
+                    }
+                    this.buf.extend_from_slice(got);
+                    this.body_progress = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return this.poll_timer(cx),
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
+    /// Called when the client has nothing more for now: enforce the head and body timeouts.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let kind = match self.state {
+            State::Head => Kind::Head,
+            State::Held(_) | State::Length(_) | State::Chunked(_) => Kind::Body,
+            _ => return Poll::Pending,
+        };
+        if self.timer_kind != Some(kind) {
+            if kind == Kind::Head {
+                // Idle between requests: `client_idle` governs that, not the head timeout.
+                return Poll::Pending;
+            }
+            self.body_progress = false;
+            self.arm(Kind::Body);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if kind == Kind::Body && self.body_progress {
+            self.body_progress = false;
+            self.arm(Kind::Body);
+            // Register the new deadline with this task's waker.
+            let _ = self.timer.as_mut().poll(cx);
+            return Poll::Pending;
+        }
+        self.timer_kind = None;
+        if kind == Kind::Head {
+            if self.buf.is_empty() && self.scanned == 0 {
+                // Nothing at all since the connection (or the last response): just close.
+                self.state = State::Closing;
+            } else {
+                self.reject(Reject::Timeout);
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        tracing::info!(target: "access", client = %self.peer, "request body timed out");
+        self.state = State::Closed;
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client body timeout")))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
