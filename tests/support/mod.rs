@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed step should fail the test loudly
 
 pub mod client;
+pub mod h2raw;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -322,10 +323,18 @@ pub struct Setup {
 impl Setup {
     /// `extra` is TOML appended to the config (top-level keys must come before any table: use `top`).
     pub async fn new(top: &str, extra: &str) -> Setup {
+        Setup::with(top, extra, &[]).await
+    }
+
+    /// As `new`, with text replacements applied to the generated config (to add keys to its tables).
+    pub async fn with(top: &str, extra: &str, replace: &[(&str, &str)]) -> Setup {
         let dir = TempDir::new("setup");
         let pki = Pki::new(dir.path(), &["app.test"]);
         let upstream = Upstream::tcp().await;
-        let text = format!("{top}\n{}", config(&pki, &upstream.addr_string(), extra));
+        let mut text = format!("{top}\n{}", config(&pki, &upstream.addr_string(), extra));
+        for (from, to) in replace {
+            text = text.replacen(from, to, 1);
+        }
         let path = dir.write("portcullis.toml", &text);
         let proxy = Portcullis::run(&path, &[]);
         assert!(

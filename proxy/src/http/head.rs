@@ -90,6 +90,15 @@ pub fn check(buf: &[u8], scanned: usize, limits: &Limits) -> Verdict {
     if buf.len() > start && buf[start] == b'\n' {
         return Verdict::Reject(Reject::Bad("bare LF"));
     }
+    // Line endings are checked as bytes arrive, so a head that never uses CRLF is refused at once.
+    let from_byte = scanned.saturating_sub(1).max(start);
+    for i in from_byte..buf.len() {
+        match buf[i] {
+            b'\n' if i == start || buf[i - 1] != b'\r' => return Verdict::Reject(Reject::Bad("bare LF")),
+            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Verdict::Reject(Reject::Bad("bare CR")),
+            _ => {}
+        }
+    }
     let from = scanned.max(start).saturating_sub(3).max(start);
     let Some(end) = find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4) else {
         let seen = &buf[start..];
@@ -545,5 +554,78 @@ mod tests {
         }
         let long_ext = format!("1;{}\r\n", "e".repeat(2000));
         assert!(Chunked::default().feed(long_ext.as_bytes()).is_err());
+    }
+}
+
+/// The fuzz target for the request-head path: arbitrary bytes, and valid requests with bytes flipped,
+/// inserted or cut, fed whole and in pieces. It must never panic, and what it accepts must be consistent.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: Limits = Limits {
+        head_bytes: 4096,
+        headers: 32,
+        uri_bytes: 1024,
+    };
+
+    const SEEDS: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET http://a/b HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ];
+
+    fn check_consistent(buf: &[u8]) {
+        // Whole, then byte by byte with the resumable search: both must agree.
+        let whole = check(buf, 0, &LIMITS);
+        let mut scanned = 0;
+        let mut last = Verdict::Incomplete { scanned: 0 };
+        for end in 1..=buf.len() {
+            last = check(&buf[..end], scanned, &LIMITS);
+            match last {
+                Verdict::Incomplete { scanned: s } => scanned = s,
+                _ => break,
+            }
+        }
+        if let Verdict::Complete(h) = whole {
+            assert!(h.len <= buf.len());
+            assert_eq!(last, whole, "piecewise and whole disagree on {buf:?}");
+        }
+        if let Verdict::Complete(h) = whole
+            && h.framing == Framing::Chunked
+        {
+            let mut c = Chunked::default();
+            let _ = c.feed(&buf[h.len..]);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600)) {
+            check_consistent(&buf);
+            let _ = Chunked::default().feed(&buf);
+        }
+
+        #[test]
+        fn mutated_requests_never_panic(
+            seed in 0..SEEDS.len(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6),
+        ) {
+            let mut buf = SEEDS[seed].to_vec();
+            for (pos, byte, op) in edits {
+                let at = pos % (buf.len() + 1);
+                match op {
+                    0 if at < buf.len() => buf[at] = byte,
+                    1 => buf.insert(at, byte),
+                    _ if at < buf.len() => { buf.remove(at); }
+                    _ => {}
+                }
+            }
+            check_consistent(&buf);
+        }
     }
 }

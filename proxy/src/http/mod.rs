@@ -9,5 +9,6 @@ pub mod hop;
 pub mod host;
 pub mod pages;
 pub mod proxy;
+pub mod proxyproto;
 pub mod redirect;
 pub mod server;

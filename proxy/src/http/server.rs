@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::http::guard::Guard;
+use crate::http::proxyproto;
 use crate::http::proxy::{self, Listener};
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -105,20 +106,41 @@ pub async fn accept(listener: TcpListener, kind: Listener, state: Arc<State>, mu
             },
             () = shutdown.begun() => break,
         };
-        let Some(ticket) = state.admission.admit(peer.ip()) else {
-            tracing::info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached");
-            drop(stream);
-            continue;
-        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else { return };
             match kind {
                 Listener::Https => https(stream, peer, state, shutdown).await,
                 Listener::Http => http(stream, peer, state, shutdown).await,
             }
             drop(ticket);
         });
+    }
+}
+
+/// Before any TLS work: the PROXY header when configured (only from a trusted proxy; it names the client),
+/// then the connection caps for that client.
+async fn admit(mut stream: TcpStream, mut peer: SocketAddr, state: &Arc<State>) -> Option<(TcpStream, SocketAddr, Ticket)> {
+    if state.config.listen.proxy_protocol {
+        if !state.config.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+            tracing::info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer");
+            return None;
+        }
+        match proxyproto::read(&mut stream, peer, state.config.timeouts.client_header).await {
+            Ok(source) => peer = source,
+            Err(e) => {
+                tracing::info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header");
+                return None;
+            }
+        }
+    }
+    match state.admission.admit(peer.ip()) {
+        Some(ticket) => Some((stream, peer, ticket)),
+        None => {
+            tracing::info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached");
+            None
+        }
     }
 }
 
