@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod inspect;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +42,129 @@ pub enum Error {
     /// rcgen could not make a self-signed certificate for these names (ours, or a bad name).
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
+    /// The chain does not parse as X.509 (the operator's).
+    #[error("{}: {why}", path.display())]
+    Unparsable { path: PathBuf, why: String },
+    /// The leaf has expired (the operator's, or a renewal that did not happen).
+    #[error("{}: the certificate expired on {}", path.display(), inspect::format_time(*not_after))]
+    Expired { path: PathBuf, not_after: std::time::SystemTime },
+    /// The leaf does not name every host the site serves (the operator's).
+    #[error("{}: the certificate does not cover {}", path.display(), missing.join(", "))]
+    NamesNotCovered { path: PathBuf, missing: Vec<String> },
+}
+
+/// A certificate ready to serve, and what it says.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub key: Arc<CertifiedKey>,
+    pub info: inspect::Info,
+}
+
+/// Loads a pair and checks everything a swap needs: it parses, the key fits the leaf, it has not expired,
+/// and it covers `site_names` (when any are given).
+pub fn load_checked(cert: &Path, key: &Path, site_names: &[String]) -> Result<Loaded, Error> {
+    let ck = load_files(cert, key)?;
+    let info = inspect::Info::read(&ck.cert).map_err(|why| Error::Unparsable { path: cert.to_owned(), why })?;
+    if info.expired(std::time::SystemTime::now()) {
+        return Err(Error::Expired {
+            path: cert.to_owned(),
+            not_after: info.not_after,
+        });
+    }
+    let missing = info.uncovered(site_names);
+    if !missing.is_empty() {
+        return Err(Error::NamesNotCovered {
+            path: cert.to_owned(),
+            missing: missing.into_iter().map(str::to_owned).collect(),
+        });
+    }
+    Ok(Loaded { key: ck, info })
+}
+
+/// A self-signed pair for `names`, with its facts.
+pub fn self_signed_loaded(names: &[String]) -> Result<Loaded, Error> {
+    let key = self_signed(names)?;
+    let info = inspect::Info::read(&key.cert).map_err(Error::Generate)?;
+    Ok(Loaded { key, info })
+}
+
+/// The certificates of every site, chosen by SNI: exact names first, then `*.suffix`, then the default
+/// site (or no certificate at all, so a TLS alert, when `strict`). Each site's certificate swaps on its own.
+#[derive(Debug)]
+pub struct Sites {
+    certs: Vec<ArcSwap<CertifiedKey>>,
+    exact: std::collections::HashMap<String, usize>,
+    wildcard: std::collections::HashMap<String, usize>,
+    default: usize,
+    strict: bool,
+}
+
+impl Sites {
+    /// `sites`: each site's names and first certificate, in config order; `default` indexes it.
+    pub fn new(sites: Vec<(Vec<String>, Arc<CertifiedKey>)>, default: usize, strict: bool) -> Sites {
+        let mut exact = std::collections::HashMap::new();
+        let mut wildcard = std::collections::HashMap::new();
+        let mut certs = Vec::with_capacity(sites.len());
+        for (i, (names, key)) in sites.into_iter().enumerate() {
+            for n in names {
+                match n.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix.to_ascii_lowercase()).or_insert(i),
+                    None => exact.entry(n.to_ascii_lowercase()).or_insert(i),
+                };
+            }
+            certs.push(ArcSwap::new(key));
+        }
+        Sites {
+            certs,
+            exact,
+            wildcard,
+            default,
+            strict,
+        }
+    }
+
+    /// The site that serves `name` (a host name, any case, port already removed).
+    pub fn site_for(&self, name: &str) -> Option<usize> {
+        let name = name.trim_end_matches('.');
+        if let Some(i) = self.exact.get(name).or_else(|| self.exact.get(&name.to_ascii_lowercase())) {
+            return Some(*i);
+        }
+        let (_, suffix) = name.split_once('.')?;
+        self.wildcard.get(&suffix.to_ascii_lowercase()).copied()
+    }
+
+    /// The site a handshake with this SNI is served as (`None`: refuse, under `strict_sni`).
+    pub fn site_for_sni(&self, sni: Option<&str>) -> Option<usize> {
+        match sni {
+            None => Some(self.default),
+            Some(n) => self.site_for(n).or(if self.strict { None } else { Some(self.default) }),
+        }
+    }
+
+    pub fn swap(&self, site: usize, key: Arc<CertifiedKey>) {
+        if let Some(c) = self.certs.get(site) {
+            c.store(key);
+        }
+    }
+
+    pub fn current(&self, site: usize) -> Option<Arc<CertifiedKey>> {
+        self.certs.get(site).map(ArcSwap::load_full)
+    }
+
+    pub fn len(&self) -> usize {
+        self.certs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.certs.is_empty()
+    }
+}
+
+impl ResolvesServerCert for Sites {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let site = self.site_for_sni(hello.server_name())?;
+        self.current(site)
+    }
 }
 
 /// The only crypto provider Portcullis uses: aws-lc-rs with Mozilla "intermediate" choices made explicit.
@@ -150,6 +275,21 @@ impl ResolvesServerCert for CertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sites_by_sni() {
+        let a = self_signed(&["a.test".into()]).unwrap();
+        let b = self_signed(&["b.test".into()]).unwrap();
+        let sites = Sites::new(vec![(vec!["a.test".into()], a.clone()), (vec!["b.test".into(), "*.b.test".into()], b.clone())], 0, false);
+        assert_eq!(sites.site_for("B.test"), Some(1));
+        assert_eq!(sites.site_for("x.b.test"), Some(1));
+        assert_eq!(sites.site_for_sni(Some("other.test")), Some(0));
+        assert_eq!(sites.site_for_sni(None), Some(0));
+        let strict = Sites::new(vec![(vec!["a.test".into()], a)], 0, true);
+        assert_eq!(strict.site_for_sni(Some("other.test")), None);
+        sites.swap(1, sites.current(0).unwrap());
+        assert!(Arc::ptr_eq(&sites.current(1).unwrap(), &sites.current(0).unwrap()));
+    }
 
     #[test]
     fn self_signed_is_valid_and_swappable() {

@@ -17,6 +17,11 @@ pub struct File {
     pub tls: Option<S<Tls>>,
     #[serde(default)]
     pub route: Vec<S<Route>>,
+    /// More sites on the same listeners, each with its names, certificate and routes.
+    #[serde(default)]
+    pub site: Vec<S<Site>>,
+    /// Refuse (TLS alert) a handshake whose SNI names no configured site, instead of serving the default.
+    pub strict_sni: Option<S<bool>>,
     #[serde(default)]
     pub upstream: BTreeMap<String, S<Upstream>>,
     pub trusted_proxies: Option<Vec<S<String>>>,
@@ -25,6 +30,8 @@ pub struct File {
     pub log: Option<Log>,
     pub process: Option<Process>,
     pub limits: Option<Limits>,
+    /// Absent: the built-in `auth` limit; `[]`: no rate limiting; otherwise these replace it.
+    pub rate_limit: Option<Vec<S<RateLimit>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +39,7 @@ pub struct File {
 pub struct Listen {
     pub https: Option<Vec<S<String>>>,
     pub http: Option<Vec<S<String>>>,
+    pub proxy_protocol: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,4 +130,37 @@ pub struct Log {
 pub struct Process {
     pub user: Option<S<String>>,
     pub group: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub name: S<String>,
+    /// Exact paths, or prefixes written with a trailing `*`.
+    pub paths: S<Vec<S<String>>>,
+    pub methods: Option<S<Vec<S<String>>>>,
+    /// "N/second", "N/minute", "N/hour" or "N/day".
+    pub rate: S<String>,
+    pub burst: Option<S<u64>>,
+    pub per_account: Option<S<PerAccount>>,
+    pub exempt: Option<Vec<S<String>>>,
+    pub ipv6_prefix: Option<S<u64>>,
+    pub max_keys: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerAccount {
+    pub field: S<String>,
+    pub rate: Option<S<String>>,
+    pub burst: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub names: S<Vec<S<String>>>,
+    pub tls: S<Tls>,
+    #[serde(default)]
+    pub route: Vec<S<Route>>,
 }

@@ -6,6 +6,7 @@
 
 mod cidr;
 mod duration;
+mod ratelimit;
 mod size;
 pub mod file;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cidr::Cidr;
+pub use ratelimit::{PathMatch, PerAccount, Rate, RateLimit, parse_rate};
 use file::S;
 
 /// The hardened defaults, in one place (docs/CONFIG.md repeats them for users).
@@ -48,6 +50,30 @@ pub mod defaults {
     pub const CONNECTIONS_PER_IP: u64 = 256;
     pub const H2_MAX_STREAMS: u64 = 128;
     pub const SHUTDOWN: Duration = Duration::from_secs(30);
+    /// The built-in rate limit (no `[[rate_limit]]` in the file): POSTs to the usual Django/Flask login,
+    /// password-reset and token endpoints, per client.
+    pub const AUTH_LIMIT_NAME: &str = "auth";
+    pub const AUTH_PATHS: &[&str] = &[
+        "/login",
+        "/login/",
+        "/auth/login",
+        "/auth/login/",
+        "/accounts/login/",
+        "/admin/login/",
+        "/accounts/password_reset/",
+        "/accounts/password/reset/",
+        "/api/token*",
+        "/api-token-auth/",
+        "/o/token/",
+        "/dj-rest-auth/login/",
+    ];
+    /// 10 per minute sustained.
+    pub const AUTH_RATE: (u32, Duration) = (10, Duration::from_secs(60));
+    pub const AUTH_BURST: u32 = 5;
+    /// One host usually holds a whole /64.
+    pub const RATE_LIMIT_IPV6_PREFIX: u8 = 64;
+    /// Per limit (and again for its accounts): about 5 MiB at the measured ~50 bytes per key.
+    pub const RATE_LIMIT_MAX_KEYS: u64 = 100_000;
 }
 
 /// The checked configuration the proxy runs on.
@@ -55,6 +81,11 @@ pub mod defaults {
 pub struct Config {
     /// The file it was read from (for messages and relative paths); `<demo>` for the embedded default.
     pub source: PathBuf,
+    /// Every site: the top-level `names` + `[tls]` + `[[route]]` form is the first (the default), then each
+    /// `[[site]]` in order. Each has its own names, certificate and routes.
+    pub sites: Vec<Site>,
+    /// Refuse handshakes whose SNI names no site (default: serve the default site's certificate).
+    pub strict_sni: bool,
     /// Host names served, lower-case; empty means any.
     pub names: Vec<String>,
     pub listen: Listen,
@@ -68,6 +99,8 @@ pub struct Config {
     pub log: Log,
     pub process: Process,
     pub limits: Limits,
+    /// `[[rate_limit]]`, or the built-in `auth` limit when the file has none.
+    pub rate_limits: Vec<RateLimit>,
     /// Things that work but deserve a second look (`check` prints them; they do not fail it).
     pub warnings: Vec<Problem>,
 }
@@ -95,10 +128,28 @@ pub struct Process {
     pub group: Option<String>,
 }
 
+/// One site: the host names it answers, its certificate, its routes (longest prefix first).
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Lower-case; empty only for a default site that answers any host.
+    pub names: Vec<String>,
+    pub tls: CertSource,
+    pub routes: Vec<Route>,
+}
+
+impl Site {
+    /// The route a request path takes: longest matching prefix.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.path))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub https: Vec<SocketAddr>,
     pub http: Vec<SocketAddr>,
+    /// Every connection starts with a PROXY protocol v1/v2 header, accepted only from `trusted_proxies`.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -356,10 +407,29 @@ impl Checker<'_> {
     fn build(&mut self, f: file::File) -> Config {
         let names = self.names(f.names);
         let listen = self.listen(f.listen);
-        let tls = self.tls(f.tls);
+        // The top-level form is the default site unless only [[site]]s are given.
+        let top_level = !f.route.is_empty() || f.site.is_empty();
+        let tls = self.tls(f.tls, top_level);
         let upstreams = self.upstreams(&f.upstream);
         let limits = self.limits(f.limits);
-        let routes = self.routes(f.route, &f.upstream, limits.body);
+        let routes = if top_level {
+            self.routes("route", f.route, &f.upstream, limits.body)
+        } else {
+            Vec::new()
+        };
+        let mut sites = Vec::with_capacity(f.site.len() + 1);
+        if top_level {
+            sites.push(Site {
+                names: names.clone(),
+                tls: tls.source.clone(),
+                routes: routes.clone(),
+            });
+        }
+        for (i, s) in f.site.into_iter().enumerate() {
+            sites.push(self.site(i, s, &f.upstream, limits.body));
+        }
+        self.distinct_site_names(&sites);
+        let strict_sni = f.strict_sni.is_some_and(|s| *s.get_ref());
         let trusted_proxies = f
             .trusted_proxies
             .unwrap_or_default()
@@ -381,13 +451,19 @@ impl Checker<'_> {
                     None
                 }
             })
-            .collect();
+            .collect::<Vec<Cidr>>();
+        if listen.proxy_protocol && trusted_proxies.is_empty() {
+            self.problem(0..0, "listen.proxy_protocol", "needs trusted_proxies: PROXY headers are accepted only from them");
+        }
         let headers = self.headers(f.headers);
         let timeouts = self.timeouts(f.timeouts);
         let log = self.log(f.log);
         let process = self.process(f.process);
+        let rate_limits = self.rate_limits(f.rate_limit);
         Config {
             source: self.path.to_owned(),
+            sites,
+            strict_sni,
             names,
             listen,
             tls,
@@ -399,6 +475,7 @@ impl Checker<'_> {
             log,
             process,
             limits,
+            rate_limits,
             warnings: Vec::new(),
         }
     }
@@ -491,32 +568,71 @@ impl Checker<'_> {
     }
 
     fn names(&mut self, names: Option<S<Vec<S<String>>>>) -> Vec<String> {
-        let Some(names) = names else {
-            return Vec::new();
-        };
+        match names {
+            None => Vec::new(),
+            Some(n) => self.host_names("names", n),
+        }
+    }
+
+    fn host_names(&mut self, key: &str, names: S<Vec<S<String>>>) -> Vec<String> {
         let span = names.span();
         let names = names.into_inner();
         if names.is_empty() {
-            self.problem(
-                span,
-                "names",
-                "is empty: leave it out to serve any host name",
-            );
+            self.problem(span, key, "is empty: list the host names served");
         }
         let mut out = Vec::with_capacity(names.len());
         for (i, n) in names.into_iter().enumerate() {
             let lower = n.get_ref().trim_end_matches('.').to_ascii_lowercase();
-            if !valid_host_name(&lower) {
-                self.problem(
-                    n.span(),
-                    format!("names[{i}]"),
-                    format!("{:?} is not a host name", n.get_ref()),
-                );
-            } else {
+            if valid_host_name(&lower) {
                 out.push(lower);
+            } else {
+                self.problem(n.span(), format!("{key}[{i}]"), format!("{:?} is not a host name", n.get_ref()));
             }
         }
         out
+    }
+
+    fn site(
+        &mut self,
+        i: usize,
+        s: S<file::Site>,
+        ups: &std::collections::BTreeMap<String, S<file::Upstream>>,
+        default_body: u64,
+    ) -> Site {
+        let s = s.into_inner();
+        let names = self.host_names(&format!("site[{i}].names"), s.names);
+        let tls_span = s.tls.span();
+        let t = s.tls.into_inner();
+        if let Some(v) = &t.min_version {
+            self.problem(v.span(), format!("site[{i}].tls.min_version"), "is set once, in the top-level [tls]");
+        }
+        let self_signed = t.self_signed.as_ref().is_some_and(|s| *s.get_ref());
+        let tls = match (t.cert, t.key, self_signed) {
+            (Some(cert), Some(key), false) => CertSource::Files {
+                cert: self.resolve(cert.get_ref()),
+                key: self.resolve(key.get_ref()),
+            },
+            (None, None, true) => CertSource::SelfSigned,
+            _ => {
+                self.problem(tls_span, format!("site[{i}].tls"), "give `cert` and `key`, or `self_signed = true`");
+                CertSource::SelfSigned
+            }
+        };
+        let routes = self.routes(&format!("site[{i}].route"), s.route, ups, default_body);
+        Site { names, tls, routes }
+    }
+
+    /// A host name may belong to one site only, or SNI and Host could not pick one.
+    fn distinct_site_names(&mut self, sites: &[Site]) {
+        let mut seen: Vec<&str> = Vec::new();
+        for s in sites {
+            for n in &s.names {
+                if seen.contains(&n.as_str()) {
+                    self.problem(0..0, "site", format!("{n:?} is named by two sites"));
+                }
+                seen.push(n);
+            }
+        }
     }
 
     fn addrs(&mut self, key: &str, list: Vec<S<String>>) -> Vec<SocketAddr> {
@@ -535,14 +651,10 @@ impl Checker<'_> {
     }
 
     fn listen(&mut self, l: Option<file::Listen>) -> Listen {
-        let default = |d: &[&str]| {
-            d.iter()
-                .filter_map(|s| s.parse().ok())
-                .collect::<Vec<SocketAddr>>()
-        };
-        let (https, http) = match l {
-            None => (None, None),
-            Some(l) => (l.https, l.http),
+        let default = |d: &[&str]| d.iter().filter_map(|s| s.parse().ok()).collect::<Vec<SocketAddr>>();
+        let (https, http, proxy_protocol) = match l {
+            None => (None, None, None),
+            Some(l) => (l.https, l.http, l.proxy_protocol),
         };
         let https = match https {
             Some(list) => self.addrs("https", list),
@@ -552,10 +664,32 @@ impl Checker<'_> {
             Some(list) => self.addrs("http", list),
             None => default(defaults::HTTP),
         };
-        Listen { https, http }
+        Listen {
+            https,
+            http,
+            proxy_protocol: proxy_protocol.is_some_and(|p| *p.get_ref()),
+        }
     }
 
-    fn tls(&mut self, t: Option<S<file::Tls>>) -> Tls {
+    fn tls(&mut self, t: Option<S<file::Tls>>, need_source: bool) -> Tls {
+        if !need_source {
+            // Only [[site]]s: the top-level [tls] may still set min_version, and nothing else.
+            let min_version = match t.map(S::into_inner) {
+                Some(t) => {
+                    for (k, v) in [("cert", t.cert.map(|s| s.span())), ("key", t.key.map(|s| s.span())), ("self_signed", t.self_signed.map(|s| s.span()))] {
+                        if let Some(span) = v {
+                            self.problem(span, format!("tls.{k}"), "only with top-level [[route]]s: each [[site]] has its own tls");
+                        }
+                    }
+                    self.min_version(t.min_version)
+                }
+                None => TlsVersion::Tls12,
+            };
+            return Tls {
+                source: CertSource::SelfSigned,
+                min_version,
+            };
+        }
         let Some(t) = t else {
             self.problem(
                 0..0,
@@ -617,24 +751,24 @@ impl Checker<'_> {
                 CertSource::SelfSigned
             }
         };
-        let min_version = match t.min_version {
+        let min_version = self.min_version(t.min_version);
+        Tls {
+            source,
+            min_version,
+        }
+    }
+
+    fn min_version(&mut self, v: Option<S<String>>) -> TlsVersion {
+        match v {
             None => TlsVersion::Tls12,
             Some(v) => match v.get_ref().as_str() {
                 "1.2" => TlsVersion::Tls12,
                 "1.3" => TlsVersion::Tls13,
                 other => {
-                    self.problem(
-                        v.span(),
-                        "tls.min_version",
-                        format!("{other:?}: use \"1.2\" or \"1.3\""),
-                    );
+                    self.problem(v.span(), "tls.min_version", format!("{other:?}: use \"1.2\" or \"1.3\""));
                     TlsVersion::Tls12
                 }
             },
-        };
-        Tls {
-            source,
-            min_version,
         }
     }
 
@@ -683,16 +817,13 @@ impl Checker<'_> {
 
     fn routes(
         &mut self,
+        key: &str,
         routes: Vec<S<file::Route>>,
         ups: &std::collections::BTreeMap<String, S<file::Upstream>>,
         default_body: u64,
     ) -> Vec<Route> {
         if routes.is_empty() {
-            self.problem(
-                0..0,
-                "route",
-                "missing: add at least one [[route]] with a path and an upstream",
-            );
+            self.problem(0..0, key, "missing: add at least one [[route]] with a path and an upstream");
         }
         let mut out: Vec<Route> = Vec::with_capacity(routes.len());
         for (i, r) in routes.into_iter().enumerate() {
@@ -701,7 +832,7 @@ impl Checker<'_> {
             if !path.starts_with('/') {
                 self.problem(
                     r.path.span(),
-                    format!("route[{i}].path"),
+                    format!("{key}[{i}].path"),
                     format!("{path:?} must start with '/'"),
                 );
                 continue;
@@ -709,12 +840,12 @@ impl Checker<'_> {
             if out.iter().any(|o| o.path == *path) {
                 self.problem(
                     r.path.span(),
-                    format!("route[{i}].path"),
+                    format!("{key}[{i}].path"),
                     format!("{path:?} is routed twice"),
                 );
                 continue;
             }
-            let max_body = self.size(&format!("route[{i}].max_body"), r.max_body, default_body);
+            let max_body = self.size(&format!("{key}[{i}].max_body"), r.max_body, default_body);
             // BTreeMap order is the order of Checker::upstreams' output.
             match ups.keys().position(|k| k == r.upstream.get_ref()) {
                 Some(upstream) => out.push(Route {
@@ -724,7 +855,7 @@ impl Checker<'_> {
                 }),
                 None => self.problem(
                     r.upstream.span(),
-                    format!("route[{i}].upstream"),
+                    format!("{key}[{i}].upstream"),
                     format!("no [upstream.{}] is defined", r.upstream.get_ref()),
                 ),
             }
@@ -977,6 +1108,30 @@ servers = ["127.0.0.1:8000"]
         assert_eq!(c.limits.header_bytes, 16 * 1024);
         let p = problems(&format!("{EXAMPLE}\n[limits]\nbody = \"lots\"\nheaders = 0\n"));
         assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn sites_add_to_the_default_site_or_stand_alone() {
+        let text = format!(
+            "{EXAMPLE}\n[[site]]\nnames = [\"app.example.com\", \"*.example.com\"]\ntls = {{ self_signed = true }}\n  [[site.route]]\n  path = \"/\"\n  upstream = \"app\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.sites.len(), 2);
+        assert_eq!(c.sites[0].names, ["localhost"]);
+        assert_eq!(c.sites[1].names, ["app.example.com", "*.example.com"]);
+        assert_eq!(c.sites[1].tls, CertSource::SelfSigned);
+        assert_eq!(c.sites[1].route("/x").unwrap().upstream, 0);
+
+        let only = "[[site]]\nnames = [\"a.test\"]\ntls = { cert = \"a.pem\", key = \"a.key\" }\n[[site.route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:1\"]\n[tls]\nmin_version = \"1.3\"\n";
+        let c = parse(only).unwrap();
+        assert_eq!(c.sites.len(), 1);
+        assert_eq!(c.tls.min_version, TlsVersion::Tls13);
+        assert_eq!(c.sites[0].tls, CertSource::Files { cert: "/etc/portcullis/a.pem".into(), key: "/etc/portcullis/a.key".into() });
+
+        let dup = format!("{EXAMPLE}\n[[site]]\nnames = [\"localhost\"]\ntls = {{ self_signed = true }}\n[[site.route]]\npath = \"/\"\nupstream = \"nope\"\n");
+        let p = problems(&dup);
+        assert!(p.iter().any(|l| l.contains("site: \"localhost\" is named by two sites")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("site[0].route[0].upstream")), "{p:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! `portcullis`: parse the command line, load and check the config, load certificates, bind the listeners,
-//! start the runtime, serve until SIGTERM/SIGINT, drain, exit. Each step is numbered below; everything it
-//! calls lives in a module of its own.
+//! `portcullis`: parse the command line, load and check the config, load certificates, bind the listeners
+//! (or adopt systemd's), drop privileges, start the runtime, serve until SIGTERM/SIGINT, drain, exit. Each
+//! step is numbered below; everything it calls lives in a module of its own.
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +9,10 @@ mod cli;
 mod demo;
 mod http;
 mod listen;
+mod notify;
+mod privdrop;
+mod reload;
+mod ratelimit;
 mod shutdown;
 mod state;
 mod telemetry;
@@ -20,7 +24,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use portcullis_certs::CertStore;
 use portcullis_config::{CertSource, Config, LogFormat};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -39,10 +42,10 @@ fn main() -> ExitCode {
         cli::Command::Run {
             config,
             log_format,
-            insecure_keep_root: _,
+            insecure_keep_root,
         } => match Config::load(&config) {
             // 2. Load and check the config (exit 64 on a bad one).
-            Ok(c) => run(c, log_format.map(Into::into), None),
+            Ok(c) => run(c, log_format.map(Into::into), None, insecure_keep_root),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(EXIT_CONFIG)
@@ -67,11 +70,15 @@ fn main() -> ExitCode {
                 }
             };
             match demo::config(https, upstream_addr) {
-                Ok(c) => {
+                Ok(mut c) => {
                     println!(
                         "Portcullis demo: try\n    curl -k https://{https}/\n(self-signed certificate; Ctrl-C stops it)"
                     );
-                    run(c, log_format.map(Into::into), Some(upstream))
+                    // The demo never serves as root: started as root, it becomes `nobody` (it has no files).
+                    if privdrop::started_as_root() && c.process.user.is_none() {
+                        c.process.user = Some("nobody".into());
+                    }
+                    run(c, log_format.map(Into::into), Some(upstream), false)
                 }
                 Err(e) => {
                     eprintln!("{e}");
@@ -82,7 +89,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `portcullis check`: the config, then the certificates it names.
+/// `portcullis check`: the config, then the certificates it names, then whether the service user can still
+/// read them after dropping privileges (and whether the private key is closed to other users).
 fn check(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -91,11 +99,34 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let CertSource::Files { cert, key } = &config.tls.source {
-        if let Err(e) = portcullis_certs::load_files(cert, key) {
-            eprintln!("{}: tls: {e}", path.display());
+    let loaded = match &config.tls.source {
+        CertSource::Files { cert, key } => portcullis_certs::load_files(cert, key).map(drop),
+        CertSource::SelfSigned => Ok(()),
+    };
+    if let Err(e) = loaded {
+        eprintln!("{}: tls: {e}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let who = match privdrop::service_identity(&config.process) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    if who.uid.is_root() {
+        eprintln!(
+            "{}: note: no [process] user, so file access was checked for {who}; started as root, `run` \
+             refuses to serve without one",
+            path.display()
+        );
+    }
+    let problems = privdrop::access::problems(&config, &who);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    if !problems.is_empty() {
+        return ExitCode::from(EXIT_CONFIG);
     }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
@@ -105,26 +136,19 @@ fn run(
     config: Config,
     log_format: Option<LogFormat>,
     demo_upstream: Option<std::net::TcpListener>,
+    insecure_keep_root: bool,
 ) -> ExitCode {
     telemetry::init(log_format.unwrap_or(config.log.format), &config.log.level);
 
     // 3. Certificates: loaded and checked before anything listens.
-    let cert = match &config.tls.source {
-        CertSource::Files { cert, key } => portcullis_certs::load_files(cert, key),
-        CertSource::SelfSigned => {
-            tracing::info!(names = ?config.names, "using a self-signed certificate generated at start");
-            portcullis_certs::self_signed(&config.names)
-        }
-    };
-    let cert = match cert {
-        Ok(c) => c,
+    let (sites, reloader) = match reload::load(&config) {
+        Ok(pair) => pair,
         Err(e) => {
             tracing::error!("{}: tls: {e}", config.source.display());
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let certs = Arc::new(CertStore::new(cert));
-    let tls = match tls::server_config(certs, config.tls.min_version) {
+    let tls = match tls::server_config(sites.clone(), config.tls.min_version) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("TLS setup failed: {e}");
@@ -132,16 +156,46 @@ fn run(
         }
     };
 
-    // 4. Bind every listener (privileged ports need root or CAP_NET_BIND_SERVICE here).
-    let bound = match listen::bind(&config.listen) {
+    // Who we become at step 5, decided before anything listens: a bad [process] costs no socket.
+    let plan = match privdrop::plan(&config.process, insecure_keep_root) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{}: {e}", config.source.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Files read again after the drop (reload) that the service user cannot read, or an exposed key:
+    // `portcullis check` refuses these; here they are warnings.
+    for p in privdrop::access::problems(&config, plan.identity()) {
+        tracing::warn!("{p}");
+    }
+
+    // 4. Bind every listener (privileged ports need root or CAP_NET_BIND_SERVICE here), or adopt the
+    //    sockets systemd passed (socket activation: no privilege needed at all).
+    let bound = match listen::bind_or_adopt(&config.listen) {
         Ok(b) => b,
-        Err((addr, e)) => {
-            tracing::error!("cannot listen on {addr}: {e}");
+        Err(e) => {
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
 
-    // 5. Start the runtime; every thread it makes is born after the sockets exist.
+    // 5. Drop privileges while still single-threaded: groups, gid, uid, every capability set, NoNewPrivs.
+    let dropped = match privdrop::apply(&plan) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("cannot drop privileges: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if dropped.is_none() {
+        tracing::warn!(
+            "INSECURE: --insecure-keep-root: serving every request as root with every capability; set \
+             [process] user to an unprivileged account instead"
+        );
+    }
+
+    // 6. Start the runtime; every thread it makes is born unprivileged, after the sockets exist.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,22 +206,38 @@ fn run(
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, tls, bound, demo_upstream))
+    // Prove the drop on every thread, the runtime's workers included (they exist once `build` returns).
+    if let Some(d) = dropped {
+        match privdrop::verify(d) {
+            Ok(threads) => tracing::info!(
+                "privileges dropped: running as {}, no capabilities, no new privileges ({threads} threads checked)",
+                plan.identity()
+            ),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    runtime.block_on(serve(config, tls, sites, reloader, bound, demo_upstream))
 }
 
-/// 6. Serve until a signal, then drain within the shutdown deadline.
+/// 7. Serve until a signal, then drain within the shutdown deadline.
 async fn serve(
     config: Config,
     tls: Arc<rustls::ServerConfig>,
+    sites: Arc<portcullis_certs::Sites>,
+    reloader: Arc<reload::Reloader>,
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
 ) -> ExitCode {
     let grace = config.timeouts.shutdown;
-    let (mut sigterm, mut sigint) = match (
+    let (mut sigterm, mut sigint, sighup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         _ => {
             tracing::error!("cannot install signal handlers");
             return ExitCode::FAILURE;
@@ -199,7 +269,7 @@ async fn serve(
         .find(|(k, _)| *k == Listener::Https)
         .and_then(|(_, l)| l.local_addr().ok())
         .map_or(443, |a| a.port());
-    let state = Arc::new(State::new(config, tls, https_port));
+    let state = Arc::new(State::new(config, tls, sites, https_port));
     let (trigger, shutdown) = shutdown::Trigger::new();
     for (kind, l) in listeners {
         if let Ok(addr) = l.local_addr() {
@@ -217,8 +287,21 @@ async fn serve(
             shutdown.clone(),
         ));
     }
+    // Certificates: file changes and SIGHUP reload them; systemd hears RELOADING=1 / READY=1 around SIGHUP.
+    tokio::spawn(reload::run(reloader, sighup, shutdown.clone(), |reloading| {
+        if reloading {
+            notify::reloading();
+        } else {
+            notify::ready();
+        }
+    }));
     drop(shutdown);
+    tokio::spawn(ratelimit::purge(state.rate_limits.clone()));
+    if let Some(interval) = notify::watchdog_interval() {
+        tokio::spawn(notify::watchdog(interval));
+    }
     tracing::info!("ready");
+    notify::ready();
 
     tokio::select! {
         _ = sigterm.recv() => {}
@@ -229,6 +312,7 @@ async fn serve(
         grace.as_secs_f64()
     );
     trigger.begin();
+    notify::stopping();
     if tokio::time::timeout(grace, trigger.drained())
         .await
         .is_err()

@@ -10,6 +10,7 @@ use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
 use crate::http::server::Admission;
+use crate::ratelimit::RateLimits;
 use crate::upstream::Upstreams;
 
 pub struct State {
@@ -25,10 +26,28 @@ pub struct State {
     pub canned_https: Arc<Canned>,
     pub canned_http: Arc<Canned>,
     pub admission: Arc<Admission>,
+    /// `[[rate_limit]]` (or the built-in `auth` limit); its purge task holds the other `Arc`.
+    pub rate_limits: Arc<RateLimits>,
+    /// Each site's certificate and names (SNI and Host pick the site).
+    pub sites: Arc<portcullis_certs::Sites>,
+    /// Hosts a plain-HTTP redirect may point at: every site's names, or any host (empty) when the default
+    /// site has none.
+    pub redirect_names: Vec<String>,
 }
 
 impl State {
-    pub fn new(config: Config, tls: Arc<rustls::ServerConfig>, https_port: u16) -> State {
+    pub fn new(
+        config: Config,
+        tls: Arc<rustls::ServerConfig>,
+        sites: Arc<portcullis_certs::Sites>,
+        https_port: u16,
+    ) -> State {
+        let catch_all = config.sites.first().is_some_and(|s| s.names.is_empty());
+        let redirect_names = if catch_all {
+            Vec::new()
+        } else {
+            config.sites.iter().flat_map(|s| s.names.iter().cloned()).collect()
+        };
         let headers = SecurityHeaders::new(&config.headers);
         let l = &config.limits;
         let guard = Arc::new(Settings {
@@ -45,7 +64,10 @@ impl State {
             canned_https: Arc::new(Canned::new(&headers, true)),
             canned_http: Arc::new(Canned::new(&headers, false)),
             admission: Arc::new(Admission::new(l.connections, l.connections_per_ip)),
+            rate_limits: Arc::new(RateLimits::new(&config.rate_limits)),
             headers,
+            sites,
+            redirect_names,
             redirect_port: if https_port == 443 { String::new() } else { format!(":{https_port}") },
             guard,
             config,

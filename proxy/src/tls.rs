@@ -1,16 +1,15 @@
 //! The rustls server configuration: protocol versions from the config, ALPN `h2` then `http/1.1`, session
 //! resumption (stateless tickets with rotating keys, plus a session cache for TLS 1.2 clients without
-//! tickets), certificates from the hot-swappable [`CertStore`].
+//! tickets), certificates by SNI from the hot-swappable `portcullis_certs::Sites`.
 
 use std::sync::Arc;
 
-use portcullis_certs::CertStore;
 use portcullis_config::TlsVersion;
 use rustls::server::ServerSessionMemoryCache;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
 pub fn server_config(
-    certs: Arc<CertStore>,
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
     min: TlsVersion,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions: &[&SupportedProtocolVersion] = match min {

@@ -329,7 +329,7 @@ impl Setup {
     /// As `new`, with text replacements applied to the generated config (to add keys to its tables).
     pub async fn with(top: &str, extra: &str, replace: &[(&str, &str)]) -> Setup {
         let dir = TempDir::new("setup");
-        let pki = Pki::new(dir.path(), &["app.test"]);
+        let pki = Pki::new(dir.path(), &["app.test", "*.example.test"]);
         let upstream = Upstream::tcp().await;
         let mut text = format!("{top}\n{}", config(&pki, &upstream.addr_string(), extra));
         for (from, to) in replace {
@@ -354,5 +354,53 @@ impl Setup {
 
     pub fn https(&self) -> SocketAddr {
         self.proxy.https_addr()
+    }
+}
+
+/// A test CA that can issue as many leaves as a test needs (other names, other validity).
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Portcullis Test CA 2");
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Issues a leaf for `names` valid until `not_after` (`None`: a year from the CA's default), writing
+    /// `dir/stem.pem` (leaf then CA) and `dir/stem.key` (mode 0600). Returns the leaf's DER.
+    pub fn issue(&self, dir: &Path, stem: &str, names: &[&str], not_after: Option<(i32, u8, u8)>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        if let Some((y, m, d)) = not_after {
+            params.not_before = rcgen::date_time_ymd(y - 1, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
+        let leaf = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(dir.join(format!("{stem}.pem")), format!("{}{}", leaf.pem(), self.pem)).unwrap();
+        let kp = dir.join(format!("{stem}.key"));
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&kp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        leaf.der().to_vec()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.pem)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
     }
 }

@@ -1,7 +1,9 @@
 //! `bench-upstream PORT`: the app server both proxies forward to in `benches/run`. Plain HTTP/1.1 with
 //! keep-alive on 127.0.0.1; `/` answers a ~100-byte body, `/1m` answers 1 MiB (allocated once, each response
-//! a cheap clone), anything else 404. It does as little as possible so that the proxy is what gets measured.
-//! PORT 0 picks a free port; the bound address is printed on stdout as `listening on ADDR`.
+//! a cheap clone), `/stats` answers `connections=N requests=N` (counted since start: `benches/run` reads it to
+//! see how many upstream connections a proxy opened), anything else 404. It does as little as possible so
+//! that the proxy is what gets measured. PORT 0 picks a free port; the bound address is printed on stdout as
+//! `listening on ADDR`.
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +11,8 @@ use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -64,6 +68,7 @@ async fn serve(addr: SocketAddr) -> std::io::Result<()> {
     }
     let small = Bytes::from_static(SMALL);
     let large = Bytes::from(vec![b'x'; LARGE_LEN]);
+    let stats = Arc::new(Stats::default());
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(pair) => pair,
@@ -75,14 +80,17 @@ async fn serve(addr: SocketAddr) -> std::io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (small, large) = (small.clone(), large.clone());
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (small, large, stats) = (small.clone(), large.clone(), stats.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = match req.uri().path() {
                     "/" => Some(small.clone()),
                     "/1m" => Some(large.clone()),
+                    "/stats" => Some(Bytes::from(stats.to_string())),
                     _ => None,
                 };
+                stats.requests.fetch_add(1, Ordering::Relaxed);
                 async move { Ok::<_, Infallible>(respond(body)) }
             });
             // Errors here are clients going away mid-response: nothing to do about them.
@@ -91,6 +99,24 @@ async fn serve(addr: SocketAddr) -> std::io::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+struct Stats {
+    connections: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "connections={} requests={}",
+            self.connections.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed)
+        )
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 const USAGE: &str = "usage: handshake --connect ADDR:PORT --ca CA.pem [--name localhost] [--duration SECS] \
-                     [--concurrency N] [--path /]";
+                     [--concurrency N] [--path /] [--dangerous-skip-verify-after-first]";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -60,6 +60,9 @@ struct Args {
     duration: Duration,
     concurrency: usize,
     path: String,
+    /// Verify the certificate (chain and handshake signature) on the first connection only. The server's
+    /// work is the same either way; the client's halves, so that one load core can keep the proxy busy.
+    dangerous_skip_verify_after_first: bool,
 }
 
 impl Args {
@@ -70,6 +73,7 @@ impl Args {
         let mut duration = Duration::from_secs(10);
         let mut concurrency = 20;
         let mut path = "/".to_owned();
+        let mut dangerous_skip_verify_after_first = false;
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
@@ -93,6 +97,7 @@ impl Args {
                     }
                 }
                 "--path" => path = value()?,
+                "--dangerous-skip-verify-after-first" => dangerous_skip_verify_after_first = true,
                 "-h" | "--help" => return Err("help".into()),
                 other => return Err(format!("unknown argument {other}")),
             }
@@ -104,6 +109,7 @@ impl Args {
             duration,
             concurrency,
             path,
+            dangerous_skip_verify_after_first,
         })
     }
 }
@@ -120,7 +126,8 @@ struct Tally {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let connector = TlsConnector::from(Arc::new(client_config(&args)?));
+    let verified = client_config(&args)?;
+    let connector = TlsConnector::from(Arc::new(verified.clone()));
     let name = ServerName::try_from(args.name.clone())?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
@@ -136,6 +143,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .await?
         .describe();
     println!("negotiated {params}");
+    let connector = if args.dangerous_skip_verify_after_first {
+        let mut unverified = verified;
+        let provider = unverified.crypto_provider().clone();
+        unverified
+            .dangerous()
+            .set_certificate_verifier(Arc::new(danger::NoVerification(provider)));
+        TlsConnector::from(Arc::new(unverified))
+    } else {
+        connector
+    };
 
     let start = Instant::now();
     let deadline = start + args.duration;
@@ -183,7 +200,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// TLS client: aws-lc-rs, resumption off, trusting only the bench CA.
+/// TLS client: aws-lc-rs, resumption off, trusting only the bench CA. (`--concurrency` tasks share it.)
 fn client_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&args.ca)? {
@@ -302,4 +319,53 @@ fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
     let i = rank.clamp(1, sorted_us.len()) - 1;
     f64::from(sorted_us[i]) / 1000.0
+}
+
+/// The verifier behind `--dangerous-skip-verify-after-first`: accepts any certificate and any handshake
+/// signature. Only for load generation against a server whose certificate the first connection verified.
+mod danger {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, Error, SignatureScheme};
+
+    #[derive(Debug)]
+    pub struct NoVerification(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for NoVerification {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
 }

@@ -14,6 +14,7 @@ pub fn status(code: StatusCode) -> Response<Body> {
         404 => "There is nothing here.",
         413 => "The request body is larger than this server accepts.",
         421 => "This server does not serve that host name on this connection.",
+        429 => "Too many requests. Please wait a moment before trying again.",
         502 => "The application is not answering. Please try again in a moment.",
         503 => "The service is temporarily unavailable. Please try again in a moment.",
         504 => "The application took too long to answer. Please try again in a moment.",
@@ -32,6 +33,14 @@ pub fn status(code: StatusCode) -> Response<Body> {
     );
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// A `429` (RFC 6585 §4) with `Retry-After` in whole seconds (RFC 9110 §10.2.3): when a retry will pass.
+pub fn too_many_requests(retry_after_secs: u64) -> Response<Body> {
+    let mut res = status(StatusCode::TOO_MANY_REQUESTS);
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
     res
 }
 

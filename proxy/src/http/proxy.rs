@@ -28,9 +28,11 @@ pub enum Listener {
 }
 
 /// Serves one request: the response always carries the security headers, and is logged when done.
+/// `sni` is the site the TLS handshake named (None without SNI, or when it named no site).
 pub async fn serve(
     state: &State,
     listener: Listener,
+    sni: Option<usize>,
     peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Logged>, Infallible> {
@@ -48,7 +50,7 @@ pub async fn serve(
         })
     });
     let mut res = match listener {
-        Listener::Https => proxy(state, peer, client, req, access.as_deref_mut()).await,
+        Listener::Https => proxy(state, sni, peer, client, req, access.as_deref_mut()).await,
         Listener::Http => redirect::handle(state, &req),
     };
     state
@@ -62,23 +64,21 @@ pub async fn serve(
 
 async fn proxy(
     state: &State,
+    sni: Option<usize>,
     peer: IpAddr,
     client: IpAddr,
     mut req: Request<Incoming>,
     access: Option<&mut Access>,
 ) -> Response<Body> {
     let requested = host::requested(&req);
-    let names = &state.config.names;
-    if !names.is_empty() {
-        match requested.as_ref().and_then(host::name) {
-            Some(h) if host::allowed(names, h) => {}
-            _ => return pages::status(StatusCode::MISDIRECTED_REQUEST),
-        }
-    }
-    let Some(route) = state.config.route(req.uri().path()) else {
+    let Some(site) = site_for(state, sni, requested.as_ref()) else {
+        return pages::status(StatusCode::MISDIRECTED_REQUEST);
+    };
+    let Some(route) = state.config.sites[site].route(req.uri().path()) else {
         return pages::status(StatusCode::NOT_FOUND);
     };
     let group = route.upstream;
+    let h1 = req.version() != Version::HTTP_2;
     let max_body = route.max_body;
     let declared = req
         .headers()
@@ -86,7 +86,16 @@ async fn proxy(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body) {
-        return pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+        return too_large(h1);
+    }
+    // Rate limits: only requests a limit counts take a lock; a per_account limit reads the (small) body.
+    let mut buffered = None;
+    if state.rate_limits.applies(req.method(), req.uri().path()) {
+        let body_timeout = state.config.timeouts.client_body;
+        match state.rate_limits.check(client, &mut req, max_body, body_timeout).await {
+            Ok(body) => buffered = body,
+            Err(refused) => return refused,
+        }
     }
     if let Some(a) = access {
         a.upstream = Some(state.upstreams.group(group).name.clone());
@@ -146,7 +155,9 @@ async fn proxy(
     };
     parts.version = Version::HTTP_11;
     // A declared length was checked above (and hyper holds the client to it); anything else is counted.
-    let body = if declared.is_some() {
+    let body = if let Some(whole) = buffered {
+        Body::full(whole)
+    } else if declared.is_some() {
         Body::Stream(body)
     } else {
         Body::Limited { inner: body, left: max_body }
@@ -160,7 +171,7 @@ async fn proxy(
             return pages::status(StatusCode::GATEWAY_TIMEOUT);
         }
         Err(upstream::Error::BodyTooLarge) => {
-            return pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+            return too_large(h1);
         }
         Err(e @ upstream::Error::Unavailable(_)) => {
             tracing::warn!(upstream = %state.upstreams.group(group).name, error = %e, "upstream failed");
@@ -192,6 +203,27 @@ async fn proxy(
     hop::strip(&mut parts.headers);
     crate::http::headers::strip_banners(&mut parts.headers);
     Response::from_parts(parts, Body::Stream(body))
+}
+
+/// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,
+/// RFC 9110 §15.5.20); a Host no site names goes to a default site without names (a catch-all), if any.
+fn site_for(state: &State, sni: Option<usize>, requested: Option<&HeaderValue>) -> Option<usize> {
+    match requested.and_then(host::name).and_then(|h| state.sites.site_for(h)) {
+        Some(by_host) => (sni.is_none() || sni == Some(by_host)).then_some(by_host),
+        None => {
+            let catch_all = state.config.sites.first().is_some_and(|s| s.names.is_empty());
+            (catch_all && sni.is_none_or(|s| s == 0)).then_some(0)
+        }
+    }
+}
+
+/// 413; on HTTP/1.1 the connection closes after it, since the unread body is still on the wire.
+fn too_large(h1: bool) -> Response<Body> {
+    let mut res = pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+    if h1 {
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {

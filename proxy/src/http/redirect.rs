@@ -10,7 +10,7 @@ use crate::http::{host, pages};
 use crate::state::State;
 
 pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
-    let names = &state.config.names;
+    let names = &state.redirect_names;
     let requested = host::requested(req);
     let target = match requested.as_ref().and_then(host::name) {
         Some(h) if names.is_empty() || host::allowed(names, h) => h.to_ascii_lowercase(),

@@ -165,15 +165,15 @@ impl Conn {
 /// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
 /// that the future type stays concrete (and `Send`) without boxing every request.
 macro_rules! service {
-    ($state:expr, $conn:expr, $kind:expr, $ip:expr) => {{
+    ($state:expr, $conn:expr, $kind:expr, $sni:expr, $ip:expr) => {{
         let state = $state.clone();
         let conn = $conn.clone();
-        let (kind, ip) = ($kind, $ip);
+        let (kind, sni, ip) = ($kind, $sni, $ip);
         service_fn(move |req| {
             let state = state.clone();
             let conn = conn.clone();
             async move {
-                let mut res = proxy::serve(&state, kind, ip, req).await?;
+                let mut res = proxy::serve(&state, kind, sni, ip, req).await?;
                 let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= state.config.limits.max_requests_per_connection {
                     res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
@@ -190,11 +190,13 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
-        start.into_stream(state.tls.clone()).await
+        // The site this connection's SNI names (requests on it must be for that site).
+        let sni = start.client_hello().server_name().and_then(|n| state.sites.site_for(n));
+        start.into_stream(state.tls.clone()).await.map(|tls| (tls, sni))
     })
     .await;
-    let tls = match tls {
-        Ok(Ok(tls)) => tls,
+    let (tls, sni) = match tls {
+        Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
@@ -206,7 +208,7 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let conn = Conn::new();
-    let svc = service!(state, conn, Listener::Https, peer.ip());
+    let svc = service!(state, conn, Listener::Https, sni, peer.ip());
     let idle = state.config.timeouts.client_idle;
     let limits = &state.config.limits;
     if h2 {
@@ -247,7 +249,7 @@ async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: 
         inner: TokioIo::new(guard),
         conn: conn.clone(),
     };
-    let svc = service!(state, conn, Listener::Http, peer.ip());
+    let svc = service!(state, conn, Listener::Http, None, peer.ip());
     let idle = state.config.timeouts.client_idle;
     let c = http1_builder(&state).serve_connection(io, svc);
     drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;

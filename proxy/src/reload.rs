@@ -1,0 +1,247 @@
+//! Certificates that never cause an outage: every site's pair is loaded and checked at start, then re-read
+//! when its files change (inotify through `notify`, backed by a 1 s poll of each file's identity) and on
+//! SIGHUP. A new pair is checked (parses, key fits, not expired, covers the site) before one pointer is
+//! swapped; on any failure the last good pair keeps serving and the log says why. A new chain seen with the
+//! old key (certbot replaces the two files one after the other) is retried every 250 ms until the key
+//! matches, never served. Expiry is checked at start and daily.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use portcullis_certs::inspect::{Info, format_time};
+use portcullis_certs::{Error, Sites};
+use portcullis_config::{CertSource, Config};
+use tokio::sync::mpsc;
+
+use crate::shutdown::Shutdown;
+
+/// Warn when a certificate has less than this left.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+const POLL: Duration = Duration::from_secs(1);
+const MISMATCH_RETRY: Duration = Duration::from_millis(250);
+
+/// A site whose certificate comes from files.
+struct Watched {
+    site: usize,
+    names: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
+    /// Identity of the files last served, and of the last pair refused (not retried until it changes).
+    served: Option<Fingerprint>,
+    refused: Option<Fingerprint>,
+    info: Info,
+}
+
+/// Which bytes a path names now: the resolved target (through symlinks) and its inode, size and mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint(Vec<(PathBuf, u64, u64, Option<SystemTime>)>);
+
+fn fingerprint(paths: &[&Path]) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let target = std::fs::canonicalize(p).ok()?;
+        let m = std::fs::metadata(&target).ok()?;
+        out.push((target, m.ino(), m.len(), m.modified().ok()));
+    }
+    Some(Fingerprint(out))
+}
+
+/// The certificates of every site, and what reloads them.
+pub struct Reloader {
+    sites: Arc<Sites>,
+    watched: Mutex<Vec<Watched>>,
+}
+
+/// Loads every site's certificate (files checked, or self-signed generated). Any failure here is fatal:
+/// it names the file and the reason.
+pub fn load(config: &Config) -> Result<(Arc<Sites>, Arc<Reloader>), Error> {
+    let mut keys = Vec::with_capacity(config.sites.len());
+    let mut watched = Vec::new();
+    let now = SystemTime::now();
+    for (i, site) in config.sites.iter().enumerate() {
+        let loaded = match &site.tls {
+            CertSource::Files { cert, key } => {
+                let loaded = portcullis_certs::load_checked(cert, key, &site.names)?;
+                watched.push(Watched {
+                    site: i,
+                    names: site.names.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    served: fingerprint(&[cert, key]),
+                    refused: None,
+                    info: loaded.info.clone(),
+                });
+                loaded
+            }
+            CertSource::SelfSigned => {
+                let loaded = portcullis_certs::self_signed_loaded(&site.names)?;
+                tracing::info!(site = i, names = ?site.names, "using a self-signed certificate generated at start");
+                loaded
+            }
+        };
+        report_expiry(i, &loaded.info, now);
+        tracing::info!(
+            site = i,
+            serial = %loaded.info.serial,
+            not_after = %format_time(loaded.info.not_after),
+            key = %loaded.info.key_type,
+            "certificate loaded"
+        );
+        keys.push((site.names.clone(), loaded.key));
+    }
+    let sites = Arc::new(Sites::new(keys, 0, config.strict_sni));
+    let reloader = Arc::new(Reloader {
+        sites: sites.clone(),
+        watched: Mutex::new(watched),
+    });
+    Ok((sites, reloader))
+}
+
+fn report_expiry(site: usize, info: &Info, now: SystemTime) {
+    if info.expired(now) {
+        tracing::error!(site, not_after = %format_time(info.not_after), "certificate has EXPIRED");
+    } else if info.remaining(now) < EXPIRY_WARNING {
+        tracing::warn!(site, not_after = %format_time(info.not_after), "certificate expires within 14 days");
+    }
+}
+
+/// What a reload pass found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub swapped: usize,
+    pub refused: usize,
+    /// A new chain waits for its key: look again soon.
+    pub waiting: bool,
+}
+
+impl Reloader {
+    /// Re-reads every file-backed site whose files changed (all of them when `force`), swapping in each new
+    /// pair that passes the checks.
+    pub fn reload(&self, force: bool) -> Outcome {
+        let mut out = Outcome::default();
+        // Poisoning only means a previous pass panicked; the list itself is still valid.
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        for w in watched.iter_mut() {
+            let fp = fingerprint(&[&w.cert, &w.key]);
+            if !force && (fp.is_none() || fp == w.served || fp == w.refused) {
+                continue;
+            }
+            match portcullis_certs::load_checked(&w.cert, &w.key, &w.names) {
+                Ok(loaded) => {
+                    self.sites.swap(w.site, loaded.key);
+                    tracing::info!(
+                        site = w.site,
+                        serial = %loaded.info.serial,
+                        not_after = %format_time(loaded.info.not_after),
+                        "certificate reloaded"
+                    );
+                    report_expiry(w.site, &loaded.info, SystemTime::now());
+                    w.info = loaded.info;
+                    w.served = fp;
+                    w.refused = None;
+                    out.swapped += 1;
+                }
+                Err(e @ Error::KeyMismatch { .. }) => {
+                    // Most likely mid-renewal: the chain is new and the key not yet. Keep trying.
+                    tracing::info!(site = w.site, "new certificate does not fit the key yet, waiting: {e}");
+                    out.waiting = true;
+                }
+                Err(e) => {
+                    tracing::warn!(site = w.site, "certificate reload refused, keeping the current one: {e}");
+                    w.refused = fp;
+                    out.refused += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The daily expiry check.
+    fn check_expiry(&self) {
+        let now = SystemTime::now();
+        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        for w in watched.iter() {
+            report_expiry(w.site, &w.info, now);
+        }
+    }
+
+    fn folders(&self) -> Vec<PathBuf> {
+        let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirs: Vec<PathBuf> = watched
+            .iter()
+            .flat_map(|w| [&w.cert, &w.key])
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    fn is_empty(&self) -> bool {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
+/// Runs until shutdown: file events, the poll, SIGHUP, retries while a key is awaited, and
+/// the daily expiry check. `on_hup` wraps a SIGHUP reload (systemd's RELOADING=1 / READY=1).
+pub async fn run(
+    reloader: Arc<Reloader>,
+    mut hup: tokio::signal::unix::Signal,
+    mut shutdown: Shutdown,
+    on_hup: impl Fn(bool),
+) {
+    let (tx, mut events) = mpsc::channel::<()>(16);
+    // Kept alive for as long as this task runs; None when inotify is unavailable (the poll still works).
+    let _watcher = if reloader.is_empty() { None } else { watch(&reloader.folders(), tx) };
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut daily = tokio::time::interval(Duration::from_secs(24 * 3600));
+    daily.tick().await;
+    let mut waiting = false;
+    loop {
+        let force = tokio::select! {
+            () = shutdown.begun() => return,
+            Some(()) = hup.recv() => true,
+            Some(()) = events.recv() => false,
+            _ = poll.tick(), if !reloader.is_empty() => false,
+            () = tokio::time::sleep(MISMATCH_RETRY), if waiting => false,
+            _ = daily.tick() => {
+                reloader.check_expiry();
+                continue;
+            }
+        };
+        if force {
+            on_hup(true);
+            let r = reloader.clone();
+            let outcome = tokio::task::spawn_blocking(move || r.reload(true)).await.unwrap_or_default();
+            tracing::info!(swapped = outcome.swapped, refused = outcome.refused, "reload on SIGHUP done");
+            waiting = outcome.waiting;
+            on_hup(false);
+        } else if !reloader.is_empty() {
+            let r = reloader.clone();
+            waiting = tokio::task::spawn_blocking(move || r.reload(false)).await.unwrap_or_default().waiting;
+        }
+    }
+}
+
+/// Watches the folders holding certificate files (a certbot renewal replaces symlinks in them).
+fn watch(folders: &[PathBuf], tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already means "look again": dropping this one loses nothing.
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!("file watching unavailable, polling only: {e}"))
+    .ok()?;
+    for f in folders {
+        if let Err(e) = watcher.watch(f, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(folder = %f.display(), "cannot watch, polling only: {e}");
+        }
+    }
+    Some(watcher)
+}

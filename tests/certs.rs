@@ -1,0 +1,323 @@
+//! Issue 5: certificates that never cause an outage. Several sites by SNI (421 when Host names another
+//! site), hot reload by file change (the certbot way: new files, then symlinks flipped) under load with zero
+//! failed requests, bad pairs refused with the old one still serving, SIGHUP, self-signed sites, expiry
+//! warnings.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream};
+
+/// The leaf a handshake with `sni` is shown, or None when the handshake fails.
+async fn leaf(client: &Client, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).ok()?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
+}
+
+fn site_config(upstream: &str, sites: &str, top: &str, cert: &Path, key: &Path) -> String {
+    format!(
+        "{top}\n[listen]\nhttps = [\"127.0.0.1:0\"]\nhttp = []\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[route]]\npath = \"/\"\nupstream = \"app\"\n\n[upstream.app]\nservers = [\"{upstream}\"]\n\n{sites}",
+        cert.display(),
+        key.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_by_sni_and_421_when_host_names_another_site() {
+    let dir = TempDir::new("sites");
+    let ca = TestCa::new();
+    let a = ca.issue(dir.path(), "a", &["a.test", "localhost"], None);
+    let b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"], None);
+    let up = Upstream::tcp().await;
+    let sites = format!(
+        "[[site]]\nnames = [\"b.test\", \"*.wild.test\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n  [[site.route]]\n  path = \"/\"\n  upstream = \"app\"\n",
+        dir.path().join("b.pem").display(),
+        dir.path().join("b.key").display()
+    );
+    let text = site_config(&up.addr_string(), &sites, "names = [\"a.test\", \"localhost\"]", &dir.path().join("a.pem"), &dir.path().join("a.key"));
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    let client = ca.client();
+    let addr = p.https_addr();
+    assert_eq!(leaf(&client, addr, "a.test").await, Some(a.clone()));
+    assert_eq!(leaf(&client, addr, "b.test").await, Some(b.clone()));
+    assert_eq!(leaf(&client, addr, "x.wild.test").await, Some(b));
+    // Unknown SNI: the default site's certificate (which the client then does not trust for that name).
+    assert_eq!(leaf(&client, addr, "localhost").await, Some(a));
+
+    // SNI b.test, Host a.test: another configured site -> 421.
+    let tls = client.tls_with(addr, "b.test", client.config(&[b"http/1.1"])).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let res = send.send_request(Request::get("/").header("host", "a.test").body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 421);
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    let res = send.send_request(Request::get("/ok").header("host", "b.test").body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(up.last().headers["host"], "b.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_sni_refuses_unknown_names() {
+    let dir = TempDir::new("strict");
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "a", &["a.test"], None);
+    let up = Upstream::tcp().await;
+    let text = site_config(&up.addr_string(), "", "names = [\"a.test\"]\nstrict_sni = true", &dir.path().join("a.pem"), &dir.path().join("a.key"));
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    assert!(leaf(&ca.client(), p.https_addr(), "a.test").await.is_some());
+    assert!(leaf(&ca.client(), p.https_addr(), "other.test").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_sites_are_generated_for_their_names() {
+    let dir = TempDir::new("selfsigned");
+    let up = Upstream::tcp().await;
+    let text = format!(
+        "names = [\"self.test\"]\n[listen]\nhttps = [\"127.0.0.1:0\"]\nhttp = []\n[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"{}\"]\n",
+        up.addr_string()
+    );
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    assert!(p.output().contains("self-signed certificate generated at start"));
+    let tcp = tokio::net::TcpStream::connect(p.https_addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[b"http/1.1"])))
+        .connect("self.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert!(der.windows(9).any(|w| w == b"self.test"), "the generated certificate does not name self.test");
+}
+
+/// The certbot layout: archive/ holds numbered files, live/ holds symlinks to the current ones.
+struct Certbot {
+    dir: TempDir,
+}
+
+impl Certbot {
+    fn new(ca: &TestCa) -> (Certbot, Vec<u8>) {
+        let dir = TempDir::new("certbot");
+        std::fs::create_dir_all(dir.path().join("archive")).unwrap();
+        std::fs::create_dir_all(dir.path().join("live")).unwrap();
+        let der = ca.issue(&dir.path().join("archive"), "cert1", &["localhost", "127.0.0.1"], None);
+        symlink("../archive/cert1.pem", dir.path().join("live/fullchain.pem")).unwrap();
+        symlink("../archive/cert1.key", dir.path().join("live/privkey.pem")).unwrap();
+        (Certbot { dir }, der)
+    }
+
+    fn live(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("live").join(name)
+    }
+
+    /// Points live/NAME at archive/TARGET atomically (a new symlink renamed over the old one).
+    fn flip(&self, name: &str, target: &str) {
+        let tmp = self.dir.path().join("live").join(format!(".{name}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        symlink(format!("../archive/{target}"), &tmp).unwrap();
+        std::fs::rename(&tmp, self.live(name)).unwrap();
+    }
+}
+
+/// One request on a new TLS connection; Err on any failure.
+async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let res = send
+        .send_request(Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    res.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certbot_renewal_under_load_fails_no_request() {
+    let ca = TestCa::new();
+    let (cb, first) = Certbot::new(&ca);
+    let up = Upstream::tcp().await;
+    let text = site_config(&up.addr_string(), "", "", &cb.live("fullchain.pem"), &cb.live("privkey.pem"));
+    let p = Portcullis::run(&cb.dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    let addr = p.https_addr();
+    let client = ca.client();
+    assert_eq!(leaf(&client, addr, "localhost").await, Some(first.clone()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    // Client 1: a new TLS connection per request.
+    let fresh = {
+        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match fresh_get(&c, addr).await {
+                    Ok(200) => done.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("fresh client failure: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    // Client 2: one keep-alive connection, request after request.
+    let keepalive = {
+        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        tokio::spawn(async move {
+            let tls = c.tls(addr, &[b"http/1.1"]).await;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                let req = Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap();
+                let ok = match send.send_request(req).await {
+                    Ok(res) => res.status() == 200 && res.into_body().collect().await.is_ok(),
+                    Err(e) => {
+                        eprintln!("keep-alive client failure: {e}");
+                        false
+                    }
+                };
+                if ok {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Client 3: one long request in flight across the renewal.
+    let long = {
+        let c = client.clone();
+        tokio::spawn(async move { c.get(addr, "/slow/4000").await })
+    };
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = ca.issue(&cb.dir.path().join("archive"), "cert2", &["localhost", "127.0.0.1"], None);
+    cb.flip("fullchain.pem", "cert2.pem");
+    // Between the two flips the chain is new and the key old: that pair must never be served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cb.flip("privkey.pem", "cert2.key");
+    let flipped = Instant::now();
+    let mut seen = None;
+    while flipped.elapsed() < Duration::from_secs(2) {
+        if leaf(&client, addr, "localhost").await == Some(second.clone()) {
+            seen = Some(flipped.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let res = long.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    fresh.await.unwrap();
+    keepalive.await.unwrap();
+    assert!(seen.is_some(), "the new certificate was not served within 2 s; log:\n{}", p.output());
+    eprintln!("new certificate served {:?} after the key flip; {} requests", seen.unwrap(), done.load(Ordering::Relaxed));
+    assert_eq!(res.status(), 200);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during the renewal");
+    assert!(done.load(Ordering::Relaxed) > 20);
+    assert!(p.output().contains("certificate reloaded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pairs_are_refused_and_the_old_one_keeps_serving() {
+    let ca = TestCa::new();
+    let (cb, first) = Certbot::new(&ca);
+    let up = Upstream::tcp().await;
+    let text = site_config(&up.addr_string(), "", "", &cb.live("fullchain.pem"), &cb.live("privkey.pem"));
+    let p = Portcullis::run(&cb.dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    let client = ca.client();
+    let archive = cb.dir.path().join("archive");
+
+    // A truncated key.
+    let key = std::fs::read_to_string(archive.join("cert1.key")).unwrap();
+    std::fs::write(archive.join("truncated.key"), &key[..key.len() / 2]).unwrap();
+    cb.flip("privkey.pem", "truncated.key");
+    p.wait_for_log(|l| l.contains("reload refused") && l.contains("no PKCS#8"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{}", p.output()));
+    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first.clone()));
+    cb.flip("privkey.pem", "cert1.key");
+
+    // A key that does not fit.
+    ca.issue(&archive, "other", &["localhost"], None);
+    cb.flip("privkey.pem", "other.key");
+    p.wait_for_log(|l| l.contains("does not fit"), Duration::from_secs(10)).unwrap_or_else(|| panic!("no mismatch logged:\n{}", p.output()));
+    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first.clone()));
+    cb.flip("privkey.pem", "cert1.key");
+
+    // An expired certificate.
+    ca.issue(&archive, "old", &["localhost", "127.0.0.1"], Some((2020, 1, 1)));
+    cb.flip("fullchain.pem", "old.pem");
+    cb.flip("privkey.pem", "old.key");
+    p.wait_for_log(|l| l.contains("reload refused") && l.contains("expired"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no expiry refusal logged:\n{}", p.output()));
+    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_files_replaced_in_place() {
+    let dir = TempDir::new("hup");
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "site", &["localhost"], None);
+    let up = Upstream::tcp().await;
+    let text = site_config(&up.addr_string(), "", "", &dir.path().join("site.pem"), &dir.path().join("site.key"));
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    let second = ca.issue(dir.path(), "site", &["localhost"], None);
+    p.signal("HUP");
+    p.wait_for_log(|l| l.contains("reload on SIGHUP done"), Duration::from_secs(10)).unwrap();
+    assert_eq!(leaf(&ca.client(), p.https_addr(), "localhost").await, Some(second));
+}
+
+/// Today + `days` as (year, month, day).
+fn date_in(days: u64) -> (i32, u8, u8) {
+    let d = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 86_400 + days) as i64;
+    let z = d + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year as i32, month as u8, day as u8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_expiry_is_warned_about_at_start() {
+    let dir = TempDir::new("expiry");
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "soon", &["localhost"], Some(date_in(5)));
+    let up = Upstream::tcp().await;
+    let text = site_config(&up.addr_string(), "", "", &dir.path().join("soon.pem"), &dir.path().join("soon.key"));
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    assert!(p.output().contains("expires within 14 days"), "{}", p.output());
+
+    ca.issue(dir.path(), "gone", &["localhost"], Some((2020, 1, 1)));
+    let text = site_config(&up.addr_string(), "", "", &dir.path().join("gone.pem"), &dir.path().join("gone.key"));
+    let mut p = Portcullis::run(&dir.write("p2.toml", &text), &[]);
+    assert!(!p.ready);
+    assert!(!p.wait().success());
+    assert!(p.output().contains("expired on 2020-01-01"), "{}", p.output());
+}
