@@ -3,6 +3,8 @@
 //! failed requests, bad pairs refused with the old one still serving, SIGHUP, self-signed sites, expiry
 //! warnings.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
+
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -320,4 +322,76 @@ async fn a_certificate_near_expiry_is_warned_about_at_start() {
     assert!(!p.ready);
     assert!(!p.wait().success());
     assert!(p.output().contains("expired on 2020-01-01"), "{}", p.output());
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `openssl ocsp` as a responder on loopback; killed on drop.
+struct Responder(std::process::Child);
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsp_responses_are_fetched_verified_and_stapled() {
+    let dir = TempDir::new("ocsp");
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A test CA, and a leaf that names the responder in its AIA extension.
+    openssl(d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=OCSP Test CA", "-days", "2"]);
+    openssl(d, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(
+        d.join("ext.cnf"),
+        format!("subjectAltName=DNS:localhost,IP:127.0.0.1\nauthorityInfoAccess=OCSP;URI:http://127.0.0.1:{port}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    openssl(d, &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "0x1234ABCD", "-out", "leaf.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    std::fs::write(d.join("fullchain.pem"), [std::fs::read(d.join("leaf.pem")).unwrap(), std::fs::read(d.join("ca.pem")).unwrap()].concat()).unwrap();
+    std::fs::set_permissions(d.join("leaf.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(d.join("index.txt"), "V\t301231235959Z\t\t1234ABCD\tunknown\t/CN=localhost\n").unwrap();
+    let mut responder = std::process::Command::new("openssl")
+        .current_dir(d)
+        .args(["ocsp", "-index", "index.txt", "-port", &port.to_string(), "-rsigner", "ca.pem", "-rkey", "ca.key", "-CA", "ca.pem", "-ignore_err"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Readiness: its "waiting for OCSP client connections" line (a probe connection would jam it: it
+    // serves one connection at a time and waits on an empty one).
+    let stderr = responder.stderr.take().unwrap();
+    let _responder = Responder(responder);
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let found = lines.by_ref().map_while(Result::ok).any(|l| l.contains("waiting for OCSP client connections"));
+        // Keep draining so the responder never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        found
+    })
+    .await
+    .unwrap();
+    assert!(ready, "openssl ocsp did not start");
+
+    let upstream = Upstream::tcp().await;
+    let text = site_config(&upstream.addr_string(), "", "", &d.join("fullchain.pem"), &d.join("leaf.key"));
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    p.wait_for_log(|l| l.contains("OCSP response stapled"), Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &p.https_addr().to_string(), "-servername", "localhost", "-status", "-CAfile"])
+        .arg(d.join("ca.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("OCSP Response Status: successful"), "{text}");
+    assert!(text.contains("Cert Status: good"), "{text}");
 }

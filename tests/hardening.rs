@@ -2,6 +2,8 @@
 //! let through, asserting both the answer and that the recording upstream received nothing; limits with
 //! their status codes; slow and greedy clients cut off; HTTP/2 checked as it is turned into HTTP/1.1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
+
 use std::time::Duration;
 
 use portcullis_tests::Setup;

@@ -5,7 +5,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod inspect;
+pub mod ocsp;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,26 +191,22 @@ pub fn provider() -> Arc<CryptoProvider> {
     })
 }
 
-/// Reads a PEM chain (leaf first) and its private key, and checks that the key belongs to the leaf.
-pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Error> {
-    let cert_pem = std::fs::read(cert).map_err(|source| Error::Read {
-        path: cert.to_owned(),
-        source,
-    })?;
-    let key_pem = std::fs::read(key).map_err(|source| Error::Read {
-        path: key.to_owned(),
-        source,
-    })?;
+/// Reads a PEM certificate chain, leaf first.
+pub fn read_chain(cert: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let cert_pem = std::fs::read(cert).map_err(|source| Error::Read { path: cert.to_owned(), source })?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|_| Error::NoCertificate {
-            path: cert.to_owned(),
-        })?;
+        .map_err(|_| Error::NoCertificate { path: cert.to_owned() })?;
     if chain.is_empty() {
-        return Err(Error::NoCertificate {
-            path: cert.to_owned(),
-        });
+        return Err(Error::NoCertificate { path: cert.to_owned() });
     }
+    Ok(chain)
+}
+
+/// Reads a PEM chain (leaf first) and its private key, and checks that the key belongs to the leaf.
+pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Error> {
+    let chain = read_chain(cert)?;
+    let key_pem = std::fs::read(key).map_err(|source| Error::Read { path: key.to_owned(), source })?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::NoKey {
         path: key.to_owned(),
         why: e.to_string(),

@@ -32,6 +32,8 @@ pub struct File {
     pub limits: Option<Limits>,
     /// Absent: the built-in `auth` limit; `[]`: no rate limiting; otherwise these replace it.
     pub rate_limit: Option<Vec<S<RateLimit>>>,
+    /// How certificates are obtained for sites with `acme = true`.
+    pub acme: Option<S<Acme>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,7 +50,35 @@ pub struct Tls {
     pub cert: Option<S<String>>,
     pub key: Option<S<String>>,
     pub self_signed: Option<S<bool>>,
+    /// Obtained and renewed from the `[acme]` CA; `cert`/`key`, when also given, serve until then.
+    pub acme: Option<S<bool>>,
     pub min_version: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    pub email: Option<S<String>>,
+    /// A directory URL, or "letsencrypt" / "letsencrypt-staging".
+    pub directory: Option<S<String>>,
+    pub state_dir: Option<S<String>>,
+    /// "http-01" or "tls-alpn-01".
+    pub challenge: Option<S<String>>,
+    /// A PEM root trusted for the CA's API (a private ACME server).
+    pub ca_root: Option<S<String>>,
+    pub eab: Option<S<Eab>>,
+    pub renew_before: Option<S<String>>,
+    pub self_check: Option<S<bool>>,
+    pub validation_port: Option<S<u16>>,
+}
+
+/// External account binding (RFC 8555 section 7.3.4).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Eab {
+    pub kid: S<String>,
+    /// base64url, as the CA hands it out.
+    pub hmac_key: S<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cidr::Cidr;
-pub use ratelimit::{PathMatch, PerAccount, Rate, RateLimit, parse_rate};
 use file::S;
+pub use ratelimit::{PathMatch, PerAccount, Rate, RateLimit, parse_rate};
 
 /// The hardened defaults, in one place (docs/CONFIG.md repeats them for users).
 pub mod defaults {
@@ -74,6 +74,11 @@ pub mod defaults {
     pub const RATE_LIMIT_IPV6_PREFIX: u8 = 64;
     /// Per limit (and again for its accounts): about 5 MiB at the measured ~50 bytes per key.
     pub const RATE_LIMIT_MAX_KEYS: u64 = 100_000;
+    /// `[acme] directory`: Let's Encrypt production; `"letsencrypt-staging"` names its staging twin.
+    pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+    pub const ACME_DIRECTORY_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+    /// Account key, certificates and keys (folders 0700, files 0600); systemd's `StateDirectory=`.
+    pub const ACME_STATE_DIR: &str = "/var/lib/portcullis/acme";
 }
 
 /// The checked configuration the proxy runs on.
@@ -101,6 +106,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[[rate_limit]]`, or the built-in `auth` limit when the file has none.
     pub rate_limits: Vec<RateLimit>,
+    /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
+    pub acme: Option<Acme>,
     /// Things that work but deserve a second look (`check` prints them; they do not fail it).
     pub warnings: Vec<Problem>,
 }
@@ -166,6 +173,51 @@ pub enum CertSource {
     },
     /// Generated at start for the configured names (rcgen), kept in memory only.
     SelfSigned,
+    /// Obtained and renewed from the `[acme]` CA. Until the first one exists, `files` (cert, key) are served
+    /// when given, else a self-signed certificate.
+    Acme { files: Option<(PathBuf, PathBuf)> },
+}
+
+/// `[acme]`: where certificates for `acme = true` sites come from, and where they are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// Contact for the account (`mailto:`); optional.
+    pub email: Option<String>,
+    /// The CA's directory URL (https).
+    pub directory: String,
+    pub state_dir: PathBuf,
+    pub challenge: AcmeChallenge,
+    /// A PEM root trusted for the CA's API (Pebble, step-ca); `None`: the system's roots.
+    pub ca_root: Option<PathBuf>,
+    pub eab: Option<Eab>,
+    /// Renew when this much validity is left; `None`: the CA's ARI window, else two thirds into the lifetime.
+    pub renew_before: Option<Duration>,
+    /// Before ordering, check that each name resolves to this instance and that it answers the challenge.
+    pub self_check: bool,
+    /// The port the CA validates on: `None` is the RFC's (80 for HTTP-01, 443 for TLS-ALPN-01). Only a test
+    /// CA (Pebble's `httpPort`/`tlsPort`) uses others; the self-check probes it.
+    pub validation_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8555 section 8.3: the :80 listener answers `/.well-known/acme-challenge/<token>`.
+    Http01,
+    /// RFC 8737: the :443 listener answers `acme-tls/1` handshakes.
+    TlsAlpn01,
+}
+
+/// External account binding (RFC 8555 section 7.3.4): the key id and the base64url HMAC key the CA gave.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: String,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab").field("kid", &self.kid).field("hmac_key", &"<secret>").finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,6 +481,7 @@ impl Checker<'_> {
             sites.push(self.site(i, s, &f.upstream, limits.body));
         }
         self.distinct_site_names(&sites);
+        let acme = self.acme(f.acme, &sites, usize::from(top_level), &listen);
         let strict_sni = f.strict_sni.is_some_and(|s| *s.get_ref());
         let trusted_proxies = f
             .trusted_proxies
@@ -476,6 +529,7 @@ impl Checker<'_> {
             process,
             limits,
             rate_limits,
+            acme,
             warnings: Vec::new(),
         }
     }
@@ -607,14 +661,16 @@ impl Checker<'_> {
             self.problem(v.span(), format!("site[{i}].tls.min_version"), "is set once, in the top-level [tls]");
         }
         let self_signed = t.self_signed.as_ref().is_some_and(|s| *s.get_ref());
+        let acme = t.acme.as_ref().is_some_and(|s| *s.get_ref());
         let tls = match (t.cert, t.key, self_signed) {
+            (cert, key, false) if acme => self.acme_source(&format!("site[{i}].tls"), tls_span, cert, key),
             (Some(cert), Some(key), false) => CertSource::Files {
                 cert: self.resolve(cert.get_ref()),
                 key: self.resolve(key.get_ref()),
             },
-            (None, None, true) => CertSource::SelfSigned,
+            (None, None, true) if !acme => CertSource::SelfSigned,
             _ => {
-                self.problem(tls_span, format!("site[{i}].tls"), "give `cert` and `key`, or `self_signed = true`");
+                self.problem(tls_span, format!("site[{i}].tls"), "give `cert` and `key`, `self_signed = true`, or `acme = true`");
                 CertSource::SelfSigned
             }
         };
@@ -676,7 +732,7 @@ impl Checker<'_> {
             // Only [[site]]s: the top-level [tls] may still set min_version, and nothing else.
             let min_version = match t.map(S::into_inner) {
                 Some(t) => {
-                    for (k, v) in [("cert", t.cert.map(|s| s.span())), ("key", t.key.map(|s| s.span())), ("self_signed", t.self_signed.map(|s| s.span()))] {
+                    for (k, v) in [("cert", t.cert.map(|s| s.span())), ("key", t.key.map(|s| s.span())), ("self_signed", t.self_signed.map(|s| s.span())), ("acme", t.acme.map(|s| s.span()))] {
                         if let Some(span) = v {
                             self.problem(span, format!("tls.{k}"), "only with top-level [[route]]s: each [[site]] has its own tls");
                         }
@@ -704,7 +760,13 @@ impl Checker<'_> {
         let span = t.span();
         let t = t.into_inner();
         let self_signed = t.self_signed.as_ref().is_some_and(|s| *s.get_ref());
+        let acme = t.acme.as_ref().is_some_and(|s| *s.get_ref());
         let source = match (t.cert, t.key, self_signed) {
+            (cert, key, false) if acme => self.acme_source("tls", span.clone(), cert, key),
+            (_, _, true) if acme => {
+                self.problem(span.clone(), "tls.acme", "give either `acme = true` or `self_signed = true`, not both");
+                CertSource::SelfSigned
+            }
             (Some(cert), Some(key), false) => CertSource::Files {
                 cert: self.resolve(cert.get_ref()),
                 key: self.resolve(key.get_ref()),
@@ -756,6 +818,152 @@ impl Checker<'_> {
             source,
             min_version,
         }
+    }
+
+    /// `acme = true`, with the `cert`/`key` files served until the first certificate when both are given.
+    fn acme_source(&mut self, key: &str, span: Range<usize>, cert: Option<S<String>>, k: Option<S<String>>) -> CertSource {
+        match (cert, k) {
+            (Some(c), Some(k)) => CertSource::Acme {
+                files: Some((self.resolve(c.get_ref()), self.resolve(k.get_ref()))),
+            },
+            (None, None) => CertSource::Acme { files: None },
+            _ => {
+                self.problem(span, key, "with `acme = true`, give both `cert` and `key` (served until the first certificate) or neither");
+                CertSource::Acme { files: None }
+            }
+        }
+    }
+
+    /// `[acme]` and the sites that use it. `first_site` is the index of `[[site]]` 0 in `sites`.
+    fn acme(&mut self, a: Option<S<file::Acme>>, sites: &[Site], first_site: usize, listen: &Listen) -> Option<Acme> {
+        let users: Vec<usize> = (0..sites.len()).filter(|i| matches!(sites[*i].tls, CertSource::Acme { .. })).collect();
+        let (span, a) = match a {
+            Some(a) => (a.span(), a.into_inner()),
+            None if users.is_empty() => return None,
+            None => (
+                0..0,
+                file::Acme {
+                    email: None,
+                    directory: None,
+                    state_dir: None,
+                    challenge: None,
+                    ca_root: None,
+                    eab: None,
+                    renew_before: None,
+                    self_check: None,
+                    validation_port: None,
+                },
+            ),
+        };
+        if users.is_empty() {
+            self.warning(span, "acme", "no site has `acme = true`: this section is not used");
+            return None;
+        }
+        for &i in &users {
+            let key = if i < first_site { "names".to_owned() } else { format!("site[{}].names", i - first_site) };
+            if sites[i].names.is_empty() {
+                self.problem(0..0, key.clone(), "an `acme = true` site needs its host names: they are what the certificate is for");
+            }
+            for n in sites[i].names.iter().filter(|n| n.starts_with("*.")) {
+                self.problem(0..0, key.clone(), format!("{n:?}: wildcard names need the DNS-01 challenge, which Portcullis does not do"));
+            }
+        }
+        let email = a.email.and_then(|e| {
+            let ok = e.get_ref().contains('@') && !e.get_ref().contains(|c: char| c.is_whitespace() || c == ',' || c == '<' || c == '>');
+            if !ok {
+                self.problem(e.span(), "acme.email", format!("{:?} is not an email address", e.get_ref()));
+            }
+            ok.then(|| e.into_inner())
+        });
+        let directory = match a.directory {
+            None => defaults::ACME_DIRECTORY.to_owned(),
+            Some(d) => match d.get_ref().as_str() {
+                "letsencrypt" => defaults::ACME_DIRECTORY.to_owned(),
+                "letsencrypt-staging" => defaults::ACME_DIRECTORY_STAGING.to_owned(),
+                url if url.starts_with("https://") && url.len() > "https://".len() && !url.contains(char::is_whitespace) => url.to_owned(),
+                other => {
+                    self.problem(d.span(), "acme.directory", format!("{other:?}: give the CA's https:// directory URL, \"letsencrypt\" or \"letsencrypt-staging\""));
+                    defaults::ACME_DIRECTORY.to_owned()
+                }
+            },
+        };
+        let state_dir = a.state_dir.map_or_else(|| PathBuf::from(defaults::ACME_STATE_DIR), |d| self.resolve(d.get_ref()));
+        let default_challenge = if listen.http.is_empty() { AcmeChallenge::TlsAlpn01 } else { AcmeChallenge::Http01 };
+        let challenge = match a.challenge {
+            None => default_challenge,
+            Some(c) => match c.get_ref().as_str() {
+                "http-01" if listen.http.is_empty() => {
+                    self.problem(c.span(), "acme.challenge", "http-01 needs the plain-HTTP listener (listen.http): use \"tls-alpn-01\" or add it");
+                    AcmeChallenge::Http01
+                }
+                "http-01" => AcmeChallenge::Http01,
+                "tls-alpn-01" if listen.https.is_empty() => {
+                    self.problem(c.span(), "acme.challenge", "tls-alpn-01 needs the HTTPS listener (listen.https)");
+                    AcmeChallenge::TlsAlpn01
+                }
+                "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+                other => {
+                    self.problem(c.span(), "acme.challenge", format!("{other:?}: use \"http-01\" or \"tls-alpn-01\""));
+                    default_challenge
+                }
+            },
+        };
+        if challenge == AcmeChallenge::TlsAlpn01 {
+            for &i in &users {
+                for n in sites[i].names.iter().filter(|n| n.parse::<IpAddr>().is_ok()) {
+                    self.problem(0..0, "acme.challenge", format!("{n:?}: an IP address needs the http-01 challenge"));
+                }
+            }
+        }
+        let ca_root = a.ca_root.map(|p| self.resolve(p.get_ref()));
+        let eab = a.eab.map(|e| {
+            let e = e.into_inner();
+            if e.kid.get_ref().is_empty() {
+                self.problem(e.kid.span(), "acme.eab.kid", "is empty");
+            }
+            let key = e.hmac_key.get_ref();
+            if key.is_empty() || !key.trim_end_matches('=').bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                self.problem(e.hmac_key.span(), "acme.eab.hmac_key", "must be the base64url key the CA gave");
+            }
+            Eab {
+                kid: e.kid.into_inner(),
+                hmac_key: e.hmac_key.into_inner(),
+            }
+        });
+        let renew_before = a.renew_before.and_then(|r| {
+            let text = r.get_ref().trim();
+            let parsed = match text.strip_suffix('d').map(str::trim).map(str::parse::<u64>) {
+                Some(Ok(days)) if days > 0 => Ok(Duration::from_secs(days.saturating_mul(86_400))),
+                Some(_) => Err(format!("{text:?} is not a number of days like \"30d\"")),
+                None => duration::parse(text),
+            };
+            match parsed {
+                Ok(d) => Some(d),
+                Err(why) => {
+                    self.problem(r.span(), "acme.renew_before", why);
+                    None
+                }
+            }
+        });
+        let validation_port = a.validation_port.and_then(|p| {
+            if *p.get_ref() == 0 {
+                self.problem(p.span(), "acme.validation_port", "must be a port number, 1-65535");
+                None
+            } else {
+                Some(*p.get_ref())
+            }
+        });
+        Some(Acme {
+            email,
+            directory,
+            state_dir,
+            challenge,
+            ca_root,
+            eab,
+            renew_before,
+            self_check: a.self_check.is_none_or(|s| *s.get_ref()),
+            validation_port,
+        })
     }
 
     fn min_version(&mut self, v: Option<S<String>>) -> TlsVersion {
@@ -1132,6 +1340,38 @@ servers = ["127.0.0.1:8000"]
         let p = problems(&dup);
         assert!(p.iter().any(|l| l.contains("site: \"localhost\" is named by two sites")), "{p:?}");
         assert!(p.iter().any(|l| l.contains("site[0].route[0].upstream")), "{p:?}");
+    }
+
+    #[test]
+    fn acme_sites_and_the_acme_section() {
+        let text = format!(
+            "{EXAMPLE}\n[[site]]\nnames = [\"a.example.com\", \"b.example.com\"]\ntls = {{ acme = true }}\n[[site.route]]\npath = \"/\"\nupstream = \"app\"\n[acme]\nemail = \"ops@example.com\"\ndirectory = \"letsencrypt-staging\"\nstate_dir = \"acme\"\nrenew_before = \"30d\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.sites[1].tls, CertSource::Acme { files: None });
+        let a = c.acme.unwrap();
+        assert_eq!(a.directory, defaults::ACME_DIRECTORY_STAGING);
+        assert_eq!(a.state_dir, PathBuf::from("/etc/portcullis/acme"));
+        assert_eq!(a.challenge, AcmeChallenge::Http01);
+        assert_eq!(a.renew_before, Some(Duration::from_secs(30 * 86_400)));
+        assert!(a.self_check && a.eab.is_none() && a.ca_root.is_none());
+
+        let bad = text
+            .replace("\"b.example.com\"", "\"*.example.com\"")
+            .replace("renew_before = \"30d\"", "challenge = \"dns-01\"\neab = { kid = \"k\", hmac_key = \"not base64!\" }");
+        let p = problems(&bad);
+        assert!(p.iter().any(|l| l.contains("site[0].names") && l.contains("DNS-01")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("acme.challenge")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("acme.eab.hmac_key")), "{p:?}");
+
+        // The top-level [tls]: its files serve until the first certificate; no [acme] means the defaults.
+        let top = EXAMPLE.replace("key  = \"/etc/portcullis/privkey.pem\"", "key  = \"/etc/portcullis/privkey.pem\"\nacme = true");
+        let c = parse(&top).unwrap();
+        assert!(matches!(&c.sites[0].tls, CertSource::Acme { files: Some(_) }));
+        assert_eq!(c.acme.unwrap().directory, defaults::ACME_DIRECTORY);
+        let no_http = top.replace("http  = [\"127.0.0.1:8080\"]", "http = []");
+        assert_eq!(parse(&no_http).unwrap().acme.unwrap().challenge, AcmeChallenge::TlsAlpn01);
+        assert!(problems(&format!("{no_http}\n[acme]\nchallenge = \"http-01\"\n"))[0].contains("acme.challenge"));
     }
 
     #[test]

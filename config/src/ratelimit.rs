@@ -93,7 +93,8 @@ fn path_match(p: &str) -> PathMatch {
 
 /// `"10/minute"`: a positive whole number, `/`, and second|minute|hour|day (or s|min|h|d).
 pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    let bad = || format!("{text:?} is not a rate like \"10/minute\" (per second, minute, hour or day)");
+    let bad =
+        || format!("{text:?} is not a rate like \"10/minute\" (per second, minute, hour or day)");
     let (n, unit) = text.split_once('/').ok_or_else(bad)?;
     let count: u32 = n.trim().parse().map_err(|_| bad())?;
     if count == 0 {
@@ -110,7 +111,10 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 }
 
 impl Checker<'_> {
-    pub(crate) fn rate_limits(&mut self, limits: Option<Vec<S<file::RateLimit>>>) -> Vec<RateLimit> {
+    pub(crate) fn rate_limits(
+        &mut self,
+        limits: Option<Vec<S<file::RateLimit>>>,
+    ) -> Vec<RateLimit> {
         let Some(limits) = limits else {
             return vec![builtin()];
         };
@@ -119,10 +123,22 @@ impl Checker<'_> {
             let l = l.into_inner();
             let key = |k: &str| format!("rate_limit[{i}].{k}");
             let name = l.name.get_ref().clone();
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-                self.problem(l.name.span(), key("name"), format!("{name:?}: use letters, digits, '_' and '-'"));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                self.problem(
+                    l.name.span(),
+                    key("name"),
+                    format!("{name:?}: use letters, digits, '_' and '-'"),
+                );
             } else if out.iter().any(|o| o.name == name) {
-                self.problem(l.name.span(), key("name"), format!("{name:?} is used twice"));
+                self.problem(
+                    l.name.span(),
+                    key("name"),
+                    format!("{name:?} is used twice"),
+                );
             }
             let paths = self.rate_limit_paths(&key("paths"), l.paths);
             let methods = self.rate_limit_methods(&key("methods"), l.methods);
@@ -135,7 +151,11 @@ impl Checker<'_> {
                 let p = p.into_inner();
                 let field = p.field.get_ref().clone();
                 if field.is_empty() {
-                    self.problem(p.field.span(), key("per_account.field"), "is empty: name the form or JSON field holding the account name");
+                    self.problem(
+                        p.field.span(),
+                        key("per_account.field"),
+                        "is empty: name the form or JSON field holding the account name",
+                    );
                 }
                 PerAccount {
                     field,
@@ -196,7 +216,11 @@ impl Checker<'_> {
         let span = paths.span();
         let paths = paths.into_inner();
         if paths.is_empty() {
-            self.problem(span, key, "is empty: list at least one path (\"/login\", or a prefix \"/api/token*\")");
+            self.problem(
+                span,
+                key,
+                "is empty: list at least one path (\"/login\", or a prefix \"/api/token*\")",
+            );
         }
         let mut out = Vec::with_capacity(paths.len());
         for (i, p) in paths.into_iter().enumerate() {
@@ -222,13 +246,24 @@ impl Checker<'_> {
         let span = methods.span();
         let methods = methods.into_inner();
         if methods.is_empty() {
-            self.problem(span, key, "is empty: list the methods to count, like [\"POST\"]");
+            self.problem(
+                span,
+                key,
+                "is empty: list the methods to count, like [\"POST\"]",
+            );
         }
         let mut out = Vec::with_capacity(methods.len());
         for (i, m) in methods.into_iter().enumerate() {
             let upper = m.get_ref().to_ascii_uppercase();
-            if upper.is_empty() || upper.len() > 16 || !upper.bytes().all(|b| b.is_ascii_uppercase()) {
-                self.problem(m.span(), format!("{key}[{i}]"), format!("{:?} is not an HTTP method", m.get_ref()));
+            if upper.is_empty()
+                || upper.len() > 16
+                || !upper.bytes().all(|b| b.is_ascii_uppercase())
+            {
+                self.problem(
+                    m.span(),
+                    format!("{key}[{i}]"),
+                    format!("{:?} is not an HTTP method", m.get_ref()),
+                );
             } else if !out.contains(&upper) {
                 out.push(upper);
             }
@@ -286,7 +321,13 @@ mod tests {
         let auth = &c.rate_limits[0];
         assert_eq!(auth.name, "auth");
         assert_eq!(auth.methods, ["POST"]);
-        assert_eq!(auth.rate, Rate { count: 10, per: Duration::from_secs(60) });
+        assert_eq!(
+            auth.rate,
+            Rate {
+                count: 10,
+                per: Duration::from_secs(60)
+            }
+        );
         assert_eq!(auth.burst, 5);
         assert!(auth.paths.iter().any(|p| p.matches("/accounts/login/")));
         assert!(auth.paths.iter().any(|p| p.matches("/api/token/refresh/")));
@@ -304,15 +345,30 @@ mod tests {
         assert_eq!(c.rate_limits.len(), 1);
         let l = &c.rate_limits[0];
         assert_eq!(l.name, "login");
-        assert_eq!(l.paths, [PathMatch::Exact("/login".into()), PathMatch::Prefix("/api/token".into())]);
+        assert_eq!(
+            l.paths,
+            [
+                PathMatch::Exact("/login".into()),
+                PathMatch::Prefix("/api/token".into())
+            ]
+        );
         assert_eq!(l.methods, ["POST", "PUT"]);
-        assert_eq!(l.rate, Rate { count: 30, per: Duration::from_secs(3600) });
+        assert_eq!(
+            l.rate,
+            Rate {
+                count: 30,
+                per: Duration::from_secs(3600)
+            }
+        );
         assert_eq!(l.rate.interval(), Duration::from_secs(120));
         assert_eq!(
             l.per_account,
             Some(PerAccount {
                 field: "username".into(),
-                rate: Rate { count: 5, per: Duration::from_secs(60) },
+                rate: Rate {
+                    count: 5,
+                    per: Duration::from_secs(60)
+                },
                 burst: 3
             })
         );
@@ -336,20 +392,44 @@ mod tests {
             "rate_limit[0].ipv6_prefix",
             "rate_limit[0].exempt[0]",
         ] {
-            assert!(p.iter().any(|l| l.contains(&format!(": {k}: "))), "{k} not in {p:?}");
+            assert!(
+                p.iter().any(|l| l.contains(&format!(": {k}: "))),
+                "{k} not in {p:?}"
+            );
         }
-        assert!(p.iter().any(|l| l.contains(":10:") && l.contains("rate_limit[0].name")), "{p:?}");
-        let p = problems(&format!("{BASE}\n[[rate_limit]]\nname = \"x\"\npaths = [\"/x\"]\nrate = \"1/s\"\nlimit = 3\n"));
-        assert!(p.iter().any(|l| l.contains("limit") && l.contains("unknown field")), "{p:?}");
-        let p = problems(&format!("{BASE}\n[[rate_limit]]\nname = \"x\"\npaths = [\"/x\"]\n"));
+        assert!(
+            p.iter()
+                .any(|l| l.contains(":10:") && l.contains("rate_limit[0].name")),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{BASE}\n[[rate_limit]]\nname = \"x\"\npaths = [\"/x\"]\nrate = \"1/s\"\nlimit = 3\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("limit") && l.contains("unknown field")),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{BASE}\n[[rate_limit]]\nname = \"x\"\npaths = [\"/x\"]\n"
+        ));
         assert!(p.iter().any(|l| l.contains("rate")), "{p:?}");
     }
 
     #[test]
     fn rates() {
-        assert_eq!(parse_rate("10/minute").unwrap().interval(), Duration::from_secs(6));
-        assert_eq!(parse_rate("4/s").unwrap().interval(), Duration::from_millis(250));
-        assert_eq!(parse_rate(" 2 / day ").unwrap().per, Duration::from_secs(86_400));
+        assert_eq!(
+            parse_rate("10/minute").unwrap().interval(),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            parse_rate("4/s").unwrap().interval(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_rate(" 2 / day ").unwrap().per,
+            Duration::from_secs(86_400)
+        );
         assert!(parse_rate("0/minute").is_err());
         assert!(parse_rate("10").is_err());
         assert!(parse_rate("-1/h").is_err());

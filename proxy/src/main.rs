@@ -4,12 +4,14 @@
 
 #![forbid(unsafe_code)]
 
+mod acme;
 mod body;
 mod cli;
 mod demo;
 mod http;
 mod listen;
 mod notify;
+mod ocsp;
 mod privdrop;
 mod reload;
 mod ratelimit;
@@ -89,6 +91,72 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints what `check` knows about one site's certificate; false when it would not be served.
+fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
+    use portcullis_certs::inspect::{Info, format_time};
+    let names = if site.names.is_empty() { "any host".to_owned() } else { site.names.join(", ") };
+    println!("site {i}: {names}");
+    let CertSource::Files { cert, key } = &site.tls else {
+        // ACME sites: `acme::report_site` says what is stored and when it renews.
+        if !matches!(site.tls, CertSource::Acme { .. }) {
+            println!("  certificate  self-signed, generated at start (ECDSA P-256)");
+        }
+        return true;
+    };
+    println!("  certificate  {}", cert.display());
+    let info = match portcullis_certs::read_chain(cert).map_err(|e| e.to_string()).and_then(|c| Info::read(&c)) {
+        Ok(info) => info,
+        Err(e) => {
+            eprintln!("{}: site {i}: tls: {e}", path.display());
+            return false;
+        }
+    };
+    let mut ok = true;
+    let now = std::time::SystemTime::now();
+    let missing = info.uncovered(&site.names);
+    println!(
+        "  names        {} (covers the site: {})",
+        info.names.join(", "),
+        if missing.is_empty() { "yes".to_owned() } else { format!("NO, missing {}", missing.join(", ")) }
+    );
+    println!("  subject      {}", info.subject);
+    println!("  issuer       {}", info.issuer);
+    let days = info.remaining(now).as_secs() / 86_400;
+    println!(
+        "  expires      {} ({})",
+        format_time(info.not_after),
+        if info.expired(now) { "EXPIRED".to_owned() } else { format!("in {days} days") }
+    );
+    let fits = portcullis_certs::load_files(cert, key);
+    println!(
+        "  key          {} {}, matches the certificate: {}",
+        key.display(),
+        info.key_type,
+        if fits.is_ok() { "yes" } else { "NO" }
+    );
+    println!(
+        "  chain        {} certificate(s), in order: {}",
+        info.chain_len,
+        if info.chain_in_order { "yes" } else { "NO" }
+    );
+    if let Err(e) = fits {
+        eprintln!("{}: site {i}: tls: {e}", path.display());
+        ok = false;
+    }
+    if info.expired(now) {
+        eprintln!("{}: site {i}: tls: {} expired on {}", path.display(), cert.display(), format_time(info.not_after));
+        ok = false;
+    }
+    if !missing.is_empty() {
+        eprintln!("{}: site {i}: tls: {} does not cover {}", path.display(), cert.display(), missing.join(", "));
+        ok = false;
+    }
+    if !info.chain_in_order {
+        eprintln!("warning: {}: site {i}: {} is not in order (leaf first, each certificate followed by its issuer)", path.display(), cert.display());
+    }
+    ok
+}
+
 /// `portcullis check`: the config, then the certificates it names, then whether the service user can still
 /// read them after dropping privileges (and whether the private key is closed to other users).
 fn check(path: &Path) -> ExitCode {
@@ -99,12 +167,17 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let loaded = match &config.tls.source {
-        CertSource::Files { cert, key } => portcullis_certs::load_files(cert, key).map(drop),
-        CertSource::SelfSigned => Ok(()),
-    };
-    if let Err(e) = loaded {
-        eprintln!("{}: tls: {e}", path.display());
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut bad = false;
+    for (i, site) in config.sites.iter().enumerate() {
+        bad |= !report_site(path, i, site);
+        for line in acme::report_site(&config, site) {
+            println!("  acme         {line}");
+        }
+    }
+    if bad {
         return ExitCode::from(EXIT_CONFIG);
     }
     let who = match privdrop::service_identity(&config.process) {
@@ -271,6 +344,7 @@ async fn serve(
         .map_or(443, |a| a.port());
     let state = Arc::new(State::new(config, tls, sites, https_port));
     let (trigger, shutdown) = shutdown::Trigger::new();
+    let mut accepting = Vec::new();
     for (kind, l) in listeners {
         if let Ok(addr) = l.local_addr() {
             let scheme = if kind == Listener::Https {
@@ -280,12 +354,16 @@ async fn serve(
             };
             tracing::info!("listening on {scheme}://{addr}");
         }
-        tokio::spawn(http::server::accept(
+        accepting.push(tokio::spawn(http::server::accept(
             l,
             kind,
             state.clone(),
             shutdown.clone(),
-        ));
+        )));
+    }
+    // OCSP: each site whose certificate names a responder gets its response stapled and refreshed.
+    for site in 0..state.sites.len() {
+        tokio::spawn(ocsp::run(state.sites.clone(), site, shutdown.clone()));
     }
     // Certificates: file changes and SIGHUP reload them; systemd hears RELOADING=1 / READY=1 around SIGHUP.
     tokio::spawn(reload::run(reloader, sighup, shutdown.clone(), |reloading| {
@@ -295,6 +373,8 @@ async fn serve(
             notify::ready();
         }
     }));
+    // ACME: each `acme = true` site gets its certificate ordered, renewed and swapped in.
+    tokio::spawn(acme::run(state.clone(), shutdown.clone()));
     drop(shutdown);
     tokio::spawn(ratelimit::purge(state.rate_limits.clone()));
     if let Some(interval) = notify::watchdog_interval() {
@@ -307,12 +387,16 @@ async fn serve(
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
-    tracing::info!(
-        "stopping: no new connections; draining for up to {}s",
-        grace.as_secs_f64()
-    );
     trigger.begin();
     notify::stopping();
+    // The accept loops end at once; after them, no listener is open.
+    for a in accepting {
+        let _ = a.await;
+    }
+    tracing::info!(
+        "stopping: listeners closed; draining for up to {}s",
+        grace.as_secs_f64()
+    );
     if tokio::time::timeout(grace, trigger.drained())
         .await
         .is_err()

@@ -318,7 +318,8 @@ fn stay(process: &Process, current: Identity) -> Result<Identity, Error> {
         current: current.to_string(),
     };
     if let Some(name) = &process.user {
-        if user_named(name)?.uid != current.uid {
+        let uid = user_named(name)?.uid;
+        if uid != current.uid {
             return Err(mismatch("user", name));
         }
     }

@@ -105,7 +105,10 @@ impl RateLimits {
                 return Err(pages::status(code));
             }
         };
-        let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
         for limit in &matching {
             let Some(a) = &limit.accounts else { continue };
             let names = account_names(content_type, &body, &a.field);
@@ -160,7 +163,11 @@ impl Limit {
             name: c.name.clone(),
             paths: c.paths.clone(),
             // Checked as upper-case ASCII tokens by the config: always valid methods.
-            methods: c.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect(),
+            methods: c
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
             exempt: c.exempt.clone(),
             ipv6_prefix: c.ipv6_prefix,
             clients: Keyed::new(c.rate, c.burst, cap, Elapsed::new()),
@@ -234,7 +241,11 @@ fn normalize(path: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let byte = match (b[i], b.get(i + 1).and_then(|h| hex(*h)), b.get(i + 2).and_then(|l| hex(*l))) {
+        let byte = match (
+            b[i],
+            b.get(i + 1).and_then(|h| hex(*h)),
+            b.get(i + 2).and_then(|l| hex(*l)),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 i += 3;
                 h << 4 | l
@@ -261,7 +272,11 @@ fn hex(c: u8) -> Option<u8> {
 }
 
 /// Reads a whole request body of at most `limit` bytes (413 past it, 408 if it stalls, 400 if it breaks).
-async fn read_bounded(body: &mut Incoming, limit: u64, timeout: Duration) -> Result<Bytes, StatusCode> {
+async fn read_bounded(
+    body: &mut Incoming,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, StatusCode> {
     let read = async {
         let mut first: Option<Bytes> = None;
         let mut more: Option<BytesMut> = None;
@@ -269,7 +284,9 @@ async fn read_bounded(body: &mut Incoming, limit: u64, timeout: Duration) -> Res
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| StatusCode::BAD_REQUEST)?;
             // Trailers (never sent with a login form) are dropped.
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             len += data.len() as u64;
             if len > limit {
                 return Err(StatusCode::PAYLOAD_TOO_LARGE);
@@ -296,7 +313,9 @@ async fn read_bounded(body: &mut Incoming, limit: u64, timeout: Duration) -> Res
 /// object (what Django and Flask parse), trimmed, case-folded, distinct, at most a few. Empty when the body is
 /// something else: then only the per-client limit applies.
 pub fn account_names(content_type: Option<&str>, body: &[u8], field: &str) -> Vec<String> {
-    let Some(ct) = content_type else { return Vec::new() };
+    let Some(ct) = content_type else {
+        return Vec::new();
+    };
     let mut params = ct.split(';');
     let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
     let raw: Vec<String> = match media.as_str() {
@@ -327,7 +346,12 @@ pub fn account_names(content_type: Option<&str>, body: &[u8], field: &str) -> Ve
     };
     let mut out: Vec<String> = Vec::new();
     for r in raw {
-        let name: String = r.trim().to_lowercase().chars().take(MAX_ACCOUNT_CHARS).collect();
+        let name: String = r
+            .trim()
+            .to_lowercase()
+            .chars()
+            .take(MAX_ACCOUNT_CHARS)
+            .collect();
         if !name.is_empty() && !out.contains(&name) {
             out.push(name);
             if out.len() == MAX_ACCOUNTS_PER_REQUEST {
@@ -343,7 +367,11 @@ fn form_decode(b: &[u8]) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        match (b[i], b.get(i + 1).and_then(|h| hex(*h)), b.get(i + 2).and_then(|l| hex(*l))) {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|h| hex(*h)),
+            b.get(i + 2).and_then(|l| hex(*l)),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push(h << 4 | l);
                 i += 3;
@@ -370,18 +398,24 @@ fn multipart_fields(body: &[u8], boundary: &str, field: &str) -> Vec<String> {
     let mut out = Vec::new();
     for part in split_on(body, delimiter.as_bytes()).skip(1) {
         let part = part.strip_prefix(b"\r\n").unwrap_or(part);
-        let Some(end) = find(part, b"\r\n\r\n") else { continue };
+        let Some(end) = find(part, b"\r\n\r\n") else {
+            continue;
+        };
         let (head, value) = (&part[..end], &part[end + 4..]);
         let value = value.strip_suffix(b"\r\n").unwrap_or(value);
         let head = String::from_utf8_lossy(head);
         let named = head.split("\r\n").any(|line| {
-            let Some((name, rest)) = line.split_once(':') else { return false };
+            let Some((name, rest)) = line.split_once(':') else {
+                return false;
+            };
             name.trim().eq_ignore_ascii_case("content-disposition")
                 && !rest.contains("filename")
                 && rest
                     .split(';')
                     .filter_map(|p| p.trim().split_once('='))
-                    .any(|(k, v)| k.trim().eq_ignore_ascii_case("name") && v.trim().trim_matches('"') == field)
+                    .any(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("name") && v.trim().trim_matches('"') == field
+                    })
         });
         if named {
             out.push(String::from_utf8_lossy(value).into_owned());
@@ -452,14 +486,17 @@ impl<K: Hash + Eq + Clone, C: Clock<Instant = Nanos> + Clone> Keyed<K, C> {
         let interval = rate.interval().max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         // `with_period` is `None` only for a zero interval, and the interval is at least 1 ns.
-        let quota = Quota::with_period(interval).map_or_else(|| Quota::per_second(burst), |q| q.allow_burst(burst));
+        let quota = Quota::with_period(interval)
+            .map_or_else(|| Quota::per_second(burst), |q| q.allow_burst(burst));
         let store = Arc::new(StoreInner {
             map: DashMapStateStore::default(),
             len: AtomicUsize::new(0),
         });
         let start = clock.now();
         let limiter = RateLimiter::new(quota, Store(store.clone()), clock.clone());
-        let window = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).saturating_mul(u64::from(burst.get()));
+        let window = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(burst.get()));
         Keyed {
             limiter,
             store,
@@ -509,9 +546,16 @@ impl<K: Hash + Eq + Clone, C: Clock<Instant = Nanos> + Clone> Keyed<K, C> {
         let target = self.cap / 4 * 3;
         if before > target {
             let stride = (before / 1024).max(1);
-            let mut sample: Vec<u64> = self.store.map.iter().step_by(stride).map(|e| tat(e.value())).collect();
+            let mut sample: Vec<u64> = self
+                .store
+                .map
+                .iter()
+                .step_by(stride)
+                .map(|e| tat(e.value()))
+                .collect();
             sample.sort_unstable();
-            let cut = (sample.len() * (before - target) / before).min(sample.len().saturating_sub(1));
+            let cut =
+                (sample.len() * (before - target) / before).min(sample.len().saturating_sub(1));
             if let Some(&below) = sample.get(cut) {
                 self.store.retain_below(Nanos::new(below));
             }
@@ -519,7 +563,8 @@ impl<K: Hash + Eq + Clone, C: Clock<Instant = Nanos> + Clone> Keyed<K, C> {
         let now = self.clock.now().duration_since(self.start).as_u64();
         let mut quarter = 0;
         while self.store.map.len() > self.cap && quarter <= 4 {
-            self.store.retain_below(Nanos::new(now.saturating_add(self.window / 4 * quarter)));
+            self.store
+                .retain_below(Nanos::new(now.saturating_add(self.window / 4 * quarter)));
             quarter += 1;
         }
         tracing::info!(
@@ -536,7 +581,9 @@ impl<K: Hash + Eq + Clone, C: Clock<Instant = Nanos> + Clone> Keyed<K, C> {
 /// that declines to update leaves the state as it was and hands back what it saw.
 fn tat(state: &InMemoryState) -> u64 {
     state
-        .measure_and_replace(&NotKeyed::NonKey, |tat| Err::<((), Nanos), u64>(tat.map_or(0, Nanos::as_u64)))
+        .measure_and_replace(&NotKeyed::NonKey, |tat| {
+            Err::<((), Nanos), u64>(tat.map_or(0, Nanos::as_u64))
+        })
         .err()
         .unwrap_or(0)
 }
@@ -676,7 +723,8 @@ mod tests {
 
     #[test]
     fn bytes_per_key() {
-        let k: Keyed<u128, _> = Keyed::new(rate(1, 60), 5, usize::MAX, FakeRelativeClock::default());
+        let k: Keyed<u128, _> =
+            Keyed::new(rate(1, 60), 5, usize::MAX, FakeRelativeClock::default());
         let n = 100_000u128;
         for key in 0..n {
             k.check(&key).unwrap();
@@ -700,14 +748,20 @@ mod tests {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(client_key(v4, 64), client_key(mapped, 64));
-        assert_ne!(client_key(v4, 64), client_key("192.0.2.8".parse().unwrap(), 64));
+        assert_ne!(
+            client_key(v4, 64),
+            client_key("192.0.2.8".parse().unwrap(), 64)
+        );
     }
 
     #[test]
     fn paths_match_exactly_or_by_prefix_and_escapes_do_not_hide_them() {
         let limits = RateLimits::new(&[portcullis_config::RateLimit {
             name: "t".into(),
-            paths: vec![PathMatch::Exact("/login".into()), PathMatch::Prefix("/api/token".into())],
+            paths: vec![
+                PathMatch::Exact("/login".into()),
+                PathMatch::Prefix("/api/token".into()),
+            ],
             methods: vec!["POST".into()],
             rate: rate(1, 1),
             burst: 1,
@@ -730,22 +784,59 @@ mod tests {
     fn account_names_from_forms_multipart_and_json() {
         let form = Some("application/x-www-form-urlencoded; charset=utf-8");
         assert_eq!(
-            account_names(form, b"csrfmiddlewaretoken=x&username=Alice%40Example.com&password=a+b", "username"),
+            account_names(
+                form,
+                b"csrfmiddlewaretoken=x&username=Alice%40Example.com&password=a+b",
+                "username"
+            ),
             ["alice@example.com"]
         );
         // Django reads the last value, Flask the first: count both.
-        assert_eq!(account_names(form, b"username=bob&username=+carol+", "username"), ["bob", "carol"]);
+        assert_eq!(
+            account_names(form, b"username=bob&username=+carol+", "username"),
+            ["bob", "carol"]
+        );
         assert!(account_names(form, b"user=bob", "username").is_empty());
         let json = Some("application/json");
-        assert_eq!(account_names(json, br#"{"username": " Dave ", "password": "x"}"#, "username"), ["dave"]);
-        assert_eq!(account_names(json, br#"{"username": 12345}"#, "username"), ["12345"]);
+        assert_eq!(
+            account_names(
+                json,
+                br#"{"username": " Dave ", "password": "x"}"#,
+                "username"
+            ),
+            ["dave"]
+        );
+        assert_eq!(
+            account_names(json, br#"{"username": 12345}"#, "username"),
+            ["12345"]
+        );
         assert!(account_names(json, b"[1,2]", "username").is_empty());
         let multipart = b"--XyZ\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nsecret\r\n--XyZ\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\nEve\r\n--XyZ--\r\n";
-        assert_eq!(account_names(Some("multipart/form-data; boundary=XyZ"), multipart, "username"), ["eve"]);
-        assert_eq!(account_names(Some("multipart/form-data; boundary=\"XyZ\""), multipart, "password"), ["secret"]);
+        assert_eq!(
+            account_names(
+                Some("multipart/form-data; boundary=XyZ"),
+                multipart,
+                "username"
+            ),
+            ["eve"]
+        );
+        assert_eq!(
+            account_names(
+                Some("multipart/form-data; boundary=\"XyZ\""),
+                multipart,
+                "password"
+            ),
+            ["secret"]
+        );
         assert!(account_names(Some("text/plain"), b"username=x", "username").is_empty());
         assert!(account_names(None, b"username=x", "username").is_empty());
-        let many = (0..20).map(|i| format!("username=u{i}")).collect::<Vec<_>>().join("&");
-        assert_eq!(account_names(form, many.as_bytes(), "username").len(), MAX_ACCOUNTS_PER_REQUEST);
+        let many = (0..20)
+            .map(|i| format!("username=u{i}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(
+            account_names(form, many.as_bytes(), "username").len(),
+            MAX_ACCOUNTS_PER_REQUEST
+        );
     }
 }

@@ -81,6 +81,8 @@ pub fn load(config: &Config) -> Result<(Arc<Sites>, Arc<Reloader>), Error> {
                 tracing::info!(site = i, names = ?site.names, "using a self-signed certificate generated at start");
                 loaded
             }
+            // Stored from an earlier run, else its files, else self-signed: the ACME task takes it from here.
+            CertSource::Acme { files } => crate::acme::bootstrap(config, i, &site.names, files.as_ref())?,
         };
         report_expiry(i, &loaded.info, now);
         tracing::info!(

@@ -30,6 +30,8 @@ pub struct State {
     pub rate_limits: Arc<RateLimits>,
     /// Each site's certificate and names (SNI and Host pick the site).
     pub sites: Arc<portcullis_certs::Sites>,
+    /// ACME challenge responses being validated (HTTP-01 on :80, TLS-ALPN-01 on :443); the ACME task fills it.
+    pub challenges: Arc<portcullis_certs::acme::Challenges>,
     /// Hosts a plain-HTTP redirect may point at: every site's names, or any host (empty) when the default
     /// site has none.
     pub redirect_names: Vec<String>,
@@ -67,6 +69,7 @@ impl State {
             rate_limits: Arc::new(RateLimits::new(&config.rate_limits)),
             headers,
             sites,
+            challenges: Arc::default(),
             redirect_names,
             redirect_port: if https_port == 443 { String::new() } else { format!(":{https_port}") },
             guard,

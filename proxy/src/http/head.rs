@@ -177,10 +177,10 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
     if hosts > 1 {
         return Err(Reject::Bad("more than one Host"));
     }
-    if let Some(authority) = absolute_form_authority(target) {
-        if !authority.eq_ignore_ascii_case(host) {
-            return Err(Reject::Bad("absolute-form target does not match Host"));
-        }
+    if let Some(authority) = absolute_form_authority(target)
+        && !authority.eq_ignore_ascii_case(host)
+    {
+        return Err(Reject::Bad("absolute-form target does not match Host"));
     }
     if method == b"CONNECT" {
         return Err(Reject::NotImplemented("CONNECT"));

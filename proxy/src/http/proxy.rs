@@ -92,7 +92,11 @@ async fn proxy(
     let mut buffered = None;
     if state.rate_limits.applies(req.method(), req.uri().path()) {
         let body_timeout = state.config.timeouts.client_body;
-        match state.rate_limits.check(client, &mut req, max_body, body_timeout).await {
+        match state
+            .rate_limits
+            .check(client, &mut req, max_body, body_timeout)
+            .await
+        {
             Ok(body) => buffered = body,
             Err(refused) => return refused,
         }

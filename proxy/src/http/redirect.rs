@@ -10,6 +10,10 @@ use crate::http::{host, pages};
 use crate::state::State;
 
 pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
+    // ACME HTTP-01: a pending token is answered here, before any redirect.
+    if let Some(res) = crate::acme::http01(state, req) {
+        return res;
+    }
     let names = &state.redirect_names;
     let requested = host::requested(req);
     let target = match requested.as_ref().and_then(host::name) {

@@ -190,13 +190,20 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
+        // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
+        if let Some(config) = crate::acme::tls_alpn01(&state, &start.client_hello()) {
+            let mut tls = start.into_stream(config).await?;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+            return Ok(None);
+        }
         // The site this connection's SNI names (requests on it must be for that site).
         let sni = start.client_hello().server_name().and_then(|n| state.sites.site_for(n));
-        start.into_stream(state.tls.clone()).await.map(|tls| (tls, sni))
+        start.into_stream(state.tls.clone()).await.map(|tls| Some((tls, sni)))
     })
     .await;
     let (tls, sni) = match tls {
-        Ok(Ok(pair)) => pair,
+        Ok(Ok(Some(pair))) => pair,
+        Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;

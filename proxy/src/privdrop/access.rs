@@ -66,7 +66,8 @@ pub fn needed(config: &Config) -> Vec<Needed> {
             secret: false,
         });
     }
-    if let CertSource::Files { cert, key } = &config.tls.source {
+    for site in &config.sites {
+        let CertSource::Files { cert, key } = &site.tls else { continue };
         out.push(Needed {
             path: cert.clone(),
             what: "certificate chain (read again on reload)",
