@@ -68,7 +68,8 @@ validation_port = {}
 {}
 "#,
             self.https,
-            self.http.map_or(String::new(), |p| format!("\"127.0.0.1:{p}\"")),
+            self.http
+                .map_or(String::new(), |p| format!("\"127.0.0.1:{p}\"")),
             self.upstream.addr_string(),
             self.pebble.directory,
             self.pebble.api_ca.display(),
@@ -82,16 +83,30 @@ validation_port = {}
 
 /// One GET on a new TLS connection (SNI and Host `localhost`), verified against `client`'s roots.
 async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<(u16, Vec<u8>), String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let leaf = tls.get_ref().1.peer_certificates().ok_or("no certificate")?[0].to_vec();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or("no certificate")?[0]
+        .to_vec();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let res = send
-        .send_request(Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap())
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let status = res.status().as_u16();
@@ -102,7 +117,10 @@ async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<(u16, Vec<u8>), 
 /// The leaf served for SNI `localhost`, trusting anything (the bootstrap certificate is self-signed).
 async fn any_leaf(addr: SocketAddr) -> Vec<u8> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[b"http/1.1"])))
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[
+            b"http/1.1",
+        ])))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap();
@@ -112,13 +130,23 @@ async fn any_leaf(addr: SocketAddr) -> Vec<u8> {
 /// A plain-HTTP GET: status and Location.
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, Option<String>) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(conn);
-    let res = send
-        .send_request(Request::get(path).header("host", "localhost").body(Full::<Bytes>::default()).unwrap())
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
-    let location = res.headers().get("location").map(|v| v.to_str().unwrap().to_owned());
+    tokio::spawn(conn);
+    let res = send
+        .send_request(
+            Request::get(path)
+                .header("host", "localhost")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let location = res
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_owned());
     (res.status().as_u16(), location)
 }
 
@@ -154,7 +182,16 @@ async fn first_certificate_by_http01_is_served_stored_and_reported() {
     let dir = TempDir::new("acme-http01");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: http, extra: "" };
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        extra: "",
+    };
     let config = dir.write("p.toml", &setup.config());
     let client = pebble.client().await;
 
@@ -165,39 +202,79 @@ async fn first_certificate_by_http01_is_served_stored_and_reported() {
     let (status, leaf) = fresh_get(&client, p.https_addr()).await.unwrap();
     let took = started.elapsed();
     assert_eq!(status, 200);
-    eprintln!("FIGURE http-01: {:.3} s from start (empty state_dir) to the first HTTPS response with the CA's certificate", took.as_secs_f64());
+    eprintln!(
+        "FIGURE http-01: {:.3} s from start (empty state_dir) to the first HTTPS response with the CA's certificate",
+        took.as_secs_f64()
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(leaf.windows(9).any(|w| w == b"localhost"));
     let out = p.output();
-    assert!(out.contains("ACME account created") && out.contains("issuer=CN=Pebble Intermediate"), "{out}");
+    assert!(
+        out.contains("ACME account created") && out.contains("issuer=CN=Pebble Intermediate"),
+        "{out}"
+    );
     assert_eq!(pebble.orders(), 1);
 
     // The :80 listener still redirects everything that is not a pending challenge.
     let http_addr = p.http_addr();
-    assert_eq!(http_get(http_addr, "/x?y").await, (301, Some(format!("https://localhost:{https}/x?y"))));
-    assert_eq!(http_get(http_addr, "/.well-known/acme-challenge/unknown").await.0, 301);
+    assert_eq!(
+        http_get(http_addr, "/x?y").await,
+        (301, Some(format!("https://localhost:{https}/x?y")))
+    );
+    assert_eq!(
+        http_get(http_addr, "/.well-known/acme-challenge/unknown")
+            .await
+            .0,
+        301
+    );
 
     // Account, certificate and key on disk, private; no temp file left.
     assert_private(&state);
     let site = state.join(pebble.state_folder()).join("sites/localhost");
-    assert!(site.join("fullchain.pem").is_file() && site.join("privkey.pem").is_file(), "{}", site.display());
+    assert!(
+        site.join("fullchain.pem").is_file() && site.join("privkey.pem").is_file(),
+        "{}",
+        site.display()
+    );
 
     // `portcullis check` reports the account, the expiry and the next renewal.
-    let check = std::process::Command::new(portcullis_tests::binary()).args(["check", "--config", config.to_str().unwrap()]).output().unwrap();
+    let check = std::process::Command::new(portcullis_tests::binary())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&check.stdout);
-    assert!(stdout.contains("acme         account https://127.0.0.1:"), "{stdout}\n{}", String::from_utf8_lossy(&check.stderr));
-    assert!(stdout.contains("expires") && stdout.contains("renewal at"), "{stdout}");
+    assert!(
+        stdout.contains("acme         account https://127.0.0.1:"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        stdout.contains("expires") && stdout.contains("renewal at"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_certificate_by_tls_alpn01_with_bad_nonces_retried() {
     let https = free_port();
     // Pebble's default: 5 % of good nonces rejected, which instant-acme retries.
-    let pebble = Pebble::start(Options { reject_nonces: true, ..Options::new(free_port(), https) });
+    let pebble = Pebble::start(Options {
+        reject_nonces: true,
+        ..Options::new(free_port(), https)
+    });
     let dir = TempDir::new("acme-alpn");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: None, challenge: "tls-alpn-01", validation_port: https, extra: "" };
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: None,
+        challenge: "tls-alpn-01",
+        validation_port: https,
+        extra: "",
+    };
     let config = dir.write("p.toml", &setup.config());
     let client = pebble.client().await;
 
@@ -206,9 +283,16 @@ async fn first_certificate_by_tls_alpn01_with_bad_nonces_retried() {
     assert!(p.ready, "{}", p.output());
     wait(&p, "ACME certificate installed");
     let (status, _) = fresh_get(&client, p.https_addr()).await.unwrap();
-    eprintln!("FIGURE tls-alpn-01: {:.3} s from start (empty state_dir) to the first HTTPS response with the CA's certificate", started.elapsed().as_secs_f64());
+    eprintln!(
+        "FIGURE tls-alpn-01: {:.3} s from start (empty state_dir) to the first HTTPS response with the CA's certificate",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(status, 200);
-    assert!(p.output().contains("challenge=\"tls-alpn-01\""), "{}", p.output());
+    assert!(
+        p.output().contains("challenge=\"tls-alpn-01\""),
+        "{}",
+        p.output()
+    );
     assert_eq!(pebble.orders(), 1);
 }
 
@@ -216,11 +300,23 @@ async fn first_certificate_by_tls_alpn01_with_bad_nonces_retried() {
 async fn renewal_under_load_swaps_in_with_no_failed_request() {
     let (https, http) = (free_port(), free_port());
     // Nine-second certificates: renewed two thirds in, about six seconds after the first.
-    let pebble = Pebble::start(Options { validity: Some(9), ..Options::new(http, https) });
+    let pebble = Pebble::start(Options {
+        validity: Some(9),
+        ..Options::new(http, https)
+    });
     let dir = TempDir::new("acme-renew");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: http, extra: "" };
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        extra: "",
+    };
     let p = Portcullis::run(&dir.write("p.toml", &setup.config()), &[]);
     assert!(p.ready, "{}", p.output());
     wait(&p, "ACME certificate installed");
@@ -233,7 +329,8 @@ async fn renewal_under_load_swaps_in_with_no_failed_request() {
     let done = Arc::new(AtomicUsize::new(0));
     // A new verified TLS connection per request, and one keep-alive connection, both through the renewal.
     let fresh = {
-        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        let (c, stop, failures, done) =
+            (client.clone(), stop.clone(), failures.clone(), done.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match fresh_get(&c, addr).await {
@@ -247,13 +344,19 @@ async fn renewal_under_load_swaps_in_with_no_failed_request() {
         })
     };
     let keepalive = {
-        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        let (c, stop, failures, done) =
+            (client.clone(), stop.clone(), failures.clone(), done.clone());
         tokio::spawn(async move {
             let tls = c.tls(addr, &[b"http/1.1"]).await;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
             tokio::spawn(conn);
             while !stop.load(Ordering::Relaxed) {
-                let req = Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap();
+                let req = Request::get("/")
+                    .header("host", "localhost")
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
                 let ok = match send.send_request(req).await {
                     Ok(res) => res.status() == 200 && res.into_body().collect().await.is_ok(),
                     Err(e) => {
@@ -269,18 +372,37 @@ async fn renewal_under_load_swaps_in_with_no_failed_request() {
             }
         })
     };
-    let serial = |l: &str| l.split("serial=").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_owned);
+    let serial = |l: &str| {
+        l.split("serial=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_owned)
+    };
     let first_serial = serial(&wait(&p, "ACME certificate installed")).unwrap();
     let renewed = tokio::task::block_in_place(|| {
-        p.wait_for_log(|l| l.contains("ACME certificate installed") && serial(l).as_deref() != Some(first_serial.as_str()), LIMIT)
+        p.wait_for_log(
+            |l| {
+                l.contains("ACME certificate installed")
+                    && serial(l).as_deref() != Some(first_serial.as_str())
+            },
+            LIMIT,
+        )
     });
-    assert!(renewed.is_some(), "no renewal within {LIMIT:?}:\n{}", p.output());
+    assert!(
+        renewed.is_some(),
+        "no renewal within {LIMIT:?}:\n{}",
+        p.output()
+    );
     let (_, second) = fresh_get(&client, addr).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     fresh.await.unwrap();
     keepalive.await.unwrap();
     assert_ne!(first, second, "the renewed certificate is not served");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during the renewal");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the renewal"
+    );
     let n = done.load(Ordering::Relaxed);
     eprintln!("{n} requests across the renewal, none failed");
     assert!(n > 20);
@@ -295,33 +417,68 @@ async fn ca_unreachable_at_start_serves_the_bootstrap_and_backs_off() {
     let dir = TempDir::new("acme-down");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: http, extra: "" };
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        extra: "",
+    };
     let p = Portcullis::run(&dir.write("p.toml", &setup.config()), &[]);
     assert!(p.ready, "{}", p.output());
     let first = wait(&p, "ACME attempt failed");
-    assert!(first.contains("Connection refused") || first.contains("onnect"), "the CA's error is logged: {first}");
+    assert!(
+        first.contains("Connection refused") || first.contains("onnect"),
+        "the CA's error is logged: {first}"
+    );
     let delay1 = retry_secs(&first);
     assert!((100..=140).contains(&delay1), "{first}");
 
     // The site serves from the first second: its self-signed bootstrap certificate.
     let bootstrap = any_leaf(p.https_addr()).await;
-    assert!(p.output().contains("serving a self-signed certificate until the first ACME certificate"));
+    assert!(
+        p.output()
+            .contains("serving a self-signed certificate until the first ACME certificate")
+    );
 
     // SIGHUP retries at once; the CA is still down, and the next wait is about twice as long.
     p.signal("HUP");
     let second = p
-        .wait_for_log(|l| l.contains("ACME attempt failed") && l.contains("failures=2"), LIMIT)
+        .wait_for_log(
+            |l| l.contains("ACME attempt failed") && l.contains("failures=2"),
+            LIMIT,
+        )
         .unwrap_or_else(|| panic!("{}", p.output()));
     let delay2 = retry_secs(&second);
-    assert!(delay2 > delay1 && (200..=280).contains(&delay2), "{delay1} then {delay2}");
-    assert_eq!(p.lines().iter().filter(|l| l.contains("ACME attempt failed")).count(), 2, "no tight loop");
-    assert!(state.join(pebble.state_folder()).join("sites/localhost/retry.json").is_file());
+    assert!(
+        delay2 > delay1 && (200..=280).contains(&delay2),
+        "{delay1} then {delay2}"
+    );
+    assert_eq!(
+        p.lines()
+            .iter()
+            .filter(|l| l.contains("ACME attempt failed"))
+            .count(),
+        2,
+        "no tight loop"
+    );
+    assert!(
+        state
+            .join(pebble.state_folder())
+            .join("sites/localhost/retry.json")
+            .is_file()
+    );
 
     // The CA comes up; SIGHUP: the certificate arrives and replaces the bootstrap one.
     pebble.run();
     p.signal("HUP");
     wait(&p, "ACME certificate installed");
-    let (status, leaf) = fresh_get(&pebble.client().await, p.https_addr()).await.unwrap();
+    let (status, leaf) = fresh_get(&pebble.client().await, p.https_addr())
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert_ne!(leaf, bootstrap);
 }
@@ -333,7 +490,16 @@ async fn a_restart_reuses_the_stored_account_and_certificate_without_a_new_order
     let dir = TempDir::new("acme-restart");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: http, extra: "" };
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        extra: "",
+    };
     let config = dir.write("p.toml", &setup.config());
     let client = pebble.client().await;
 
@@ -346,38 +512,77 @@ async fn a_restart_reuses_the_stored_account_and_certificate_without_a_new_order
 
     let p = Portcullis::run(&config, &[]);
     assert!(p.ready, "{}", p.output());
-    assert!(p.output().contains("serving the stored ACME certificate"), "{}", p.output());
+    assert!(
+        p.output().contains("serving the stored ACME certificate"),
+        "{}",
+        p.output()
+    );
     let (_, again) = fresh_get(&client, p.https_addr()).await.unwrap();
     assert_eq!(again, first, "the stored certificate serves from the start");
     // The stored account is restored (to ask the CA about renewal), never created again.
     wait(&p, "ACME account restored from state_dir");
     wait(&p, "next ACME attempt scheduled");
     let out = p.output();
-    assert!(!out.contains("ACME account created") && !out.contains("ACME order"), "{out}");
-    assert_eq!((pebble.orders(), pebble.accounts()), (1, 1), "one order and one account in all");
+    assert!(
+        !out.contains("ACME account created") && !out.contains("ACME order"),
+        "{out}"
+    );
+    assert_eq!(
+        (pebble.orders(), pebble.accounts()),
+        (1, 1),
+        "one order and one account in all"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_sharing_state_dir_orders_nothing() {
     let (https, http) = (free_port(), free_port());
     // Validation after a random 0-2 s sleep: the first instance holds the lock for a while.
-    let pebble = Pebble::start(Options { nosleep: false, sleep_time: Some(3), ..Options::new(http, https) });
+    let pebble = Pebble::start(Options {
+        nosleep: false,
+        sleep_time: Some(3),
+        ..Options::new(http, https)
+    });
     let dir = TempDir::new("acme-lock");
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
-    let a = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: http, extra: "" };
+    let a = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        extra: "",
+    };
     let pa = Portcullis::run(&dir.write("a.toml", &a.config()), &[]);
     assert!(pa.ready, "{}", pa.output());
     wait(&pa, "ACME order");
     // Without the lock, the second would order too (its self-check is off, so nothing else stops it).
-    let b = Setup { https: free_port(), http: Some(free_port()), extra: "self_check = false", ..a };
+    let b = Setup {
+        https: free_port(),
+        http: Some(free_port()),
+        extra: "self_check = false",
+        ..a
+    };
     let pb = Portcullis::run(&dir.write("b.toml", &b.config()), &[]);
     assert!(pb.ready, "{}", pb.output());
     wait(&pa, "ACME certificate installed");
     let took_over = pb
-        .wait_for_log(|l| l.contains("another instance stored a newer certificate") || l.contains("serving the stored ACME certificate"), LIMIT)
+        .wait_for_log(
+            |l| {
+                l.contains("another instance stored a newer certificate")
+                    || l.contains("serving the stored ACME certificate")
+            },
+            LIMIT,
+        )
         .unwrap_or_else(|| panic!("{}", pb.output()));
-    eprintln!("second instance: {took_over}; waited on the lock: {}", pb.output().contains("another instance is ordering these names"));
+    eprintln!(
+        "second instance: {took_over}; waited on the lock: {}",
+        pb.output()
+            .contains("another instance is ordering these names")
+    );
     let client = pebble.client().await;
     let (_, leaf_a) = fresh_get(&client, pa.https_addr()).await.unwrap();
     let (_, leaf_b) = fresh_get(&client, pb.https_addr()).await.unwrap();
@@ -394,11 +599,30 @@ async fn a_name_answered_by_another_server_fails_the_self_check_and_orders_nothi
     let state = dir.path().join("state");
     let upstream = Upstream::tcp().await;
     // The CA would reach another server (the upstream), not this instance.
-    let elsewhere: u16 = upstream.addr_string().rsplit(':').next().unwrap().parse().unwrap();
-    let setup = Setup { pebble: &pebble, state: &state, upstream: &upstream, https, http: Some(http), challenge: "http-01", validation_port: elsewhere, extra: "" };
+    let elsewhere: u16 = upstream
+        .addr_string()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: elsewhere,
+        extra: "",
+    };
     let p = Portcullis::run(&dir.write("p.toml", &setup.config()), &[]);
     assert!(p.ready, "{}", p.output());
     let failed = wait(&p, "ACME attempt failed");
-    assert!(failed.contains("self-check failed, nothing ordered") && failed.contains("answered by another server"), "{failed}");
+    assert!(
+        failed.contains("self-check failed, nothing ordered")
+            && failed.contains("answered by another server"),
+        "{failed}"
+    );
     assert_eq!(pebble.orders(), 0, "no order, so no failed authorization");
 }

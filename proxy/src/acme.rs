@@ -17,7 +17,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use portcullis_certs::Loaded;
-use portcullis_certs::acme::{self, ACME_TLS_ALPN, Account, Ari, Retry, SiteStore, Store, schedule};
+use portcullis_certs::acme::{
+    self, ACME_TLS_ALPN, Account, Ari, Retry, SiteStore, Store, schedule,
+};
 use portcullis_certs::inspect::format_time;
 use portcullis_config::{AcmeChallenge, CertSource, Config};
 use rustls::pki_types::pem::PemObject;
@@ -30,11 +32,11 @@ use crate::shutdown::Shutdown;
 use crate::state::State;
 
 const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
-/// One whole attempt (self-check, account, order, download) gives up after this.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
-/// Waiting for another instance that holds a site's lock: look every second, for up to ten minutes.
+/// One whole attempt (lock, self-check, account, order, download) gives up after this.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Waiting for another instance that holds a site's lock: look every second, for up to five minutes.
 const LOCK_POLL: Duration = Duration::from_secs(1);
-const LOCK_WAIT: Duration = Duration::from_secs(600);
+const LOCK_WAIT: Duration = Duration::from_secs(300);
 /// Connecting to the CA's API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One self-check connection (resolve, connect, answer).
@@ -52,8 +54,10 @@ pub fn http01<B>(state: &State, req: &Request<B>) -> Option<Response<Body>> {
     let answer = state.challenges.http01(token)?;
     let mut res = Response::new(Body::full(answer));
     *res.status_mut() = StatusCode::OK;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Some(res)
 }
 
@@ -76,19 +80,38 @@ pub fn bootstrap(
     files: Option<&(PathBuf, PathBuf)>,
 ) -> Result<Loaded, portcullis_certs::Error> {
     if let Some(settings) = &config.acme {
-        match Store::new(settings).site(names).load() {
+        let store = Store::new(settings).site(names);
+        match store.load() {
             Ok(Some(loaded)) => {
                 tracing::info!(site, names = ?names, "serving the stored ACME certificate");
                 return Ok(loaded);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(site, "stored ACME certificate not served, a new one will be ordered: {e}"),
+            Err(e) => {
+                // Stored for fewer names (one was added): it still serves those until the new one arrives.
+                if let Ok(loaded) =
+                    portcullis_certs::load_checked(&store.cert_path(), &store.key_path(), &[])
+                {
+                    tracing::warn!(
+                        site,
+                        "serving the stored ACME certificate until a new one is ordered: {e}"
+                    );
+                    return Ok(loaded);
+                }
+                tracing::warn!(
+                    site,
+                    "stored ACME certificate not served, a new one will be ordered: {e}"
+                );
+            }
         }
     }
     if let Some((cert, key)) = files {
         match portcullis_certs::load_checked(cert, key, names) {
             Ok(loaded) => {
-                tracing::info!(site, "serving the configured cert/key files until the first ACME certificate");
+                tracing::info!(
+                    site,
+                    "serving the configured cert/key files until the first ACME certificate"
+                );
                 return Ok(loaded);
             }
             Err(e) => tracing::warn!(site, "configured cert/key not served: {e}"),
@@ -109,7 +132,9 @@ pub fn report_site(config: &Config, site: &portcullis_config::Site) -> Vec<Strin
 
 /// Runs every ACME site's task until shutdown. SIGHUP asks every site that waits on a retry to try now.
 pub async fn run(state: Arc<State>, mut shutdown: Shutdown) {
-    let Some(settings) = state.config.acme.clone() else { return };
+    let Some(settings) = state.config.acme.clone() else {
+        return;
+    };
     let sites: Vec<(usize, Vec<String>)> = state
         .config
         .sites
@@ -129,7 +154,13 @@ pub async fn run(state: Arc<State>, mut shutdown: Shutdown) {
         account: Mutex::new(None),
     });
     for (site, names) in sites {
-        tokio::spawn(site_task(ctx.clone(), site, names, shutdown.clone(), hup_rx.clone()));
+        tokio::spawn(site_task(
+            ctx.clone(),
+            site,
+            names,
+            shutdown.clone(),
+            hup_rx.clone(),
+        ));
     }
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -174,14 +205,23 @@ enum Failure {
 }
 
 /// One site: order when there is no certificate, renew when due, back off on failure, until shutdown.
-async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown: Shutdown, mut hup: watch::Receiver<u64>) {
+async fn site_task(
+    ctx: Arc<Ctx>,
+    site: usize,
+    names: Vec<String>,
+    mut shutdown: Shutdown,
+    mut hup: watch::Receiver<u64>,
+) {
     let store = ctx.store.site(&names);
     let mut current = {
         let s = store.clone();
         match blocking(move || s.load()).await {
             Ok(loaded) => loaded,
             Err(e) => {
-                tracing::warn!(site, "stored ACME certificate unusable, ordering a new one: {e}");
+                tracing::warn!(
+                    site,
+                    "stored ACME certificate unusable, ordering a new one: {e}"
+                );
                 None
             }
         }
@@ -202,7 +242,10 @@ async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown:
     if let Some(c) = &current
         && schedule::renew_before_ignored(&c.info, ctx.settings.renew_before)
     {
-        tracing::warn!(site, "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead");
+        tracing::warn!(
+            site,
+            "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead"
+        );
     }
     // The CA's window for the current certificate and the point picked in it; when to ask again (`None`:
     // never, the CA has no ARI).
@@ -223,12 +266,19 @@ async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown:
                 }
                 // No ARI at this CA: two thirds (or renew_before) it is, for good.
                 Ok(None) => ari_next = None,
-                Err(e) => tracing::debug!(site, "ACME renewal info unavailable, using the certificate's lifetime: {}", describe(&e)),
+                Err(e) => tracing::debug!(
+                    site,
+                    "ACME renewal info unavailable, using the certificate's lifetime: {}",
+                    describe(&e)
+                ),
             }
         }
         let due = match &current {
             None => now,
-            Some(c) => ari.as_ref().map_or_else(|| schedule::renewal_time(&c.info, ctx.settings.renew_before), |(_, p)| *p),
+            Some(c) => ari.as_ref().map_or_else(
+                || schedule::renewal_time(&c.info, ctx.settings.renew_before),
+                |(_, p)| *p,
+            ),
         };
         let when = retry.as_ref().map_or(due, |r| due.max(r.next_attempt()));
         if when > now {
@@ -237,7 +287,11 @@ async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown:
                 let reason = if retry.is_some() { "retry" } else { "renewal" };
                 tracing::info!(site, at = %format_time(when), reason, "next ACME attempt scheduled");
             }
-            let wake = ari_next.map_or(when, |a| when.min(a)).duration_since(now).unwrap_or_default().min(MAX_SLEEP);
+            let wake = ari_next
+                .map_or(when, |a| when.min(a))
+                .duration_since(now)
+                .unwrap_or_default()
+                .min(MAX_SLEEP);
             let forced = tokio::select! {
                 () = tokio::time::sleep(wake) => false,
                 r = hup.changed() => r.is_ok(),
@@ -255,6 +309,8 @@ async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown:
             }
             () = shutdown.begun() => return,
         };
+        // A SIGHUP during the attempt asked for what just happened: it does not start another.
+        hup.borrow_and_update();
         match outcome {
             Ok(loaded) => {
                 ctx.state.sites.swap(site, loaded.key.clone());
@@ -267,7 +323,10 @@ async fn site_task(ctx: Arc<Ctx>, site: usize, names: Vec<String>, mut shutdown:
                     "ACME certificate installed"
                 );
                 if schedule::renew_before_ignored(&loaded.info, ctx.settings.renew_before) {
-                    tracing::warn!(site, "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead");
+                    tracing::warn!(
+                        site,
+                        "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead"
+                    );
                 }
                 current = Some(loaded);
                 ari = None;
@@ -328,7 +387,10 @@ async fn attempt(
         && current.is_none_or(|c| c.info.serial != stored.info.serial)
         && SystemTime::now() < schedule::renewal_time(&stored.info, ctx.settings.renew_before)
     {
-        tracing::info!(site, "another instance stored a newer certificate for these names: using it");
+        tracing::info!(
+            site,
+            "another instance stored a newer certificate for these names: using it"
+        );
         return Ok(stored);
     }
     let check = async {
@@ -346,7 +408,15 @@ async fn attempt(
         AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
     };
     tracing::info!(site, names = ?names, challenge = kind, "ACME order");
-    let issued = match acme::obtain(&account, names, ctx.settings.challenge, &ctx.state.challenges, replaces).await {
+    let issued = match acme::obtain(
+        &account,
+        names,
+        ctx.settings.challenge,
+        &ctx.state.challenges,
+        replaces,
+    )
+    .await
+    {
         Ok(i) => i,
         Err(e) => {
             forget_unknown_account(ctx, &e).await;
@@ -368,7 +438,10 @@ async fn lock(site: usize, store: &SiteStore) -> Result<acme::Lock, Failure> {
         }
         if !said {
             said = true;
-            tracing::info!(site, "another instance is ordering these names (state_dir lock): waiting for it");
+            tracing::info!(
+                site,
+                "another instance is ordering these names (state_dir lock): waiting for it"
+            );
         }
         if started.elapsed() >= LOCK_WAIT {
             return Err(Failure::Locked(LOCK_WAIT));
@@ -426,15 +499,24 @@ async fn account(ctx: &Ctx) -> Result<Account, Failure> {
 
 /// The client instant-acme talks to the CA through: our crypto provider, `ca_root` (every certificate in
 /// it) or the system's roots, TCP_NODELAY (small JWS POSTs must not wait on delayed ACKs), a connect timeout.
-fn http_client(ca_root: Option<&std::path::Path>) -> Result<Box<dyn acme::HttpClient>, acme::Error> {
+fn http_client(
+    ca_root: Option<&std::path::Path>,
+) -> Result<Box<dyn acme::HttpClient>, acme::Error> {
     let provider = portcullis_certs::provider();
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let builder = match ca_root {
         Some(path) => {
-            let bad = |why: String| acme::Error::Corrupt { path: path.to_owned(), why };
+            let bad = |why: String| acme::Error::Corrupt {
+                path: path.to_owned(),
+                why,
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(format!("acme.ca_root: {e}")))? {
-                roots.add(c.map_err(|e| bad(format!("acme.ca_root: {e}")))?).map_err(|e| bad(format!("acme.ca_root: {e}")))?;
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(format!("acme.ca_root: {e}")))?
+            {
+                roots
+                    .add(c.map_err(|e| bad(format!("acme.ca_root: {e}")))?)
+                    .map_err(|e| bad(format!("acme.ca_root: {e}")))?;
             }
             if roots.is_empty() {
                 return Err(bad("acme.ca_root: no PEM certificate in it".into()));
@@ -448,7 +530,9 @@ fn http_client(ca_root: Option<&std::path::Path>) -> Result<Box<dyn acme::HttpCl
         }
         None => builder
             .with_provider_and_platform_verifier(provider)
-            .map_err(|e| acme::Error::Generate(format!("a TLS client config with the system's roots: {e}")))?,
+            .map_err(|e| {
+                acme::Error::Generate(format!("a TLS client config with the system's roots: {e}"))
+            })?,
     };
     let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
     tcp.enforce_http(false);
@@ -456,14 +540,17 @@ fn http_client(ca_root: Option<&std::path::Path>) -> Result<Box<dyn acme::HttpCl
     tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let connector = builder.https_only().enable_http1().wrap_connector(tcp);
     let client: hyper_util::client::legacy::Client<_, acme::BodyWrapper<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
     Ok(Box::new(client))
 }
 
 /// The CA forgot the account (a test CA restarted, or it was deactivated): the next attempt makes a new one.
 async fn forget_unknown_account(ctx: &Ctx, e: &acme::Error) {
     if e.is_unknown_account() {
-        tracing::warn!("the CA does not know the stored ACME account: a new one is created at the next attempt");
+        tracing::warn!(
+            "the CA does not know the stored ACME account: a new one is created at the next attempt"
+        );
         *ctx.account.lock().await = None;
         let root = ctx.store.clone();
         let _ = blocking(move || root.forget_account()).await;
@@ -471,7 +558,9 @@ async fn forget_unknown_account(ctx: &Ctx, e: &acme::Error) {
 }
 
 async fn ask_ari(ctx: &Ctx, current: &Loaded) -> Result<Option<Ari>, Failure> {
-    let Some(leaf) = current.key.cert.first() else { return Ok(None) };
+    let Some(leaf) = current.key.cert.first() else {
+        return Ok(None);
+    };
     let account = account(ctx).await?;
     Ok(acme::ari(&account, leaf.as_ref()).await?)
 }
@@ -479,11 +568,15 @@ async fn ask_ari(ctx: &Ctx, current: &Loaded) -> Result<Option<Ari>, Failure> {
 /// Every name must resolve, and every address it resolves to that accepts a connection on the validation
 /// port must be this instance answering a probe challenge: the CA would reach the same place.
 async fn self_check(ctx: &Ctx, names: &[String]) -> Result<(), Failure> {
-    let port = ctx.settings.validation_port.unwrap_or(match ctx.settings.challenge {
-        AcmeChallenge::Http01 => 80,
-        AcmeChallenge::TlsAlpn01 => 443,
-    });
-    let results = futures_util::future::join_all(names.iter().map(|n| check_name(ctx, n, port))).await;
+    let port = ctx
+        .settings
+        .validation_port
+        .unwrap_or(match ctx.settings.challenge {
+            AcmeChallenge::Http01 => 80,
+            AcmeChallenge::TlsAlpn01 => 443,
+        });
+    let results =
+        futures_util::future::join_all(names.iter().map(|n| check_name(ctx, n, port))).await;
     let problems: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if problems.is_empty() {
         Ok(())
@@ -495,11 +588,13 @@ async fn self_check(ctx: &Ctx, names: &[String]) -> Result<(), Failure> {
 async fn check_name(ctx: &Ctx, name: &str, port: u16) -> Result<(), String> {
     let mut addrs: Vec<SocketAddr> = match name.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(e)) => return Err(format!("{name} does not resolve: {e}")),
-            Err(_) => return Err(format!("{name} does not resolve: timed out")),
-        },
+        Err(_) => {
+            match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(e)) => return Err(format!("{name} does not resolve: {e}")),
+                Err(_) => return Err(format!("{name} does not resolve: timed out")),
+            }
+        }
     };
     addrs.sort();
     addrs.dedup();
@@ -515,17 +610,28 @@ async fn check_name(ctx: &Ctx, name: &str, port: u16) -> Result<(), String> {
         };
         match probe {
             Ok(true) => answered = true,
-            Ok(false) => return Err(format!("{name} at {addr} is answered by another server, not this one")),
+            Ok(false) => {
+                return Err(format!(
+                    "{name} at {addr} is answered by another server, not this one"
+                ));
+            }
             Err(e) => unreachable.push(format!("{addr}: {e}")),
         }
     }
     if answered {
         if !unreachable.is_empty() {
-            tracing::warn!(name, "self-check: some addresses do not answer ({}); the CA may try them", unreachable.join(", "));
+            tracing::warn!(
+                name,
+                "self-check: some addresses do not answer ({}); the CA may try them",
+                unreachable.join(", ")
+            );
         }
         Ok(())
     } else {
-        Err(format!("{name}: no address answers on port {port} ({})", unreachable.join(", ")))
+        Err(format!(
+            "{name}: no address answers on port {port} ({})",
+            unreachable.join(", ")
+        ))
     }
 }
 
@@ -540,7 +646,9 @@ async fn probe_http01(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<bool, S
     };
     let exchange = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         let req = Request::get(format!("{CHALLENGE_PREFIX}{token}"))
             .header(header::HOST, host)
@@ -548,10 +656,16 @@ async fn probe_http01(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<bool, S
             .map_err(|e| e.to_string())?;
         let res = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = res.status();
-        let body = Limited::new(res.into_body(), 4096).collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = Limited::new(res.into_body(), 4096)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok(status == StatusCode::OK && body == answer.as_bytes())
     };
-    tokio::time::timeout(PROBE_TIMEOUT, exchange).await.unwrap_or_else(|_| Err("timed out".to_owned()))
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
 }
 
 /// An `acme-tls/1` handshake with a fresh probe certificate installed; true when this instance showed it.
@@ -559,7 +673,9 @@ async fn probe_tls_alpn01(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<boo
     let mut pending = ctx.state.challenges.pending();
     let mut digest = [0u8; 32];
     let _ = portcullis_certs::provider().secure_random.fill(&mut digest);
-    let ours = pending.add_tls_alpn01(name, &digest).map_err(|e| e.to_string())?;
+    let ours = pending
+        .add_tls_alpn01(name, &digest)
+        .map_err(|e| e.to_string())?;
     let verifier = Arc::new(CompareOnly {
         provider: portcullis_certs::provider(),
         expected: ours.clone(),
@@ -573,13 +689,23 @@ async fn probe_tls_alpn01(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<boo
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    let server_name =
+        rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
     let exchange = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.map_err(|e| e.to_string())
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| e.to_string())
     };
-    let handshake = tokio::time::timeout(PROBE_TIMEOUT, exchange).await.unwrap_or_else(|_| Err("timed out".to_owned()));
-    let shown = verifier.shown.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let handshake = tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()));
+    let shown = verifier
+        .shown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     match (handshake, shown) {
         (Ok(_), Some(leaf)) => Ok(leaf == ours.der),
         (Err(_), Some(leaf)) if leaf != ours.der => Ok(false),
@@ -621,7 +747,9 @@ impl rustls::client::danger::ServerCertVerifier for CompareOnly {
         _cert: &rustls::pki_types::CertificateDer<'_>,
         _dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the self-check speaks TLS 1.3 only".into()))
+        Err(rustls::Error::General(
+            "the self-check speaks TLS 1.3 only".into(),
+        ))
     }
 
     fn verify_tls13_signature(
@@ -632,11 +760,18 @@ impl rustls::client::danger::ServerCertVerifier for CompareOnly {
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         // Only reached once `verify_server_cert` has accepted the certificate we installed.
         let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from(self.expected.spki.as_slice());
-        rustls::crypto::verify_tls13_signature_with_raw_key(message, &spki, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &spki,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -663,7 +798,9 @@ fn random_hex() -> String {
 }
 
 /// Runs a file operation of the store off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, acme::Error> + Send + 'static) -> Result<T, Failure> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, acme::Error> + Send + 'static,
+) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Failure::Acme),
         Err(e) => Err(Failure::Task(e.to_string())),

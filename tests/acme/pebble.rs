@@ -16,7 +16,11 @@ use portcullis_tests::{Client, Pki, TempDir};
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// What Pebble is told.
@@ -72,7 +76,10 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?} (apt-get install pebble): {e}"));
         let out = Arc::new(Output::default());
-        let pipes: [Box<dyn Read + Send>; 2] = [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        let pipes: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
         for pipe in pipes {
             let out = out.clone();
             std::thread::spawn(move || {
@@ -100,7 +107,12 @@ impl Proc {
             if now >= deadline {
                 return None;
             }
-            lines = self.out.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .out
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
@@ -144,7 +156,9 @@ impl Pebble {
         let dir = TempDir::new("pebble");
         let pki = Pki::new(dir.path(), &[]);
         let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let validity = options.validity.map_or(String::new(), |v| format!(",\n    \"certificateValidityPeriod\": {v}"));
+        let validity = options.validity.map_or(String::new(), |v| {
+            format!(",\n    \"certificateValidityPeriod\": {v}")
+        });
         let config = dir.write(
             "pebble.json",
             &format!(
@@ -198,12 +212,20 @@ impl Pebble {
             "-defaultIPv6",
             "",
         ]));
-        dns.wait_for(|l| l.contains("Starting management server"), Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("pebble-challtestsrv did not start: {:?}", dns.lines()));
+        dns.wait_for(
+            |l| l.contains("Starting management server"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("pebble-challtestsrv did not start: {:?}", dns.lines()));
         let mut cmd = Command::new("pebble");
-        cmd.args(["-config", self.config.to_str().unwrap(), "-dnsserver", &format!("127.0.0.1:{dns_port}")])
-            .current_dir(self.dir.path())
-            .env_remove("PEBBLE_VA_ALWAYS_VALID");
+        cmd.args([
+            "-config",
+            self.config.to_str().unwrap(),
+            "-dnsserver",
+            &format!("127.0.0.1:{dns_port}"),
+        ])
+        .current_dir(self.dir.path())
+        .env_remove("PEBBLE_VA_ALWAYS_VALID");
         if self.options.nosleep {
             cmd.env("PEBBLE_VA_NOSLEEP", "1");
         }
@@ -215,13 +237,24 @@ impl Pebble {
         }
         let pebble = Proc::spawn(&mut cmd);
         pebble
-            .wait_for(|l| l.contains("ACME directory available at"), Duration::from_secs(10))
+            .wait_for(
+                |l| l.contains("ACME directory available at"),
+                Duration::from_secs(10),
+            )
             .unwrap_or_else(|| panic!("pebble did not start: {:?}", pebble.lines()));
         // It logs just before it listens: wait for the ports to accept as well.
-        for addr in [format!("127.0.0.1:{}", self.options.acme_port).parse().unwrap(), self.management] {
+        for addr in [
+            format!("127.0.0.1:{}", self.options.acme_port)
+                .parse()
+                .unwrap(),
+            self.management,
+        ] {
             let deadline = Instant::now() + Duration::from_secs(10);
             while TcpStream::connect(addr).is_err() {
-                assert!(Instant::now() < deadline, "pebble does not listen on {addr}");
+                assert!(
+                    Instant::now() < deadline,
+                    "pebble does not listen on {addr}"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -235,7 +268,9 @@ impl Pebble {
 
     /// Pebble's issuing root, new at every start (`/roots/0` on the management port).
     pub async fn root_pem(&self) -> String {
-        let res = Client::new(&self.api_ca_pem).get(self.management, "/roots/0").await;
+        let res = Client::new(&self.api_ca_pem)
+            .get(self.management, "/roots/0")
+            .await;
         assert_eq!(res.status(), 200);
         String::from_utf8(res.into_body().to_vec()).unwrap()
     }
@@ -246,16 +281,25 @@ impl Pebble {
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.running.as_ref().map(|(p, _)| p.lines()).unwrap_or_default()
+        self.running
+            .as_ref()
+            .map(|(p, _)| p.lines())
+            .unwrap_or_default()
     }
 
     /// Orders Pebble has accepted so far.
     pub fn orders(&self) -> usize {
-        self.log().iter().filter(|l| l.contains("Added order")).count()
+        self.log()
+            .iter()
+            .filter(|l| l.contains("Added order"))
+            .count()
     }
 
     /// Accounts Pebble has created so far.
     pub fn accounts(&self) -> usize {
-        self.log().iter().filter(|l| l.contains("accounts in memory")).count()
+        self.log()
+            .iter()
+            .filter(|l| l.contains("accounts in memory"))
+            .count()
     }
 }

@@ -42,7 +42,8 @@ impl Challenges {
         if tls.is_empty() {
             return None;
         }
-        tls.get(&sni.trim_end_matches('.').to_ascii_lowercase()).cloned()
+        tls.get(&sni.trim_end_matches('.').to_ascii_lowercase())
+            .cloned()
     }
 
     /// Serves `key_authorization` for `token` until the returned guard is dropped.
@@ -91,7 +92,8 @@ impl<'a> Pending<'a> {
             der: cert.der().to_vec(),
             spki: rcgen::PublicKeyData::subject_public_key_info(&key),
         };
-        let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Generate(e.to_owned()))?;
+        let key_der = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| Error::Generate(e.to_owned()))?;
         // Not `from_der`: it parses the certificate with webpki, which refuses the critical extension that
         // this certificate exists to carry.
         let signer = crate::provider()
@@ -146,7 +148,11 @@ mod tests {
             assert!(c.tls_alpn01("b.test").is_none());
             // The acmeIdentifier extension (1.3.6.1.5.5.7.1.31) carries the digest as an OCTET STRING.
             let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
-            let ext = x.extensions().iter().find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31").unwrap();
+            let ext = x
+                .extensions()
+                .iter()
+                .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+                .unwrap();
             assert!(ext.critical);
             assert_eq!(ext.value, [&[0x04, 32][..], &[7; 32]].concat());
         }

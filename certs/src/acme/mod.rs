@@ -38,15 +38,18 @@ pub enum Error {
     NoChallenge { name: String, kind: &'static str },
     /// `state_dir` or a file in it cannot be created, written or read (the operator's: path, owner, mode).
     #[error("{}: {source}", path.display())]
-    Store { path: PathBuf, source: std::io::Error },
+    Store {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A stored file is not what we wrote (the operator's, or a crash mid-write): it is replaced.
     #[error("{}: {why}", path.display())]
     Corrupt { path: PathBuf, why: String },
     /// A key, CSR or challenge certificate could not be made (ours).
     #[error("cannot generate {0}")]
     Generate(String),
-    /// The certificate the CA issued fails the checks every swap passes (the CA's).
-    #[error("the issued certificate is unusable: {0}")]
+    /// A certificate (just issued, or stored) fails the checks every swap passes.
+    #[error("unusable certificate: {0}")]
     Issued(#[from] crate::Error),
     /// `[acme] eab.hmac_key` does not decode (the operator's).
     #[error("acme.eab.hmac_key is not base64url")]

@@ -17,10 +17,11 @@ use x509_parser::extensions::ParsedExtension;
 
 use super::{Challenges, Error, StoredAccount};
 
-/// Order polling: first look after 25 ms (a validation can finish that fast), doubling, for two minutes.
+/// Order polling: first look after 10 ms (a validation can finish that fast), then 1.5 times longer each
+/// time (about a dozen looks in the first five seconds), for two minutes.
 const POLL: RetryPolicy = RetryPolicy::new()
-    .initial_delay(Duration::from_millis(25))
-    .backoff(2.0)
+    .initial_delay(Duration::from_millis(10))
+    .backoff(1.5)
     .timeout(Duration::from_secs(120));
 
 /// A certificate chain (PEM, leaf first) and its new private key (PKCS#8 PEM).
@@ -31,7 +32,9 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued").field("chain_pem", &self.chain_pem).finish_non_exhaustive()
+        f.debug_struct("Issued")
+            .field("chain_pem", &self.chain_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,11 +51,17 @@ pub struct Ari {
 
 /// Registers a new account (terms of service agreed: configuring ACME is agreeing to them), talking to
 /// the CA through `http`.
-pub async fn create_account(acme: &Acme, http: Box<dyn HttpClient>) -> Result<(Account, StoredAccount), Error> {
+pub async fn create_account(
+    acme: &Acme,
+    http: Box<dyn HttpClient>,
+) -> Result<(Account, StoredAccount), Error> {
     let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
     let eab = match &acme.eab {
-        Some(e) => Some(ExternalAccountKey::new(e.kid.clone(), &base64url(&e.hmac_key).ok_or(Error::EabKey)?)),
+        Some(e) => Some(ExternalAccountKey::new(
+            e.kid.clone(),
+            &base64url(&e.hmac_key).ok_or(Error::EabKey)?,
+        )),
         None => None,
     };
     let new = NewAccount {
@@ -60,7 +69,9 @@ pub async fn create_account(acme: &Acme, http: Box<dyn HttpClient>) -> Result<(A
         terms_of_service_agreed: true,
         only_return_existing: false,
     };
-    let (account, credentials) = Account::builder_with_http(http).create(&new, acme.directory.clone(), eab.as_ref()).await?;
+    let (account, credentials) = Account::builder_with_http(http)
+        .create(&new, acme.directory.clone(), eab.as_ref())
+        .await?;
     let stored = StoredAccount {
         id: account.id().to_owned(),
         directory: acme.directory.clone(),
@@ -71,8 +82,13 @@ pub async fn create_account(acme: &Acme, http: Box<dyn HttpClient>) -> Result<(A
 }
 
 /// The stored account, ready to order (fetches the CA's directory).
-pub async fn restore_account(stored: StoredAccount, http: Box<dyn HttpClient>) -> Result<Account, Error> {
-    Ok(Account::builder_with_http(http).from_credentials(stored.credentials).await?)
+pub async fn restore_account(
+    stored: StoredAccount,
+    http: Box<dyn HttpClient>,
+) -> Result<Account, Error> {
+    Ok(Account::builder_with_http(http)
+        .from_credentials(stored.credentials)
+        .await?)
 }
 
 /// Orders a certificate for all of `names` at once and answers each pending authorization with
@@ -86,7 +102,10 @@ pub async fn obtain(
 ) -> Result<Issued, Error> {
     let ids: Vec<Identifier> = names
         .iter()
-        .map(|n| n.parse::<IpAddr>().map_or_else(|_| Identifier::Dns(n.clone()), Identifier::Ip))
+        .map(|n| {
+            n.parse::<IpAddr>()
+                .map_or_else(|_| Identifier::Dns(n.clone()), Identifier::Ip)
+        })
         .collect();
     let mut new = NewOrder::new(&ids);
     if let Some(r) = replaces {
@@ -106,15 +125,27 @@ pub async fn obtain(
             AuthorizationStatus::Pending => {}
             // Validated recently for this account: the CA reuses it.
             AuthorizationStatus::Valid => continue,
-            other => return Err(Error::Order(format!("with the authorization for {name} {other:?}"))),
+            other => {
+                return Err(Error::Order(format!(
+                    "with the authorization for {name} {other:?}"
+                )));
+            }
         }
-        let mut ch = a.challenge(kind.clone()).ok_or_else(|| Error::NoChallenge { name: name.clone(), kind: label })?;
+        let mut ch = a
+            .challenge(kind.clone())
+            .ok_or_else(|| Error::NoChallenge {
+                name: name.clone(),
+                kind: label,
+            })?;
         let key_authorization = ch.key_authorization();
         match challenge {
             AcmeChallenge::Http01 => pending.add_http01(&ch.token, key_authorization.as_str()),
             AcmeChallenge::TlsAlpn01 => {
                 if name.parse::<IpAddr>().is_ok() {
-                    return Err(Error::NoChallenge { name, kind: "tls-alpn-01 (for an IP address; use http-01)" });
+                    return Err(Error::NoChallenge {
+                        name,
+                        kind: "tls-alpn-01 (for an IP address; use http-01)",
+                    });
                 }
                 pending.add_tls_alpn01(&name, key_authorization.digest().as_ref())?;
             }
@@ -147,7 +178,9 @@ pub async fn obtain(
 /// The CA's renewal window for the certificate whose leaf is `leaf` (`None`: the CA has no ARI, or the
 /// leaf no authority key identifier).
 pub async fn ari(account: &Account, leaf: &[u8]) -> Result<Option<Ari>, Error> {
-    let Some(id) = cert_id(leaf) else { return Ok(None) };
+    let Some(id) = cert_id(leaf) else {
+        return Ok(None);
+    };
     match account.renewal_info(&id).await {
         Ok((info, retry_after)) => Ok(Some(Ari {
             start: at(info.suggested_window.start.unix_timestamp()),
@@ -166,7 +199,9 @@ async fn explain(order: &mut Order, status: String) -> Error {
     let mut authorizations = order.authorizations();
     while let Some(Ok(mut a)) = authorizations.next().await {
         let name = a.identifier().to_string();
-        let Ok(state) = a.refresh().await else { continue };
+        let Ok(state) = a.refresh().await else {
+            continue;
+        };
         for c in &state.challenges {
             if let Some(e) = &c.error {
                 why.push(format!("{name}: {e}"));
@@ -183,11 +218,20 @@ async fn explain(order: &mut Order, status: String) -> Error {
 /// The RFC 9773 identifier: the issuer's key identifier and the serial, as in the leaf.
 fn cert_id(leaf: &[u8]) -> Option<CertificateIdentifier<'static>> {
     let (_, x) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let aki = x.extensions().iter().find_map(|e| match e.parsed_extension() {
-        ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0),
-        _ => None,
-    })?;
-    Some(CertificateIdentifier::new(Der::from_slice(aki), Der::from_slice(x.tbs_certificate.raw_serial())).into_owned())
+    let aki = x
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0),
+            _ => None,
+        })?;
+    Some(
+        CertificateIdentifier::new(
+            Der::from_slice(aki),
+            Der::from_slice(x.tbs_certificate.raw_serial()),
+        )
+        .into_owned(),
+    )
 }
 
 fn at(unix: i64) -> SystemTime {
@@ -231,7 +275,9 @@ mod tests {
 
     #[test]
     fn ari_identifier_is_key_id_dot_serial() {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyIdMethod, KeyPair, SerialNumber};
+        use rcgen::{
+            BasicConstraints, CertificateParams, IsCa, KeyIdMethod, KeyPair, SerialNumber,
+        };
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -240,7 +286,9 @@ mod tests {
         let mut leaf = CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
         leaf.serial_number = Some(SerialNumber::from_slice(&[0x00, 0x87, 0x65, 0x43, 0x21]));
         leaf.use_authority_key_identifier_extension = true;
-        let cert = leaf.signed_by(&KeyPair::generate().unwrap(), &issuer).unwrap();
+        let cert = leaf
+            .signed_by(&KeyPair::generate().unwrap(), &issuer)
+            .unwrap();
         // RFC 9773 section 4.1's example shape: base64url(key id) "." base64url(serial).
         assert_eq!(cert_id(cert.der()).unwrap().to_string(), "aYhb.AIdlQyE");
     }

@@ -16,7 +16,10 @@ pub const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
 /// When a certificate with these facts should be renewed, without ARI. A `renew_before` that is not
 /// shorter than the lifetime would renew at once and again after every issue: two thirds are used instead.
 pub fn renewal_time(info: &Info, renew_before: Option<Duration>) -> SystemTime {
-    let life = info.not_after.duration_since(info.not_before).unwrap_or_default();
+    let life = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or_default();
     match renew_before {
         Some(before) if before < life => info.not_after - before,
         _ => info.not_before + life.mul_f64(2.0 / 3.0),
@@ -25,7 +28,10 @@ pub fn renewal_time(info: &Info, renew_before: Option<Duration>) -> SystemTime {
 
 /// Whether `renew_before` is too long for a certificate with this lifetime (and so is ignored).
 pub fn renew_before_ignored(info: &Info, renew_before: Option<Duration>) -> bool {
-    let life = info.not_after.duration_since(info.not_before).unwrap_or_default();
+    let life = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or_default();
     renew_before.is_some_and(|b| b >= life)
 }
 
@@ -75,10 +81,19 @@ mod tests {
         let i = info(1000, 90 * day);
         let at = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(at(renewal_time(&i, None)), 1000 + 60 * day);
-        assert_eq!(at(renewal_time(&i, Some(Duration::from_secs(10 * day)))), 1000 + 80 * day);
+        assert_eq!(
+            at(renewal_time(&i, Some(Duration::from_secs(10 * day)))),
+            1000 + 80 * day
+        );
         // Longer than the lifetime: two thirds, never "renew at once, forever".
-        assert_eq!(at(renewal_time(&i, Some(Duration::from_secs(100 * day)))), 1000 + 60 * day);
-        assert!(renew_before_ignored(&i, Some(Duration::from_secs(100 * day))));
+        assert_eq!(
+            at(renewal_time(&i, Some(Duration::from_secs(100 * day)))),
+            1000 + 60 * day
+        );
+        assert!(renew_before_ignored(
+            &i,
+            Some(Duration::from_secs(100 * day))
+        ));
     }
 
     #[test]
@@ -87,7 +102,10 @@ mod tests {
         assert_eq!(retry_delay(2, 0.5), RETRY_FIRST * 2);
         assert_eq!(retry_delay(40, 0.5), RETRY_MAX);
         assert!(retry_delay(1, 0.0) < retry_delay(1, 0.99));
-        assert!(retry_delay(3, 0.0) > retry_delay(2, 0.99), "jitter never reorders two steps");
+        assert!(
+            retry_delay(3, 0.0) > retry_delay(2, 0.99),
+            "jitter never reorders two steps"
+        );
         let r = unit_random();
         assert!((0.0..1.0).contains(&r));
     }
@@ -97,6 +115,10 @@ mod tests {
         let s = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         let e = s + Duration::from_secs(100);
         assert_eq!(in_window(s, e, 0.5), s + Duration::from_secs(50));
-        assert_eq!(in_window(e, s, 0.5), e, "a window that ends before it starts is its start");
+        assert_eq!(
+            in_window(e, s, 0.5),
+            e,
+            "a window that ends before it starts is its start"
+        );
     }
 }

@@ -37,7 +37,10 @@ pub struct StoredAccount {
 
 impl std::fmt::Debug for StoredAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredAccount").field("id", &self.id).field("directory", &self.directory).finish_non_exhaustive()
+        f.debug_struct("StoredAccount")
+            .field("id", &self.id)
+            .field("directory", &self.directory)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,7 +94,12 @@ impl Store {
     pub fn account(&self) -> Result<Option<StoredAccount>, Error> {
         let path = self.dir.join("account.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt { path, why: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    path,
+                    why: e.to_string(),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::Store { path, source: e }),
         }
@@ -99,7 +107,10 @@ impl Store {
 
     pub fn save_account(&self, account: &StoredAccount) -> Result<(), Error> {
         let path = self.dir.join("account.json");
-        let json = serde_json::to_vec_pretty(account).map_err(|e| Error::Corrupt { path: path.clone(), why: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(account).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         write_atomic(&path, &json)
     }
 
@@ -147,7 +158,9 @@ impl SiteStore {
         if !cert.exists() && !key.exists() {
             return Ok(None);
         }
-        crate::load_checked(&cert, &key, &self.names).map(Some).map_err(Error::Issued)
+        crate::load_checked(&cert, &key, &self.names)
+            .map(Some)
+            .map_err(Error::Issued)
     }
 
     /// Checks an issued chain and its key, then writes both (temp files, checked, renamed: key first).
@@ -185,7 +198,10 @@ impl SiteStore {
     pub fn save_retry(&self, retry: &Retry) -> Result<(), Error> {
         private_dir(&self.dir)?;
         let path = self.dir.join("retry.json");
-        let json = serde_json::to_vec(retry).map_err(|e| Error::Corrupt { path: path.clone(), why: e.to_string() })?;
+        let json = serde_json::to_vec(retry).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         write_atomic(&path, &json)
     }
 
@@ -201,7 +217,10 @@ pub fn report(acme: &portcullis_config::Acme, names: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     out.push(match store.account() {
         Ok(Some(a)) => format!("account {} at {}", a.id, acme.directory),
-        Ok(None) => format!("no account yet at {}: created before the first order", acme.directory),
+        Ok(None) => format!(
+            "no account yet at {}: created before the first order",
+            acme.directory
+        ),
         Err(e) => format!("account unreadable ({e}): a new one is created before the next order"),
     });
     let site = store.site(names);
@@ -232,13 +251,23 @@ fn slug(directory: &str) -> String {
     let rest = directory.strip_prefix("https://").unwrap_or(directory);
     rest.trim_end_matches('/')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 /// Creates `dir` (and parents) 0700, and tightens an existing one that others could read.
 fn private_dir(dir: &Path) -> Result<(), Error> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(Error::store(dir))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::store(dir))?;
     let meta = fs::metadata(dir).map_err(Error::store(dir))?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(Error::store(dir))?;
@@ -247,15 +276,24 @@ fn private_dir(dir: &Path) -> Result<(), Error> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Writes a new 0600 file (replacing a leftover one) and flushes it to disk.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let _ = fs::remove_file(path);
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(Error::store(path))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(Error::store(path))
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::store(path))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(Error::store(path))
 }
 
 /// `path` replaced atomically: a temp file beside it, then rename(2).
@@ -277,7 +315,13 @@ fn sync_dir(dir: &Path) {
 }
 
 fn try_lock(path: &Path) -> Result<Option<Lock>, Error> {
-    let f = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(Error::store(path))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::store(path))?;
     match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(Some(Lock { _held: l })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
@@ -308,40 +352,68 @@ mod tests {
 
     #[test]
     fn folders_are_private_writes_are_atomic_and_locks_exclude() {
-        let dir = std::env::temp_dir().join(format!("portcullis-acme-store-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-acme-store-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let store = Store::new(&acme(&dir));
         store.prepare().unwrap();
         assert_eq!(store.dir, dir.join("state/127.0.0.1_14000_dir"));
         for d in [dir.join("state"), store.dir.clone()] {
-            assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+            assert_eq!(
+                fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
         }
         let site = store.site(&["a.test".into()]);
         assert!(site.load().unwrap().is_none());
 
         // A self-signed pair stands in for an issued one.
         let c = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
-        let loaded = site.save(&c.cert.pem(), &c.signing_key.serialize_pem()).unwrap();
+        let loaded = site
+            .save(&c.cert.pem(), &c.signing_key.serialize_pem())
+            .unwrap();
         assert_eq!(loaded.info.names, ["a.test"]);
         for f in [site.cert_path(), site.key_path()] {
-            assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         assert!(site.load().unwrap().is_some());
         // Only the final files remain: no temp file is left behind.
-        let left: Vec<_> = fs::read_dir(&site.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "{left:?}");
+        let left: Vec<_> = fs::read_dir(&site.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            left.iter().all(|n| !n.to_string_lossy().contains(".tmp-")),
+            "{left:?}"
+        );
 
         // A chain that does not cover the site's names is refused and nothing is replaced.
         let other = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
-        assert!(matches!(site.save(&other.cert.pem(), &other.signing_key.serialize_pem()), Err(Error::Issued(_))));
-        assert_eq!(site.load().unwrap().unwrap().info.serial, loaded.info.serial);
+        assert!(matches!(
+            site.save(&other.cert.pem(), &other.signing_key.serialize_pem()),
+            Err(Error::Issued(_))
+        ));
+        assert_eq!(
+            site.load().unwrap().unwrap().info.serial,
+            loaded.info.serial
+        );
 
         let held = site.lock().unwrap().unwrap();
-        assert!(site.lock().unwrap().is_none(), "a second lock on the same names must wait");
+        assert!(
+            site.lock().unwrap().is_none(),
+            "a second lock on the same names must wait"
+        );
         drop(held);
         assert!(site.lock().unwrap().is_some());
 
-        let r = Retry { failures: 2, next_attempt: 1_700_000_000, error: "x".into() };
+        let r = Retry {
+            failures: 2,
+            next_attempt: 1_700_000_000,
+            error: "x".into(),
+        };
         site.save_retry(&r).unwrap();
         assert_eq!(site.retry(), Some(r));
         site.clear_retry();
