@@ -780,6 +780,42 @@ mod tests {
         assert!(limits.applies(&Method::POST, "/api%2Ftoken"));
     }
 
+    /// Not a check: what a limit costs a request it does not match, and one it does (run with
+    /// `cargo test --release -p portcullis -- --ignored --nocapture cost_per_request`).
+    #[test]
+    #[ignore]
+    fn cost_per_request() {
+        // The demo config has no [[rate_limit]]: the built-in `auth` limit.
+        let any = "127.0.0.1:1".parse().unwrap();
+        let limits = RateLimits::new(&crate::demo::config(any, any).unwrap().rate_limits);
+        let n = 10_000_000u32;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(limits.applies(
+                std::hint::black_box(&Method::GET),
+                std::hint::black_box("/"),
+            ));
+        }
+        let unmatched = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(limits.applies(
+                std::hint::black_box(&Method::POST),
+                std::hint::black_box("/accounts/login/"),
+            ));
+        }
+        let matched = t.elapsed() / n;
+        let k: Keyed<u128> = Keyed::new(rate(1_000_000, 1), 1_000_000, 100_000, Elapsed::new());
+        let t = Instant::now();
+        for i in 0..n {
+            let _ = std::hint::black_box(k.check(&u128::from(i % 1000)));
+        }
+        let check = t.elapsed() / n;
+        println!(
+            "applies(GET /): {unmatched:?}; applies(POST /accounts/login/): {matched:?}; limiter check: {check:?}"
+        );
+    }
+
     #[test]
     fn account_names_from_forms_multipart_and_json() {
         let form = Some("application/x-www-form-urlencoded; charset=utf-8");

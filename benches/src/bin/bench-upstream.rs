@@ -21,7 +21,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
 /// The small response: 100 bytes, about what a health check or a tiny JSON answer is.
 const SMALL: &[u8; 100] =
@@ -29,6 +29,9 @@ const SMALL: &[u8; 100] =
 
 /// The large response: 1 MiB.
 const LARGE_LEN: usize = 1024 * 1024;
+
+/// Listen backlog (capped by the kernel at net.core.somaxconn, 4096 on Debian 12).
+const BACKLOG: u32 = 65535;
 
 fn main() -> ExitCode {
     let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
@@ -59,7 +62,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(addr: SocketAddr) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    // A deep accept queue: under HTTP/2 load a proxy may open hundreds of upstream connections at once, and
+    // a full queue drops SYNs (a 1 s retransmit that would show up as the proxy's p99). The kernel caps it
+    // at net.core.somaxconn.
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(BACKLOG)?;
     let bound = listener.local_addr()?;
     {
         let mut out = std::io::stdout().lock();

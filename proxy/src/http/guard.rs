@@ -295,7 +295,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                 }
             }
             // Heads (and a held head's first chunk line) are buffered until checked.
-            let mut tmp = [0u8; 8192];
+            // Small: a head is usually well under 1 KiB, and this buffer is zeroed for every read.
+            let mut tmp = [0u8; 2048];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {

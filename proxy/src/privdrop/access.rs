@@ -25,9 +25,7 @@ pub struct Needed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
-    /// Read, write and enter: a directory the process keeps state in (the ACME issue adds one).
-    #[allow(dead_code)]
-    // reason: the state directory is the ACME issue's; the check is ready for it
+    /// Read, write and enter: a directory the process keeps state in (ACME's `state_dir`).
     WriteDir,
 }
 
@@ -80,6 +78,29 @@ pub fn needed(config: &Config) -> Vec<Needed> {
             access: Access::Read,
             secret: true,
         });
+    }
+    let acme_sites = config.sites.iter().any(|s| matches!(s.tls, CertSource::Acme { .. }));
+    if let (Some(acme), true) = (&config.acme, acme_sites) {
+        // The state directory is made at the first order: until then, the folder it will be made in.
+        let dir = acme.state_dir.ancestors().find(|p| p.exists()).unwrap_or(&acme.state_dir).to_path_buf();
+        out.push(Needed {
+            what: if dir == acme.state_dir {
+                "ACME state directory (account, certificates, keys)"
+            } else {
+                "folder the ACME state directory will be created in"
+            },
+            path: dir,
+            access: Access::WriteDir,
+            secret: false,
+        });
+        if let Some(root) = &acme.ca_root {
+            out.push(Needed {
+                path: root.clone(),
+                what: "ACME CA root (read at every order)",
+                access: Access::Read,
+                secret: false,
+            });
+        }
     }
     out
 }

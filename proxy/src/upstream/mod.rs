@@ -76,7 +76,11 @@ impl Upstreams {
             .pool_timer(TokioTimer::new())
             // gunicorn's async workers close idle keep-alive connections after 2 s; stay under nginx's 60 s.
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
+            // Enough idle connections for HTTP/2 fan-in (500 streams in flight must not reopen connections).
+            .pool_max_idle_per_host(512)
+            // hyper's default read buffer grows to ~400 KiB per upstream connection: a large response in flight
+            // then costs that much memory. 64 KiB reads stream just as fast.
+            .http1_max_buf_size(64 * 1024)
             .set_host(false)
             .build(connector);
         Upstreams {
