@@ -49,7 +49,13 @@ async fn sites_by_sni_and_421_when_host_names_another_site() {
         dir.path().join("b.pem").display(),
         dir.path().join("b.key").display()
     );
-    let text = site_config(&up.addr_string(), &sites, "names = [\"a.test\", \"localhost\"]", &dir.path().join("a.pem"), &dir.path().join("a.key"));
+    let text = site_config(
+        &up.addr_string(),
+        &sites,
+        "names = [\"a.test\", \"localhost\"]",
+        &dir.path().join("a.pem"),
+        &dir.path().join("a.key"),
+    );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
     let client = ca.client();
@@ -61,13 +67,33 @@ async fn sites_by_sni_and_421_when_host_names_another_site() {
     assert_eq!(leaf(&client, addr, "localhost").await, Some(a));
 
     // SNI b.test, Host a.test: another configured site -> 421.
-    let tls = client.tls_with(addr, "b.test", client.config(&[b"http/1.1"])).await;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let tls = client
+        .tls_with(addr, "b.test", client.config(&[b"http/1.1"]))
+        .await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let res = send.send_request(Request::get("/").header("host", "a.test").body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    let res = send
+        .send_request(
+            Request::get("/")
+                .header("host", "a.test")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(res.status(), 421);
     assert_eq!(res.headers()["x-content-type-options"], "nosniff");
-    let res = send.send_request(Request::get("/ok").header("host", "b.test").body(Full::<Bytes>::default()).unwrap()).await.unwrap();
+    let res = send
+        .send_request(
+            Request::get("/ok")
+                .header("host", "b.test")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(up.last().headers["host"], "b.test");
 }
@@ -78,11 +104,21 @@ async fn strict_sni_refuses_unknown_names() {
     let ca = TestCa::new();
     ca.issue(dir.path(), "a", &["a.test"], None);
     let up = Upstream::tcp().await;
-    let text = site_config(&up.addr_string(), "", "names = [\"a.test\"]\nstrict_sni = true", &dir.path().join("a.pem"), &dir.path().join("a.key"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "names = [\"a.test\"]\nstrict_sni = true",
+        &dir.path().join("a.pem"),
+        &dir.path().join("a.key"),
+    );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
     assert!(leaf(&ca.client(), p.https_addr(), "a.test").await.is_some());
-    assert!(leaf(&ca.client(), p.https_addr(), "other.test").await.is_none());
+    assert!(
+        leaf(&ca.client(), p.https_addr(), "other.test")
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,14 +131,25 @@ async fn self_signed_sites_are_generated_for_their_names() {
     );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
-    assert!(p.output().contains("self-signed certificate generated at start"));
-    let tcp = tokio::net::TcpStream::connect(p.https_addr()).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[b"http/1.1"])))
+    assert!(
+        p.output()
+            .contains("self-signed certificate generated at start")
+    );
+    let tcp = tokio::net::TcpStream::connect(p.https_addr())
+        .await
+        .unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[
+            b"http/1.1",
+        ])))
         .connect("self.test".try_into().unwrap(), tcp)
         .await
         .unwrap();
     let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    assert!(der.windows(9).any(|w| w == b"self.test"), "the generated certificate does not name self.test");
+    assert!(
+        der.windows(9).any(|w| w == b"self.test"),
+        "the generated certificate does not name self.test"
+    );
 }
 
 /// The certbot layout: archive/ holds numbered files, live/ holds symlinks to the current ones.
@@ -115,8 +162,17 @@ impl Certbot {
         let dir = TempDir::new("certbot");
         std::fs::create_dir_all(dir.path().join("archive")).unwrap();
         std::fs::create_dir_all(dir.path().join("live")).unwrap();
-        let der = ca.issue(&dir.path().join("archive"), "cert1", &["localhost", "127.0.0.1"], None);
-        symlink("../archive/cert1.pem", dir.path().join("live/fullchain.pem")).unwrap();
+        let der = ca.issue(
+            &dir.path().join("archive"),
+            "cert1",
+            &["localhost", "127.0.0.1"],
+            None,
+        );
+        symlink(
+            "../archive/cert1.pem",
+            dir.path().join("live/fullchain.pem"),
+        )
+        .unwrap();
         symlink("../archive/cert1.key", dir.path().join("live/privkey.pem")).unwrap();
         (Certbot { dir }, der)
     }
@@ -136,15 +192,24 @@ impl Certbot {
 
 /// One request on a new TLS connection; Err on any failure.
 async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<u16, String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let res = send
-        .send_request(Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap())
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let status = res.status().as_u16();
@@ -157,7 +222,13 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     let ca = TestCa::new();
     let (cb, first) = Certbot::new(&ca);
     let up = Upstream::tcp().await;
-    let text = site_config(&up.addr_string(), "", "", &cb.live("fullchain.pem"), &cb.live("privkey.pem"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "",
+        &cb.live("fullchain.pem"),
+        &cb.live("privkey.pem"),
+    );
     let p = Portcullis::run(&cb.dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
     let addr = p.https_addr();
@@ -169,7 +240,8 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     let done = Arc::new(AtomicUsize::new(0));
     // Client 1: a new TLS connection per request.
     let fresh = {
-        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        let (c, stop, failures, done) =
+            (client.clone(), stop.clone(), failures.clone(), done.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match fresh_get(&c, addr).await {
@@ -184,13 +256,19 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     };
     // Client 2: one keep-alive connection, request after request.
     let keepalive = {
-        let (c, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
+        let (c, stop, failures, done) =
+            (client.clone(), stop.clone(), failures.clone(), done.clone());
         tokio::spawn(async move {
             let tls = c.tls(addr, &[b"http/1.1"]).await;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
             tokio::spawn(conn);
             while !stop.load(Ordering::Relaxed) {
-                let req = Request::get("/").header("host", "localhost").body(Full::<Bytes>::default()).unwrap();
+                let req = Request::get("/")
+                    .header("host", "localhost")
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
                 let ok = match send.send_request(req).await {
                     Ok(res) => res.status() == 200 && res.into_body().collect().await.is_ok(),
                     Err(e) => {
@@ -213,7 +291,12 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     };
 
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let second = ca.issue(&cb.dir.path().join("archive"), "cert2", &["localhost", "127.0.0.1"], None);
+    let second = ca.issue(
+        &cb.dir.path().join("archive"),
+        "cert2",
+        &["localhost", "127.0.0.1"],
+        None,
+    );
     cb.flip("fullchain.pem", "cert2.pem");
     // Between the two flips the chain is new and the key old: that pair must never be served.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -231,10 +314,22 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     stop.store(true, Ordering::Relaxed);
     fresh.await.unwrap();
     keepalive.await.unwrap();
-    assert!(seen.is_some(), "the new certificate was not served within 2 s; log:\n{}", p.output());
-    eprintln!("new certificate served {:?} after the key flip; {} requests", seen.unwrap(), done.load(Ordering::Relaxed));
+    assert!(
+        seen.is_some(),
+        "the new certificate was not served within 2 s; log:\n{}",
+        p.output()
+    );
+    eprintln!(
+        "new certificate served {:?} after the key flip; {} requests",
+        seen.unwrap(),
+        done.load(Ordering::Relaxed)
+    );
     assert_eq!(res.status(), 200);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during the renewal");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the renewal"
+    );
     assert!(done.load(Ordering::Relaxed) > 20);
     assert!(p.output().contains("certificate reloaded"));
 }
@@ -244,7 +339,13 @@ async fn bad_pairs_are_refused_and_the_old_one_keeps_serving() {
     let ca = TestCa::new();
     let (cb, first) = Certbot::new(&ca);
     let up = Upstream::tcp().await;
-    let text = site_config(&up.addr_string(), "", "", &cb.live("fullchain.pem"), &cb.live("privkey.pem"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "",
+        &cb.live("fullchain.pem"),
+        &cb.live("privkey.pem"),
+    );
     let p = Portcullis::run(&cb.dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
     let client = ca.client();
@@ -254,25 +355,46 @@ async fn bad_pairs_are_refused_and_the_old_one_keeps_serving() {
     let key = std::fs::read_to_string(archive.join("cert1.key")).unwrap();
     std::fs::write(archive.join("truncated.key"), &key[..key.len() / 2]).unwrap();
     cb.flip("privkey.pem", "truncated.key");
-    p.wait_for_log(|l| l.contains("reload refused") && l.contains("no PKCS#8"), Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no refusal logged:\n{}", p.output()));
-    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first.clone()));
+    p.wait_for_log(
+        |l| l.contains("reload refused") && l.contains("no PKCS#8"),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| panic!("no refusal logged:\n{}", p.output()));
+    assert_eq!(
+        leaf(&client, p.https_addr(), "localhost").await,
+        Some(first.clone())
+    );
     cb.flip("privkey.pem", "cert1.key");
 
     // A key that does not fit.
     ca.issue(&archive, "other", &["localhost"], None);
     cb.flip("privkey.pem", "other.key");
-    p.wait_for_log(|l| l.contains("does not fit"), Duration::from_secs(10)).unwrap_or_else(|| panic!("no mismatch logged:\n{}", p.output()));
-    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first.clone()));
+    p.wait_for_log(|l| l.contains("does not fit"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no mismatch logged:\n{}", p.output()));
+    assert_eq!(
+        leaf(&client, p.https_addr(), "localhost").await,
+        Some(first.clone())
+    );
     cb.flip("privkey.pem", "cert1.key");
 
     // An expired certificate.
-    ca.issue(&archive, "old", &["localhost", "127.0.0.1"], Some((2020, 1, 1)));
+    ca.issue(
+        &archive,
+        "old",
+        &["localhost", "127.0.0.1"],
+        Some((2020, 1, 1)),
+    );
     cb.flip("fullchain.pem", "old.pem");
     cb.flip("privkey.pem", "old.key");
-    p.wait_for_log(|l| l.contains("reload refused") && l.contains("expired"), Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no expiry refusal logged:\n{}", p.output()));
-    assert_eq!(leaf(&client, p.https_addr(), "localhost").await, Some(first));
+    p.wait_for_log(
+        |l| l.contains("reload refused") && l.contains("expired"),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| panic!("no expiry refusal logged:\n{}", p.output()));
+    assert_eq!(
+        leaf(&client, p.https_addr(), "localhost").await,
+        Some(first)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,18 +403,36 @@ async fn sighup_reloads_files_replaced_in_place() {
     let ca = TestCa::new();
     ca.issue(dir.path(), "site", &["localhost"], None);
     let up = Upstream::tcp().await;
-    let text = site_config(&up.addr_string(), "", "", &dir.path().join("site.pem"), &dir.path().join("site.key"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "",
+        &dir.path().join("site.pem"),
+        &dir.path().join("site.key"),
+    );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
     let second = ca.issue(dir.path(), "site", &["localhost"], None);
     p.signal("HUP");
-    p.wait_for_log(|l| l.contains("reload on SIGHUP done"), Duration::from_secs(10)).unwrap();
-    assert_eq!(leaf(&ca.client(), p.https_addr(), "localhost").await, Some(second));
+    p.wait_for_log(
+        |l| l.contains("reload on SIGHUP done"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        leaf(&ca.client(), p.https_addr(), "localhost").await,
+        Some(second)
+    );
 }
 
 /// Today + `days` as (year, month, day).
 fn date_in(days: u64) -> (i32, u8, u8) {
-    let d = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 86_400 + days) as i64;
+    let d = (SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400
+        + days) as i64;
     let z = d + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -311,22 +451,50 @@ async fn a_certificate_near_expiry_is_warned_about_at_start() {
     let ca = TestCa::new();
     ca.issue(dir.path(), "soon", &["localhost"], Some(date_in(5)));
     let up = Upstream::tcp().await;
-    let text = site_config(&up.addr_string(), "", "", &dir.path().join("soon.pem"), &dir.path().join("soon.key"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "",
+        &dir.path().join("soon.pem"),
+        &dir.path().join("soon.key"),
+    );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
-    assert!(p.output().contains("expires within 14 days"), "{}", p.output());
+    assert!(
+        p.output().contains("expires within 14 days"),
+        "{}",
+        p.output()
+    );
 
     ca.issue(dir.path(), "gone", &["localhost"], Some((2020, 1, 1)));
-    let text = site_config(&up.addr_string(), "", "", &dir.path().join("gone.pem"), &dir.path().join("gone.key"));
+    let text = site_config(
+        &up.addr_string(),
+        "",
+        "",
+        &dir.path().join("gone.pem"),
+        &dir.path().join("gone.key"),
+    );
     let mut p = Portcullis::run(&dir.write("p2.toml", &text), &[]);
     assert!(!p.ready);
     assert!(!p.wait().success());
-    assert!(p.output().contains("expired on 2020-01-01"), "{}", p.output());
+    assert!(
+        p.output().contains("expired on 2020-01-01"),
+        "{}",
+        p.output()
+    );
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `openssl ocsp` as a responder on loopback; killed on drop.
@@ -343,22 +511,110 @@ impl Drop for Responder {
 async fn ocsp_responses_are_fetched_verified_and_stapled() {
     let dir = TempDir::new("ocsp");
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     // A test CA, and a leaf that names the responder in its AIA extension.
-    openssl(d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=OCSP Test CA", "-days", "2"]);
-    openssl(d, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost"]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=OCSP Test CA",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
     std::fs::write(
         d.join("ext.cnf"),
         format!("subjectAltName=DNS:localhost,IP:127.0.0.1\nauthorityInfoAccess=OCSP;URI:http://127.0.0.1:{port}\nbasicConstraints=CA:FALSE\n"),
     )
     .unwrap();
-    openssl(d, &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "0x1234ABCD", "-out", "leaf.pem", "-days", "2", "-extfile", "ext.cnf"]);
-    std::fs::write(d.join("fullchain.pem"), [std::fs::read(d.join("leaf.pem")).unwrap(), std::fs::read(d.join("ca.pem")).unwrap()].concat()).unwrap();
-    std::fs::set_permissions(d.join("leaf.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::write(d.join("index.txt"), "V\t301231235959Z\t\t1234ABCD\tunknown\t/CN=localhost\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x1234ABCD",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::write(
+        d.join("fullchain.pem"),
+        [
+            std::fs::read(d.join("leaf.pem")).unwrap(),
+            std::fs::read(d.join("ca.pem")).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        d.join("leaf.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("index.txt"),
+        "V\t301231235959Z\t\t1234ABCD\tunknown\t/CN=localhost\n",
+    )
+    .unwrap();
     let mut responder = std::process::Command::new("openssl")
         .current_dir(d)
-        .args(["ocsp", "-index", "index.txt", "-port", &port.to_string(), "-rsigner", "ca.pem", "-rkey", "ca.key", "-CA", "ca.pem", "-ignore_err"])
+        .args([
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-port",
+            &port.to_string(),
+            "-rsigner",
+            "ca.pem",
+            "-rkey",
+            "ca.key",
+            "-CA",
+            "ca.pem",
+            "-ignore_err",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -370,7 +626,10 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
     let ready = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut lines = std::io::BufReader::new(stderr).lines();
-        let found = lines.by_ref().map_while(Result::ok).any(|l| l.contains("waiting for OCSP client connections"));
+        let found = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("waiting for OCSP client connections"));
         // Keep draining so the responder never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         found
@@ -380,13 +639,30 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
     assert!(ready, "openssl ocsp did not start");
 
     let upstream = Upstream::tcp().await;
-    let text = site_config(&upstream.addr_string(), "", "", &d.join("fullchain.pem"), &d.join("leaf.key"));
+    let text = site_config(
+        &upstream.addr_string(),
+        "",
+        "",
+        &d.join("fullchain.pem"),
+        &d.join("leaf.key"),
+    );
     let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
     assert!(p.ready, "{}", p.output());
-    p.wait_for_log(|l| l.contains("OCSP response stapled"), Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
+    p.wait_for_log(
+        |l| l.contains("OCSP response stapled"),
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
     let out = std::process::Command::new("openssl")
-        .args(["s_client", "-connect", &p.https_addr().to_string(), "-servername", "localhost", "-status", "-CAfile"])
+        .args([
+            "s_client",
+            "-connect",
+            &p.https_addr().to_string(),
+            "-servername",
+            "localhost",
+            "-status",
+            "-CAfile",
+        ])
         .arg(d.join("ca.pem"))
         .stdin(std::process::Stdio::null())
         .output()

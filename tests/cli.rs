@@ -127,22 +127,42 @@ async fn demo_serves_its_built_in_page_over_a_self_signed_certificate() {
 fn check_reports_each_sites_certificate_and_warns_about_trusting_everyone() {
     let dir = TempDir::new("checksites");
     let pki = Pki::new(dir.path(), &["app.test"]);
-    let text = format!("names = [\"app.test\"]\ntrusted_proxies = [\"0.0.0.0/0\"]\n{}", config(&pki, "127.0.0.1:8000", ""));
+    let text = format!(
+        "names = [\"app.test\"]\ntrusted_proxies = [\"0.0.0.0/0\"]\n{}",
+        config(&pki, "127.0.0.1:8000", "")
+    );
     let path = dir.write("p.toml", &text);
     let out = portcullis(&["check", "--config", path.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}{stderr}");
-    for want in ["site 0: app.test", "covers the site: yes", "issuer       CN=Portcullis Test CA", "ECDSA P-256, matches the certificate: yes", "2 certificate(s), in order: yes", "expires"] {
+    for want in [
+        "site 0: app.test",
+        "covers the site: yes",
+        "issuer       CN=Portcullis Test CA",
+        "ECDSA P-256, matches the certificate: yes",
+        "2 certificate(s), in order: yes",
+        "expires",
+    ] {
         assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");
     }
-    assert!(stderr.contains("warning:") && stderr.contains("p.toml:2:") && stderr.contains("0.0.0.0/0 trusts every address"), "{stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr.contains("p.toml:2:")
+            && stderr.contains("0.0.0.0/0 trusts every address"),
+        "{stderr}"
+    );
 
     // A name the certificate does not cover: refused, and said.
-    let text = format!("names = [\"other.test\"]\n{}", config(&pki, "127.0.0.1:8000", ""));
+    let text = format!(
+        "names = [\"other.test\"]\n{}",
+        config(&pki, "127.0.0.1:8000", "")
+    );
     let path = dir.write("q.toml", &text);
     let out = portcullis(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("covers the site: NO, missing other.test"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("covers the site: NO, missing other.test")
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not cover other.test"));
 }

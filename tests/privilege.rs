@@ -54,7 +54,7 @@ fn check(config: &Path) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_start_binds_443_and_80_then_runs_as_nobody_with_no_capability_and_still_serves_https_and_reloads()
-{
+ {
     require_root();
     let https = free_port(443, 18443..18543);
     let http = free_port(80, 18080..18180);
@@ -90,25 +90,43 @@ async fn root_start_binds_443_and_80_then_runs_as_nobody_with_no_capability_and_
     let ca = portcullis_tests::TestCa::new();
     let fresh = TempDir::new("privdrop-new");
     let leaf = ca.issue(fresh.path(), "new", &["localhost", "127.0.0.1"], None);
-    std::fs::write(&d.pki.cert, std::fs::read(fresh.path().join("new.pem")).unwrap()).unwrap();
-    std::fs::write(&d.pki.key, std::fs::read(fresh.path().join("new.key")).unwrap()).unwrap();
-    let hup = Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().unwrap();
+    std::fs::write(
+        &d.pki.cert,
+        std::fs::read(fresh.path().join("new.pem")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        &d.pki.key,
+        std::fs::read(fresh.path().join("new.key")).unwrap(),
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(hup.success());
     let mut served = false;
     for _ in 0..200 {
         if proxy.output().contains("reload on SIGHUP done") {
             let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(ca.client().config(&[b"http/1.1"])))
-                .connect("localhost".try_into().unwrap(), tcp)
-                .await;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+                ca.client().config(&[b"http/1.1"]),
+            ))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await;
             if let Ok(tls) = tls {
-                served = tls.get_ref().1.peer_certificates().unwrap()[0].as_ref() == leaf.as_slice();
+                served =
+                    tls.get_ref().1.peer_certificates().unwrap()[0].as_ref() == leaf.as_slice();
             }
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(served, "the reloaded certificate is not served; log:\n{}", proxy.output());
+    assert!(
+        served,
+        "the reloaded certificate is not served; log:\n{}",
+        proxy.output()
+    );
 }
 
 #[test]

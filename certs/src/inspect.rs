@@ -28,7 +28,11 @@ impl Info {
     pub fn read(chain: &[CertificateDer<'_>]) -> Result<Info, String> {
         let parsed: Vec<X509Certificate<'_>> = chain
             .iter()
-            .map(|c| X509Certificate::from_der(c.as_ref()).map(|(_, x)| x).map_err(|e| format!("unparsable certificate: {e}")))
+            .map(|c| {
+                X509Certificate::from_der(c.as_ref())
+                    .map(|(_, x)| x)
+                    .map_err(|e| format!("unparsable certificate: {e}"))
+            })
             .collect::<Result<_, _>>()?;
         let leaf = parsed.first().ok_or("empty chain")?;
         let mut names = Vec::new();
@@ -50,8 +54,14 @@ impl Info {
         let chain_in_order = parsed.windows(2).all(|w| w[0].issuer() == w[1].subject());
         let key_type = match leaf.public_key().parsed() {
             Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => format!("RSA {}", rsa.key_size()),
-            Ok(x509_parser::public_key::PublicKey::EC(ec)) => format!("ECDSA {}", curve_name(ec.key_size())),
-            Ok(other) => format!("{other:?}").split('(').next().unwrap_or("other").to_owned(),
+            Ok(x509_parser::public_key::PublicKey::EC(ec)) => {
+                format!("ECDSA {}", curve_name(ec.key_size()))
+            }
+            Ok(other) => format!("{other:?}")
+                .split('(')
+                .next()
+                .unwrap_or("other")
+                .to_owned(),
             Err(_) => "unknown".to_owned(),
         };
         Ok(Info {
@@ -91,7 +101,9 @@ fn covers(have: &str, want: &str) -> bool {
         return true;
     }
     match (have.strip_prefix("*."), want.split_once('.')) {
-        (Some(suffix), Some((label, rest))) => !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(suffix),
+        (Some(suffix), Some((label, rest))) => {
+            !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(suffix)
+        }
         _ => false,
     }
 }
@@ -128,7 +140,12 @@ pub fn format_time(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -145,13 +162,20 @@ mod tests {
 
     #[test]
     fn reads_a_generated_certificate() {
-        let c = rcgen::generate_simple_self_signed(vec!["a.test".into(), "127.0.0.1".into()]).unwrap();
+        let c =
+            rcgen::generate_simple_self_signed(vec!["a.test".into(), "127.0.0.1".into()]).unwrap();
         let info = Info::read(&[c.cert.der().clone()]).unwrap();
         assert_eq!(info.names, ["a.test", "127.0.0.1"]);
         assert_eq!(info.key_type, "ECDSA P-256");
         assert!(info.chain_in_order);
         assert!(!info.expired(SystemTime::now()));
-        assert_eq!(info.uncovered(&["a.test".into(), "b.test".into()]), ["b.test"]);
-        assert_eq!(format_time(UNIX_EPOCH + Duration::from_secs(1_700_000_000)), "2023-11-14 22:13:20 UTC");
+        assert_eq!(
+            info.uncovered(&["a.test".into(), "b.test".into()]),
+            ["b.test"]
+        );
+        assert_eq!(
+            format_time(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "2023-11-14 22:13:20 UTC"
+        );
     }
 }

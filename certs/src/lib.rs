@@ -49,7 +49,10 @@ pub enum Error {
     Unparsable { path: PathBuf, why: String },
     /// The leaf has expired (the operator's, or a renewal that did not happen).
     #[error("{}: the certificate expired on {}", path.display(), inspect::format_time(*not_after))]
-    Expired { path: PathBuf, not_after: std::time::SystemTime },
+    Expired {
+        path: PathBuf,
+        not_after: std::time::SystemTime,
+    },
     /// The leaf does not name every host the site serves (the operator's).
     #[error("{}: the certificate does not cover {}", path.display(), missing.join(", "))]
     NamesNotCovered { path: PathBuf, missing: Vec<String> },
@@ -66,7 +69,10 @@ pub struct Loaded {
 /// and it covers `site_names` (when any are given).
 pub fn load_checked(cert: &Path, key: &Path, site_names: &[String]) -> Result<Loaded, Error> {
     let ck = load_files(cert, key)?;
-    let info = inspect::Info::read(&ck.cert).map_err(|why| Error::Unparsable { path: cert.to_owned(), why })?;
+    let info = inspect::Info::read(&ck.cert).map_err(|why| Error::Unparsable {
+        path: cert.to_owned(),
+        why,
+    })?;
     if info.expired(std::time::SystemTime::now()) {
         return Err(Error::Expired {
             path: cert.to_owned(),
@@ -103,7 +109,11 @@ pub struct Sites {
 
 impl Sites {
     /// `sites`: each site's names and first certificate, in config order; `default` indexes it.
-    pub fn new(sites: Vec<(Vec<String>, Arc<CertifiedKey>)>, default: usize, strict: bool) -> Sites {
+    pub fn new(
+        sites: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+        default: usize,
+        strict: bool,
+    ) -> Sites {
         let mut exact = std::collections::HashMap::new();
         let mut wildcard = std::collections::HashMap::new();
         let mut certs = Vec::with_capacity(sites.len());
@@ -128,7 +138,11 @@ impl Sites {
     /// The site that serves `name` (a host name, any case, port already removed).
     pub fn site_for(&self, name: &str) -> Option<usize> {
         let name = name.trim_end_matches('.');
-        if let Some(i) = self.exact.get(name).or_else(|| self.exact.get(&name.to_ascii_lowercase())) {
+        if let Some(i) = self
+            .exact
+            .get(name)
+            .or_else(|| self.exact.get(&name.to_ascii_lowercase()))
+        {
             return Some(*i);
         }
         let (_, suffix) = name.split_once('.')?;
@@ -139,7 +153,11 @@ impl Sites {
     pub fn site_for_sni(&self, sni: Option<&str>) -> Option<usize> {
         match sni {
             None => Some(self.default),
-            Some(n) => self.site_for(n).or(if self.strict { None } else { Some(self.default) }),
+            Some(n) => self.site_for(n).or(if self.strict {
+                None
+            } else {
+                Some(self.default)
+            }),
         }
     }
 
@@ -193,12 +211,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Reads a PEM certificate chain, leaf first.
 pub fn read_chain(cert: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let cert_pem = std::fs::read(cert).map_err(|source| Error::Read { path: cert.to_owned(), source })?;
+    let cert_pem = std::fs::read(cert).map_err(|source| Error::Read {
+        path: cert.to_owned(),
+        source,
+    })?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|_| Error::NoCertificate { path: cert.to_owned() })?;
+        .map_err(|_| Error::NoCertificate {
+            path: cert.to_owned(),
+        })?;
     if chain.is_empty() {
-        return Err(Error::NoCertificate { path: cert.to_owned() });
+        return Err(Error::NoCertificate {
+            path: cert.to_owned(),
+        });
     }
     Ok(chain)
 }
@@ -206,7 +231,10 @@ pub fn read_chain(cert: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 /// Reads a PEM chain (leaf first) and its private key, and checks that the key belongs to the leaf.
 pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Error> {
     let chain = read_chain(cert)?;
-    let key_pem = std::fs::read(key).map_err(|source| Error::Read { path: key.to_owned(), source })?;
+    let key_pem = std::fs::read(key).map_err(|source| Error::Read {
+        path: key.to_owned(),
+        source,
+    })?;
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::NoKey {
         path: key.to_owned(),
         why: e.to_string(),
@@ -278,7 +306,14 @@ mod tests {
     fn sites_by_sni() {
         let a = self_signed(&["a.test".into()]).unwrap();
         let b = self_signed(&["b.test".into()]).unwrap();
-        let sites = Sites::new(vec![(vec!["a.test".into()], a.clone()), (vec!["b.test".into(), "*.b.test".into()], b.clone())], 0, false);
+        let sites = Sites::new(
+            vec![
+                (vec!["a.test".into()], a.clone()),
+                (vec!["b.test".into(), "*.b.test".into()], b.clone()),
+            ],
+            0,
+            false,
+        );
         assert_eq!(sites.site_for("B.test"), Some(1));
         assert_eq!(sites.site_for("x.b.test"), Some(1));
         assert_eq!(sites.site_for_sni(Some("other.test")), Some(0));
@@ -286,7 +321,10 @@ mod tests {
         let strict = Sites::new(vec![(vec!["a.test".into()], a)], 0, true);
         assert_eq!(strict.site_for_sni(Some("other.test")), None);
         sites.swap(1, sites.current(0).unwrap());
-        assert!(Arc::ptr_eq(&sites.current(1).unwrap(), &sites.current(0).unwrap()));
+        assert!(Arc::ptr_eq(
+            &sites.current(1).unwrap(),
+            &sites.current(0).unwrap()
+        ));
     }
 
     #[test]

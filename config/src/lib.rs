@@ -6,9 +6,9 @@
 
 mod cidr;
 mod duration;
+pub mod file;
 mod ratelimit;
 mod size;
-pub mod file;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -76,7 +76,8 @@ pub mod defaults {
     pub const RATE_LIMIT_MAX_KEYS: u64 = 100_000;
     /// `[acme] directory`: Let's Encrypt production; `"letsencrypt-staging"` names its staging twin.
     pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
-    pub const ACME_DIRECTORY_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+    pub const ACME_DIRECTORY_STAGING: &str =
+        "https://acme-staging-v02.api.letsencrypt.org/directory";
     /// Account key, certificates and keys (folders 0700, files 0600); systemd's `StateDirectory=`.
     pub const ACME_STATE_DIR: &str = "/var/lib/portcullis/acme";
 }
@@ -175,7 +176,9 @@ pub enum CertSource {
     SelfSigned,
     /// Obtained and renewed from the `[acme]` CA. Until the first one exists, `files` (cert, key) are served
     /// when given, else a self-signed certificate.
-    Acme { files: Option<(PathBuf, PathBuf)> },
+    Acme {
+        files: Option<(PathBuf, PathBuf)>,
+    },
 }
 
 /// `[acme]`: where certificates for `acme = true` sites come from, and where they are kept.
@@ -216,7 +219,10 @@ pub struct Eab {
 
 impl fmt::Debug for Eab {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Eab").field("kid", &self.kid).field("hmac_key", &"<secret>").finish()
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &"<secret>")
+            .finish()
     }
 }
 
@@ -506,7 +512,11 @@ impl Checker<'_> {
             })
             .collect::<Vec<Cidr>>();
         if listen.proxy_protocol && trusted_proxies.is_empty() {
-            self.problem(0..0, "listen.proxy_protocol", "needs trusted_proxies: PROXY headers are accepted only from them");
+            self.problem(
+                0..0,
+                "listen.proxy_protocol",
+                "needs trusted_proxies: PROXY headers are accepted only from them",
+            );
         }
         let headers = self.headers(f.headers);
         let timeouts = self.timeouts(f.timeouts);
@@ -576,7 +586,11 @@ impl Checker<'_> {
             h2_max_streams: None,
         });
         let limits = Limits {
-            header_bytes: self.size("limits.header_bytes", l.header_bytes, defaults::HEADER_BYTES),
+            header_bytes: self.size(
+                "limits.header_bytes",
+                l.header_bytes,
+                defaults::HEADER_BYTES,
+            ),
             headers: self.count("limits.headers", l.headers, defaults::HEADERS),
             uri_bytes: self.size("limits.uri_bytes", l.uri_bytes, defaults::URI_BYTES),
             body: self.size("limits.body", l.body, defaults::BODY),
@@ -586,8 +600,16 @@ impl Checker<'_> {
                 defaults::MAX_REQUESTS_PER_CONNECTION,
             ),
             connections: self.count("limits.connections", l.connections, defaults::CONNECTIONS),
-            connections_per_ip: self.count("limits.connections_per_ip", l.connections_per_ip, defaults::CONNECTIONS_PER_IP),
-            h2_max_streams: self.count("limits.h2_max_streams", l.h2_max_streams, defaults::H2_MAX_STREAMS),
+            connections_per_ip: self.count(
+                "limits.connections_per_ip",
+                l.connections_per_ip,
+                defaults::CONNECTIONS_PER_IP,
+            ),
+            h2_max_streams: self.count(
+                "limits.h2_max_streams",
+                l.h2_max_streams,
+                defaults::H2_MAX_STREAMS,
+            ),
         };
         if limits.header_bytes < 1024 {
             self.problem(0..0, "limits.header_bytes", "must be at least 1KiB");
@@ -640,7 +662,11 @@ impl Checker<'_> {
             if valid_host_name(&lower) {
                 out.push(lower);
             } else {
-                self.problem(n.span(), format!("{key}[{i}]"), format!("{:?} is not a host name", n.get_ref()));
+                self.problem(
+                    n.span(),
+                    format!("{key}[{i}]"),
+                    format!("{:?} is not a host name", n.get_ref()),
+                );
             }
         }
         out
@@ -658,19 +684,29 @@ impl Checker<'_> {
         let tls_span = s.tls.span();
         let t = s.tls.into_inner();
         if let Some(v) = &t.min_version {
-            self.problem(v.span(), format!("site[{i}].tls.min_version"), "is set once, in the top-level [tls]");
+            self.problem(
+                v.span(),
+                format!("site[{i}].tls.min_version"),
+                "is set once, in the top-level [tls]",
+            );
         }
         let self_signed = t.self_signed.as_ref().is_some_and(|s| *s.get_ref());
         let acme = t.acme.as_ref().is_some_and(|s| *s.get_ref());
         let tls = match (t.cert, t.key, self_signed) {
-            (cert, key, false) if acme => self.acme_source(&format!("site[{i}].tls"), tls_span, cert, key),
+            (cert, key, false) if acme => {
+                self.acme_source(&format!("site[{i}].tls"), tls_span, cert, key)
+            }
             (Some(cert), Some(key), false) => CertSource::Files {
                 cert: self.resolve(cert.get_ref()),
                 key: self.resolve(key.get_ref()),
             },
             (None, None, true) if !acme => CertSource::SelfSigned,
             _ => {
-                self.problem(tls_span, format!("site[{i}].tls"), "give `cert` and `key`, `self_signed = true`, or `acme = true`");
+                self.problem(
+                    tls_span,
+                    format!("site[{i}].tls"),
+                    "give `cert` and `key`, `self_signed = true`, or `acme = true`",
+                );
                 CertSource::SelfSigned
             }
         };
@@ -707,7 +743,11 @@ impl Checker<'_> {
     }
 
     fn listen(&mut self, l: Option<file::Listen>) -> Listen {
-        let default = |d: &[&str]| d.iter().filter_map(|s| s.parse().ok()).collect::<Vec<SocketAddr>>();
+        let default = |d: &[&str]| {
+            d.iter()
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<SocketAddr>>()
+        };
         let (https, http, proxy_protocol) = match l {
             None => (None, None, None),
             Some(l) => (l.https, l.http, l.proxy_protocol),
@@ -732,9 +772,18 @@ impl Checker<'_> {
             // Only [[site]]s: the top-level [tls] may still set min_version, and nothing else.
             let min_version = match t.map(S::into_inner) {
                 Some(t) => {
-                    for (k, v) in [("cert", t.cert.map(|s| s.span())), ("key", t.key.map(|s| s.span())), ("self_signed", t.self_signed.map(|s| s.span())), ("acme", t.acme.map(|s| s.span()))] {
+                    for (k, v) in [
+                        ("cert", t.cert.map(|s| s.span())),
+                        ("key", t.key.map(|s| s.span())),
+                        ("self_signed", t.self_signed.map(|s| s.span())),
+                        ("acme", t.acme.map(|s| s.span())),
+                    ] {
                         if let Some(span) = v {
-                            self.problem(span, format!("tls.{k}"), "only with top-level [[route]]s: each [[site]] has its own tls");
+                            self.problem(
+                                span,
+                                format!("tls.{k}"),
+                                "only with top-level [[route]]s: each [[site]] has its own tls",
+                            );
                         }
                     }
                     self.min_version(t.min_version)
@@ -764,7 +813,11 @@ impl Checker<'_> {
         let source = match (t.cert, t.key, self_signed) {
             (cert, key, false) if acme => self.acme_source("tls", span.clone(), cert, key),
             (_, _, true) if acme => {
-                self.problem(span.clone(), "tls.acme", "give either `acme = true` or `self_signed = true`, not both");
+                self.problem(
+                    span.clone(),
+                    "tls.acme",
+                    "give either `acme = true` or `self_signed = true`, not both",
+                );
                 CertSource::SelfSigned
             }
             (Some(cert), Some(key), false) => CertSource::Files {
@@ -821,7 +874,13 @@ impl Checker<'_> {
     }
 
     /// `acme = true`, with the `cert`/`key` files served until the first certificate when both are given.
-    fn acme_source(&mut self, key: &str, span: Range<usize>, cert: Option<S<String>>, k: Option<S<String>>) -> CertSource {
+    fn acme_source(
+        &mut self,
+        key: &str,
+        span: Range<usize>,
+        cert: Option<S<String>>,
+        k: Option<S<String>>,
+    ) -> CertSource {
         match (cert, k) {
             (Some(c), Some(k)) => CertSource::Acme {
                 files: Some((self.resolve(c.get_ref()), self.resolve(k.get_ref()))),
@@ -835,8 +894,16 @@ impl Checker<'_> {
     }
 
     /// `[acme]` and the sites that use it. `first_site` is the index of `[[site]]` 0 in `sites`.
-    fn acme(&mut self, a: Option<S<file::Acme>>, sites: &[Site], first_site: usize, listen: &Listen) -> Option<Acme> {
-        let users: Vec<usize> = (0..sites.len()).filter(|i| matches!(sites[*i].tls, CertSource::Acme { .. })).collect();
+    fn acme(
+        &mut self,
+        a: Option<S<file::Acme>>,
+        sites: &[Site],
+        first_site: usize,
+        listen: &Listen,
+    ) -> Option<Acme> {
+        let users: Vec<usize> = (0..sites.len())
+            .filter(|i| matches!(sites[*i].tls, CertSource::Acme { .. }))
+            .collect();
         let (span, a) = match a {
             Some(a) => (a.span(), a.into_inner()),
             None if users.is_empty() => return None,
@@ -856,11 +923,19 @@ impl Checker<'_> {
             ),
         };
         if users.is_empty() {
-            self.warning(span, "acme", "no site has `acme = true`: this section is not used");
+            self.warning(
+                span,
+                "acme",
+                "no site has `acme = true`: this section is not used",
+            );
             return None;
         }
         for &i in &users {
-            let key = if i < first_site { "names".to_owned() } else { format!("site[{}].names", i - first_site) };
+            let key = if i < first_site {
+                "names".to_owned()
+            } else {
+                format!("site[{}].names", i - first_site)
+            };
             if sites[i].names.is_empty() {
                 self.problem(0..0, key.clone(), "an `acme = true` site needs its host names: they are what the certificate is for");
             }
@@ -869,9 +944,16 @@ impl Checker<'_> {
             }
         }
         let email = a.email.and_then(|e| {
-            let ok = e.get_ref().contains('@') && !e.get_ref().contains(|c: char| c.is_whitespace() || c == ',' || c == '<' || c == '>');
+            let ok = e.get_ref().contains('@')
+                && !e
+                    .get_ref()
+                    .contains(|c: char| c.is_whitespace() || c == ',' || c == '<' || c == '>');
             if !ok {
-                self.problem(e.span(), "acme.email", format!("{:?} is not an email address", e.get_ref()));
+                self.problem(
+                    e.span(),
+                    "acme.email",
+                    format!("{:?} is not an email address", e.get_ref()),
+                );
             }
             ok.then(|| e.into_inner())
         });
@@ -880,15 +962,27 @@ impl Checker<'_> {
             Some(d) => match d.get_ref().as_str() {
                 "letsencrypt" => defaults::ACME_DIRECTORY.to_owned(),
                 "letsencrypt-staging" => defaults::ACME_DIRECTORY_STAGING.to_owned(),
-                url if url.starts_with("https://") && url.len() > "https://".len() && !url.contains(char::is_whitespace) => url.to_owned(),
+                url if url.starts_with("https://")
+                    && url.len() > "https://".len()
+                    && !url.contains(char::is_whitespace) =>
+                {
+                    url.to_owned()
+                }
                 other => {
                     self.problem(d.span(), "acme.directory", format!("{other:?}: give the CA's https:// directory URL, \"letsencrypt\" or \"letsencrypt-staging\""));
                     defaults::ACME_DIRECTORY.to_owned()
                 }
             },
         };
-        let state_dir = a.state_dir.map_or_else(|| PathBuf::from(defaults::ACME_STATE_DIR), |d| self.resolve(d.get_ref()));
-        let default_challenge = if listen.http.is_empty() { AcmeChallenge::TlsAlpn01 } else { AcmeChallenge::Http01 };
+        let state_dir = a.state_dir.map_or_else(
+            || PathBuf::from(defaults::ACME_STATE_DIR),
+            |d| self.resolve(d.get_ref()),
+        );
+        let default_challenge = if listen.http.is_empty() {
+            AcmeChallenge::TlsAlpn01
+        } else {
+            AcmeChallenge::Http01
+        };
         let challenge = match a.challenge {
             None => default_challenge,
             Some(c) => match c.get_ref().as_str() {
@@ -898,20 +992,36 @@ impl Checker<'_> {
                 }
                 "http-01" => AcmeChallenge::Http01,
                 "tls-alpn-01" if listen.https.is_empty() => {
-                    self.problem(c.span(), "acme.challenge", "tls-alpn-01 needs the HTTPS listener (listen.https)");
+                    self.problem(
+                        c.span(),
+                        "acme.challenge",
+                        "tls-alpn-01 needs the HTTPS listener (listen.https)",
+                    );
                     AcmeChallenge::TlsAlpn01
                 }
                 "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
                 other => {
-                    self.problem(c.span(), "acme.challenge", format!("{other:?}: use \"http-01\" or \"tls-alpn-01\""));
+                    self.problem(
+                        c.span(),
+                        "acme.challenge",
+                        format!("{other:?}: use \"http-01\" or \"tls-alpn-01\""),
+                    );
                     default_challenge
                 }
             },
         };
         if challenge == AcmeChallenge::TlsAlpn01 {
             for &i in &users {
-                for n in sites[i].names.iter().filter(|n| n.parse::<IpAddr>().is_ok()) {
-                    self.problem(0..0, "acme.challenge", format!("{n:?}: an IP address needs the http-01 challenge"));
+                for n in sites[i]
+                    .names
+                    .iter()
+                    .filter(|n| n.parse::<IpAddr>().is_ok())
+                {
+                    self.problem(
+                        0..0,
+                        "acme.challenge",
+                        format!("{n:?}: an IP address needs the http-01 challenge"),
+                    );
                 }
             }
         }
@@ -922,8 +1032,17 @@ impl Checker<'_> {
                 self.problem(e.kid.span(), "acme.eab.kid", "is empty");
             }
             let key = e.hmac_key.get_ref();
-            if key.is_empty() || !key.trim_end_matches('=').bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                self.problem(e.hmac_key.span(), "acme.eab.hmac_key", "must be the base64url key the CA gave");
+            if key.is_empty()
+                || !key
+                    .trim_end_matches('=')
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                self.problem(
+                    e.hmac_key.span(),
+                    "acme.eab.hmac_key",
+                    "must be the base64url key the CA gave",
+                );
             }
             Eab {
                 kid: e.kid.into_inner(),
@@ -947,7 +1066,11 @@ impl Checker<'_> {
         });
         let validation_port = a.validation_port.and_then(|p| {
             if *p.get_ref() == 0 {
-                self.problem(p.span(), "acme.validation_port", "must be a port number, 1-65535");
+                self.problem(
+                    p.span(),
+                    "acme.validation_port",
+                    "must be a port number, 1-65535",
+                );
                 None
             } else {
                 Some(*p.get_ref())
@@ -973,7 +1096,11 @@ impl Checker<'_> {
                 "1.2" => TlsVersion::Tls12,
                 "1.3" => TlsVersion::Tls13,
                 other => {
-                    self.problem(v.span(), "tls.min_version", format!("{other:?}: use \"1.2\" or \"1.3\""));
+                    self.problem(
+                        v.span(),
+                        "tls.min_version",
+                        format!("{other:?}: use \"1.2\" or \"1.3\""),
+                    );
                     TlsVersion::Tls12
                 }
             },
@@ -1031,7 +1158,11 @@ impl Checker<'_> {
         default_body: u64,
     ) -> Vec<Route> {
         if routes.is_empty() {
-            self.problem(0..0, key, "missing: add at least one [[route]] with a path and an upstream");
+            self.problem(
+                0..0,
+                key,
+                "missing: add at least one [[route]] with a path and an upstream",
+            );
         }
         let mut out: Vec<Route> = Vec::with_capacity(routes.len());
         for (i, r) in routes.into_iter().enumerate() {
@@ -1309,12 +1440,20 @@ servers = ["127.0.0.1:8000"]
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.limits.body, 10 * 1024 * 1024);
         assert_eq!(c.routes[0].max_body, 10 * 1024 * 1024);
-        let text = EXAMPLE.replace("upstream = \"app\"\n", "upstream = \"app\"\nmax_body = \"1GiB\"\n");
-        let c = parse(&format!("{text}\n[limits]\nbody = 1000\nheader_bytes = \"16KiB\"\n")).unwrap();
+        let text = EXAMPLE.replace(
+            "upstream = \"app\"\n",
+            "upstream = \"app\"\nmax_body = \"1GiB\"\n",
+        );
+        let c = parse(&format!(
+            "{text}\n[limits]\nbody = 1000\nheader_bytes = \"16KiB\"\n"
+        ))
+        .unwrap();
         assert_eq!(c.routes[0].max_body, 1 << 30);
         assert_eq!(c.limits.body, 1000);
         assert_eq!(c.limits.header_bytes, 16 * 1024);
-        let p = problems(&format!("{EXAMPLE}\n[limits]\nbody = \"lots\"\nheaders = 0\n"));
+        let p = problems(&format!(
+            "{EXAMPLE}\n[limits]\nbody = \"lots\"\nheaders = 0\n"
+        ));
         assert_eq!(p.len(), 2, "{p:?}");
     }
 
@@ -1334,12 +1473,27 @@ servers = ["127.0.0.1:8000"]
         let c = parse(only).unwrap();
         assert_eq!(c.sites.len(), 1);
         assert_eq!(c.tls.min_version, TlsVersion::Tls13);
-        assert_eq!(c.sites[0].tls, CertSource::Files { cert: "/etc/portcullis/a.pem".into(), key: "/etc/portcullis/a.key".into() });
+        assert_eq!(
+            c.sites[0].tls,
+            CertSource::Files {
+                cert: "/etc/portcullis/a.pem".into(),
+                key: "/etc/portcullis/a.key".into()
+            }
+        );
 
-        let dup = format!("{EXAMPLE}\n[[site]]\nnames = [\"localhost\"]\ntls = {{ self_signed = true }}\n[[site.route]]\npath = \"/\"\nupstream = \"nope\"\n");
+        let dup = format!(
+            "{EXAMPLE}\n[[site]]\nnames = [\"localhost\"]\ntls = {{ self_signed = true }}\n[[site.route]]\npath = \"/\"\nupstream = \"nope\"\n"
+        );
         let p = problems(&dup);
-        assert!(p.iter().any(|l| l.contains("site: \"localhost\" is named by two sites")), "{p:?}");
-        assert!(p.iter().any(|l| l.contains("site[0].route[0].upstream")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site: \"localhost\" is named by two sites")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|l| l.contains("site[0].route[0].upstream")),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -1358,27 +1512,53 @@ servers = ["127.0.0.1:8000"]
 
         let bad = text
             .replace("\"b.example.com\"", "\"*.example.com\"")
-            .replace("renew_before = \"30d\"", "challenge = \"dns-01\"\neab = { kid = \"k\", hmac_key = \"not base64!\" }");
+            .replace(
+                "renew_before = \"30d\"",
+                "challenge = \"dns-01\"\neab = { kid = \"k\", hmac_key = \"not base64!\" }",
+            );
         let p = problems(&bad);
-        assert!(p.iter().any(|l| l.contains("site[0].names") && l.contains("DNS-01")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site[0].names") && l.contains("DNS-01")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|l| l.contains("acme.challenge")), "{p:?}");
         assert!(p.iter().any(|l| l.contains("acme.eab.hmac_key")), "{p:?}");
 
         // The top-level [tls]: its files serve until the first certificate; no [acme] means the defaults.
-        let top = EXAMPLE.replace("key  = \"/etc/portcullis/privkey.pem\"", "key  = \"/etc/portcullis/privkey.pem\"\nacme = true");
+        let top = EXAMPLE.replace(
+            "key  = \"/etc/portcullis/privkey.pem\"",
+            "key  = \"/etc/portcullis/privkey.pem\"\nacme = true",
+        );
         let c = parse(&top).unwrap();
-        assert!(matches!(&c.sites[0].tls, CertSource::Acme { files: Some(_) }));
+        assert!(matches!(
+            &c.sites[0].tls,
+            CertSource::Acme { files: Some(_) }
+        ));
         assert_eq!(c.acme.unwrap().directory, defaults::ACME_DIRECTORY);
         let no_http = top.replace("http  = [\"127.0.0.1:8080\"]", "http = []");
-        assert_eq!(parse(&no_http).unwrap().acme.unwrap().challenge, AcmeChallenge::TlsAlpn01);
-        assert!(problems(&format!("{no_http}\n[acme]\nchallenge = \"http-01\"\n"))[0].contains("acme.challenge"));
+        assert_eq!(
+            parse(&no_http).unwrap().acme.unwrap().challenge,
+            AcmeChallenge::TlsAlpn01
+        );
+        assert!(
+            problems(&format!("{no_http}\n[acme]\nchallenge = \"http-01\"\n"))[0]
+                .contains("acme.challenge")
+        );
     }
 
     #[test]
     fn trusting_everyone_is_a_warning() {
-        let c = parse(&format!("trusted_proxies = [\"10.0.0.0/8\", \"0.0.0.0/0\"]\n{EXAMPLE}")).unwrap();
+        let c = parse(&format!(
+            "trusted_proxies = [\"10.0.0.0/8\", \"0.0.0.0/0\"]\n{EXAMPLE}"
+        ))
+        .unwrap();
         assert_eq!(c.warnings.len(), 1);
-        assert!(c.warnings[0].to_string().contains(":1:") && c.warnings[0].key == "trusted_proxies[1]", "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].to_string().contains(":1:") && c.warnings[0].key == "trusted_proxies[1]",
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

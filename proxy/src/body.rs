@@ -18,7 +18,10 @@ pub enum Body {
     /// Streamed from the client or the upstream, frame by frame: never buffered whole.
     Stream(Incoming),
     /// A client's request body that may carry at most `left` more bytes (then [`TooLarge`]).
-    Limited { inner: Incoming, left: u64 },
+    Limited {
+        inner: Incoming,
+        left: u64,
+    },
 }
 
 /// A request body went past its route's limit (the client's fault: 413).
@@ -36,7 +39,10 @@ impl http_body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -13,8 +13,8 @@ mod listen;
 mod notify;
 mod ocsp;
 mod privdrop;
-mod reload;
 mod ratelimit;
+mod reload;
 mod shutdown;
 mod state;
 mod telemetry;
@@ -94,7 +94,11 @@ fn main() -> ExitCode {
 /// Prints what `check` knows about one site's certificate; false when it would not be served.
 fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
     use portcullis_certs::inspect::{Info, format_time};
-    let names = if site.names.is_empty() { "any host".to_owned() } else { site.names.join(", ") };
+    let names = if site.names.is_empty() {
+        "any host".to_owned()
+    } else {
+        site.names.join(", ")
+    };
     println!("site {i}: {names}");
     let CertSource::Files { cert, key } = &site.tls else {
         // ACME sites: `acme::report_site` says what is stored and when it renews.
@@ -104,7 +108,10 @@ fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
         return true;
     };
     println!("  certificate  {}", cert.display());
-    let info = match portcullis_certs::read_chain(cert).map_err(|e| e.to_string()).and_then(|c| Info::read(&c)) {
+    let info = match portcullis_certs::read_chain(cert)
+        .map_err(|e| e.to_string())
+        .and_then(|c| Info::read(&c))
+    {
         Ok(info) => info,
         Err(e) => {
             eprintln!("{}: site {i}: tls: {e}", path.display());
@@ -117,7 +124,11 @@ fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
     println!(
         "  names        {} (covers the site: {})",
         info.names.join(", "),
-        if missing.is_empty() { "yes".to_owned() } else { format!("NO, missing {}", missing.join(", ")) }
+        if missing.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO, missing {}", missing.join(", "))
+        }
     );
     println!("  subject      {}", info.subject);
     println!("  issuer       {}", info.issuer);
@@ -125,7 +136,11 @@ fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
     println!(
         "  expires      {} ({})",
         format_time(info.not_after),
-        if info.expired(now) { "EXPIRED".to_owned() } else { format!("in {days} days") }
+        if info.expired(now) {
+            "EXPIRED".to_owned()
+        } else {
+            format!("in {days} days")
+        }
     );
     let fits = portcullis_certs::load_files(cert, key);
     println!(
@@ -144,15 +159,29 @@ fn report_site(path: &Path, i: usize, site: &portcullis_config::Site) -> bool {
         ok = false;
     }
     if info.expired(now) {
-        eprintln!("{}: site {i}: tls: {} expired on {}", path.display(), cert.display(), format_time(info.not_after));
+        eprintln!(
+            "{}: site {i}: tls: {} expired on {}",
+            path.display(),
+            cert.display(),
+            format_time(info.not_after)
+        );
         ok = false;
     }
     if !missing.is_empty() {
-        eprintln!("{}: site {i}: tls: {} does not cover {}", path.display(), cert.display(), missing.join(", "));
+        eprintln!(
+            "{}: site {i}: tls: {} does not cover {}",
+            path.display(),
+            cert.display(),
+            missing.join(", ")
+        );
         ok = false;
     }
     if !info.chain_in_order {
-        eprintln!("warning: {}: site {i}: {} is not in order (leaf first, each certificate followed by its issuer)", path.display(), cert.display());
+        eprintln!(
+            "warning: {}: site {i}: {} is not in order (leaf first, each certificate followed by its issuer)",
+            path.display(),
+            cert.display()
+        );
     }
     ok
 }
@@ -366,13 +395,18 @@ async fn serve(
         tokio::spawn(ocsp::run(state.sites.clone(), site, shutdown.clone()));
     }
     // Certificates: file changes and SIGHUP reload them; systemd hears RELOADING=1 / READY=1 around SIGHUP.
-    tokio::spawn(reload::run(reloader, sighup, shutdown.clone(), |reloading| {
-        if reloading {
-            notify::reloading();
-        } else {
-            notify::ready();
-        }
-    }));
+    tokio::spawn(reload::run(
+        reloader,
+        sighup,
+        shutdown.clone(),
+        |reloading| {
+            if reloading {
+                notify::reloading();
+            } else {
+                notify::ready();
+            }
+        },
+    ));
     // ACME: each `acme = true` site gets its certificate ordered, renewed and swapped in.
     tokio::spawn(acme::run(state.clone(), shutdown.clone()));
     drop(shutdown);

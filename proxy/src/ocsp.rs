@@ -29,14 +29,17 @@ const MAX_RESPONSE: usize = 64 * 1024;
 
 /// Keeps site `site`'s staple fresh until shutdown.
 pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     // The certificate as we last swapped it in (stapled), and the leaf its response is for.
     let mut ours: Option<Arc<CertifiedKey>> = None;
     let mut good: Option<(Vec<u8>, Checked)> = None;
     let mut next = SystemTime::now();
     let mut retry = RETRY_MIN;
     loop {
-        let Some(current) = sites.current(site) else { return };
+        let Some(current) = sites.current(site) else {
+            return;
+        };
         let replaced = !ours.as_ref().is_some_and(|o| Arc::ptr_eq(o, &current));
         let now = SystemTime::now();
         if replaced || now >= next {
@@ -61,9 +64,14 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                         ours = Some(current.clone());
                         next = now + Duration::from_secs(86_400);
                     }
-                    Ok(Some(q)) => match fetch(&client, &q).await.and_then(|der| ocsp::check(&q, &der, SystemTime::now())) {
+                    Ok(Some(q)) => match fetch(&client, &q)
+                        .await
+                        .and_then(|der| ocsp::check(&q, &der, SystemTime::now()))
+                    {
                         Ok(checked) => {
-                            let Some(latest) = sites.current(site) else { return };
+                            let Some(latest) = sites.current(site) else {
+                                return;
+                            };
                             if latest.cert.first().map(|c| c.as_ref()) == Some(leaf.as_slice()) {
                                 let stapled = ocsp::staple(&latest, checked.der.clone());
                                 sites.swap(site, stapled.clone());
@@ -121,9 +129,12 @@ async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, q: &Query) -> Result
     if !res.status().is_success() {
         return Err(format!("responder answered {}", res.status()));
     }
-    let body = tokio::time::timeout(FETCH_TIMEOUT, Limited::new(res.into_body(), MAX_RESPONSE).collect())
-        .await
-        .map_err(|_| "timed out reading the response".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let body = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        Limited::new(res.into_body(), MAX_RESPONSE).collect(),
+    )
+    .await
+    .map_err(|_| "timed out reading the response".to_owned())?
+    .map_err(|e| e.to_string())?;
     Ok(body.to_bytes().to_vec())
 }

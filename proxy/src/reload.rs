@@ -82,7 +82,9 @@ pub fn load(config: &Config) -> Result<(Arc<Sites>, Arc<Reloader>), Error> {
                 loaded
             }
             // Stored from an earlier run, else its files, else self-signed: the ACME task takes it from here.
-            CertSource::Acme { files } => crate::acme::bootstrap(config, i, &site.names, files.as_ref())?,
+            CertSource::Acme { files } => {
+                crate::acme::bootstrap(config, i, &site.names, files.as_ref())?
+            }
         };
         report_expiry(i, &loaded.info, now);
         tracing::info!(
@@ -148,11 +150,17 @@ impl Reloader {
                 }
                 Err(e @ Error::KeyMismatch { .. }) => {
                     // Most likely mid-renewal: the chain is new and the key not yet. Keep trying.
-                    tracing::info!(site = w.site, "new certificate does not fit the key yet, waiting: {e}");
+                    tracing::info!(
+                        site = w.site,
+                        "new certificate does not fit the key yet, waiting: {e}"
+                    );
                     out.waiting = true;
                 }
                 Err(e) => {
-                    tracing::warn!(site = w.site, "certificate reload refused, keeping the current one: {e}");
+                    tracing::warn!(
+                        site = w.site,
+                        "certificate reload refused, keeping the current one: {e}"
+                    );
                     w.refused = fp;
                     out.refused += 1;
                 }
@@ -183,7 +191,10 @@ impl Reloader {
     }
 
     fn is_empty(&self) -> bool {
-        self.watched.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 }
 
@@ -197,7 +208,11 @@ pub async fn run(
 ) {
     let (tx, mut events) = mpsc::channel::<()>(16);
     // Kept alive for as long as this task runs; None when inotify is unavailable (the poll still works).
-    let _watcher = if reloader.is_empty() { None } else { watch(&reloader.folders(), tx) };
+    let _watcher = if reloader.is_empty() {
+        None
+    } else {
+        watch(&reloader.folders(), tx)
+    };
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut daily = tokio::time::interval(Duration::from_secs(24 * 3600));
@@ -218,13 +233,22 @@ pub async fn run(
         if force {
             on_hup(true);
             let r = reloader.clone();
-            let outcome = tokio::task::spawn_blocking(move || r.reload(true)).await.unwrap_or_default();
-            tracing::info!(swapped = outcome.swapped, refused = outcome.refused, "reload on SIGHUP done");
+            let outcome = tokio::task::spawn_blocking(move || r.reload(true))
+                .await
+                .unwrap_or_default();
+            tracing::info!(
+                swapped = outcome.swapped,
+                refused = outcome.refused,
+                "reload on SIGHUP done"
+            );
             waiting = outcome.waiting;
             on_hup(false);
         } else if !reloader.is_empty() {
             let r = reloader.clone();
-            waiting = tokio::task::spawn_blocking(move || r.reload(false)).await.unwrap_or_default().waiting;
+            waiting = tokio::task::spawn_blocking(move || r.reload(false))
+                .await
+                .unwrap_or_default()
+                .waiting;
         }
     }
 }

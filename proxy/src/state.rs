@@ -48,7 +48,11 @@ impl State {
         let redirect_names = if catch_all {
             Vec::new()
         } else {
-            config.sites.iter().flat_map(|s| s.names.iter().cloned()).collect()
+            config
+                .sites
+                .iter()
+                .flat_map(|s| s.names.iter().cloned())
+                .collect()
         };
         let headers = SecurityHeaders::new(&config.headers);
         let l = &config.limits;
@@ -71,7 +75,11 @@ impl State {
             sites,
             challenges: Arc::default(),
             redirect_names,
-            redirect_port: if https_port == 443 { String::new() } else { format!(":{https_port}") },
+            redirect_port: if https_port == 443 {
+                String::new()
+            } else {
+                format!(":{https_port}")
+            },
             guard,
             config,
             tls,

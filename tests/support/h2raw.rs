@@ -58,7 +58,11 @@ pub fn preface() -> Vec<u8> {
 
 /// Writes `bytes`, then reads frames until the server closes, sends GOAWAY, `done` says so, or 5 s pass
 /// without a byte; returns the frame types and flags seen, with each RST_STREAM / GOAWAY error code.
-pub async fn exchange<S>(s: &mut S, bytes: &[u8], done: impl Fn(&[(u8, u8, u32)]) -> bool) -> Vec<(u8, u8, u32)>
+pub async fn exchange<S>(
+    s: &mut S,
+    bytes: &[u8],
+    done: impl Fn(&[(u8, u8, u32)]) -> bool,
+) -> Vec<(u8, u8, u32)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -69,21 +73,28 @@ where
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
     loop {
-        let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk)).await {
+        let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
+            .await
+        {
             Ok(Ok(n)) if n > 0 => n,
             _ => break,
         };
         buf.extend_from_slice(&chunk[..n]);
         while buf.len() >= 9 {
-            let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
             if buf.len() < 9 + len {
                 break;
             }
             let (kind, flags) = (buf[3], buf[4]);
             let payload = &buf[9..9 + len];
             let code = match kind {
-                RST_STREAM if len >= 4 => u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
-                GOAWAY if len >= 8 => u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+                RST_STREAM if len >= 4 => {
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                }
+                GOAWAY if len >= 8 => {
+                    u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
+                }
                 _ => 0,
             };
             got.push((kind, flags, code));

@@ -36,7 +36,11 @@ pub fn binary() -> PathBuf {
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -104,7 +108,8 @@ impl Pki {
         std::fs::write(&cert, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
         std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
         // A private key readable by others is refused by `check`, as it should be.
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let ca_pem = ca.pem();
         std::fs::write(dir.join("ca.pem"), &ca_pem).unwrap();
         Pki { ca_pem, cert, key }
@@ -369,7 +374,9 @@ impl TestCa {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "Portcullis Test CA 2");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Portcullis Test CA 2");
         let pem = params.self_signed(&key).unwrap().pem();
         TestCa {
             pem,
@@ -379,15 +386,27 @@ impl TestCa {
 
     /// Issues a leaf for `names` valid until `not_after` (`None`: a year from the CA's default), writing
     /// `dir/stem.pem` (leaf then CA) and `dir/stem.key` (mode 0600). Returns the leaf's DER.
-    pub fn issue(&self, dir: &Path, stem: &str, names: &[&str], not_after: Option<(i32, u8, u8)>) -> Vec<u8> {
+    pub fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        not_after: Option<(i32, u8, u8)>,
+    ) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         if let Some((y, m, d)) = not_after {
             params.not_before = rcgen::date_time_ymd(y - 1, 1, 1);
             params.not_after = rcgen::date_time_ymd(y, m, d);
         }
         let leaf = params.signed_by(&key, &self.issuer).unwrap();
-        std::fs::write(dir.join(format!("{stem}.pem")), format!("{}{}", leaf.pem(), self.pem)).unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}.pem")),
+            format!("{}{}", leaf.pem(), self.pem),
+        )
+        .unwrap();
         let kp = dir.join(format!("{stem}.key"));
         std::fs::write(&kp, key.serialize_pem()).unwrap();
         std::fs::set_permissions(&kp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();

@@ -86,7 +86,9 @@ enum State {
     Length(u64),
     Chunked(Chunked),
     Passthrough,
-    Rejecting { bytes: bytes::Bytes },
+    Rejecting {
+        bytes: bytes::Bytes,
+    },
     Closing,
     Closed,
 }
@@ -128,7 +130,9 @@ impl<T> Guard<T> {
 
     fn reject(&mut self, r: Reject) {
         tracing::info!(target: "access", client = %self.peer, status = r.status(), reason = r.reason(), "request refused");
-        self.state = State::Rejecting { bytes: self.canned.get(r.status()) };
+        self.state = State::Rejecting {
+            bytes: self.canned.get(r.status()),
+        };
         self.buf.clear();
         self.ready = 0;
     }
@@ -161,7 +165,11 @@ impl<T> Guard<T> {
                         match h.framing {
                             Framing::Length(n) => {
                                 self.ready = h.len;
-                                self.state = if n == 0 { State::Head } else { State::Length(n) };
+                                self.state = if n == 0 {
+                                    State::Head
+                                } else {
+                                    State::Length(n)
+                                };
                             }
                             Framing::Upgrade => {
                                 self.ready = h.len;
@@ -178,7 +186,11 @@ impl<T> Guard<T> {
                         Err(why) => return self.reject(Reject::Bad(why)),
                         Ok(n) if c.sized() => {
                             self.ready = h.len + n;
-                            self.state = if c.done() { State::Head } else { State::Chunked(c) };
+                            self.state = if c.done() {
+                                State::Head
+                            } else {
+                                State::Chunked(c)
+                            };
                         }
                         // The first chunk-size line is not complete yet.
                         Ok(_) => return,
@@ -217,7 +229,11 @@ impl<T> Guard<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             this.advance();
@@ -249,7 +265,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                 _ => {}
             }
             // Bodies and tunnels read straight into hyper's buffer; what belongs to the next head is kept.
-            let direct = this.buf.is_empty() && matches!(this.state, State::Length(_) | State::Chunked(_) | State::Passthrough);
+            let direct = this.buf.is_empty()
+                && matches!(
+                    this.state,
+                    State::Length(_) | State::Chunked(_) | State::Passthrough
+                );
             if direct {
                 let before = out.filled().len();
                 match Pin::new(&mut this.inner).poll_read(cx, out) {
@@ -280,7 +300,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                                     tracing::info!(target: "access", client = %this.peer, reason = why, "request body refused");
                                     this.state = State::Closed;
                                     out.set_filled(before);
-                                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+                                    return Poll::Ready(Err(io::Error::new(
+                                        io::ErrorKind::InvalidData,
+                                        why,
+                                    )));
                                 }
                             },
                             _ => got,
@@ -358,12 +381,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
         }
         tracing::info!(target: "access", client = %self.peer, "request body timed out");
         self.state = State::Closed;
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client body timeout")))
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client body timeout",
+        )))
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -375,7 +405,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 

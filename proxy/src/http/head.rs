@@ -76,7 +76,9 @@ pub struct Head {
 pub enum Verdict {
     Complete(Head),
     /// Need more bytes; `scanned` is where to resume looking for the end of the head.
-    Incomplete { scanned: usize },
+    Incomplete {
+        scanned: usize,
+    },
     Reject(Reject),
 }
 
@@ -94,8 +96,12 @@ pub fn check(buf: &[u8], scanned: usize, limits: &Limits) -> Verdict {
     let from_byte = scanned.saturating_sub(1).max(start);
     for i in from_byte..buf.len() {
         match buf[i] {
-            b'\n' if i == start || buf[i - 1] != b'\r' => return Verdict::Reject(Reject::Bad("bare LF")),
-            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Verdict::Reject(Reject::Bad("bare CR")),
+            b'\n' if i == start || buf[i - 1] != b'\r' => {
+                return Verdict::Reject(Reject::Bad("bare LF"));
+            }
+            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => {
+                return Verdict::Reject(Reject::Bad("bare CR"));
+            }
             _ => {}
         }
     }
@@ -141,13 +147,19 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
         if matches!(line.first(), Some(b' ' | b'\t')) {
             return Err(Reject::Bad("obs-fold header line"));
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or(Reject::Bad("header line without a colon"))?;
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(Reject::Bad("header line without a colon"))?;
         let name = &line[..colon];
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err(Reject::Bad("invalid header name"));
         }
         let raw = &line[colon + 1..];
-        if !raw.iter().all(|&b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80) {
+        if !raw
+            .iter()
+            .all(|&b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
+        {
             return Err(Reject::Bad("control character in a header value"));
         }
         let value = trim_ows(raw);
@@ -167,7 +179,9 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            connection_upgrade |= value.split(|&b| b == b',').any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
+            connection_upgrade |= value
+                .split(|&b| b == b',')
+                .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
         }
     }
 
@@ -187,7 +201,9 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
     }
     let framing = match (te, content_length) {
         (Some(_), Some(_)) => return Err(Reject::Bad("both Content-Length and Transfer-Encoding")),
-        (Some(_), None) if http10 => return Err(Reject::Bad("Transfer-Encoding in an HTTP/1.0 request")),
+        (Some(_), None) if http10 => {
+            return Err(Reject::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
         (Some(raw), None) => transfer_encoding(raw)?,
         (None, Some(n)) => Framing::Length(n),
         (None, None) => Framing::Length(0),
@@ -207,9 +223,19 @@ fn transfer_encoding(raw: &[u8]) -> Result<Framing, Reject> {
         return Ok(Framing::Chunked);
     }
     let codings: Vec<&[u8]> = raw.split(|&b| b == b',').map(trim_ows).collect();
-    let valid = codings.iter().all(|c| !c.is_empty() && c.iter().all(|&b| is_tchar(b)));
-    let chunked_count = codings.iter().filter(|c| c.eq_ignore_ascii_case(b"chunked")).count();
-    if valid && codings.len() > 1 && chunked_count == 1 && codings.last() == Some(&&b"chunked"[..]) && !raw.contains(&b'\t') {
+    let valid = codings
+        .iter()
+        .all(|c| !c.is_empty() && c.iter().all(|&b| is_tchar(b)));
+    let chunked_count = codings
+        .iter()
+        .filter(|c| c.eq_ignore_ascii_case(b"chunked"))
+        .count();
+    if valid
+        && codings.len() > 1
+        && chunked_count == 1
+        && codings.last() == Some(&&b"chunked"[..])
+        && !raw.contains(&b'\t')
+    {
         return Err(Reject::NotImplemented("transfer coding other than chunked"));
     }
     Err(Reject::Bad("Transfer-Encoding is not exactly \"chunked\""))
@@ -217,7 +243,8 @@ fn transfer_encoding(raw: &[u8]) -> Result<Framing, Reject> {
 
 fn request_line<'a>(line: &'a [u8], limits: &Limits) -> Result<(&'a [u8], &'a [u8], bool), Reject> {
     let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(if line.len() > limits.uri_bytes {
             Reject::UriTooLong
@@ -239,12 +266,19 @@ fn request_line<'a>(line: &'a [u8], limits: &Limits) -> Result<(&'a [u8], &'a [u
         || absolute_form_authority(target).is_some()
         || method == b"CONNECT";
     if !form_ok {
-        return Err(Reject::Bad("request-target is not origin-form or absolute-form"));
+        return Err(Reject::Bad(
+            "request-target is not origin-form or absolute-form",
+        ));
     }
     let http10 = match version {
         b"HTTP/1.1" => false,
         b"HTTP/1.0" => true,
-        v if v.len() == 8 && v.starts_with(b"HTTP/") && v[5].is_ascii_digit() && v[6] == b'.' && v[7].is_ascii_digit() => {
+        v if v.len() == 8
+            && v.starts_with(b"HTTP/")
+            && v[5].is_ascii_digit()
+            && v[6] == b'.'
+            && v[7].is_ascii_digit() =>
+        {
             return Err(Reject::Version);
         }
         _ => return Err(Reject::Bad("invalid HTTP version")),
@@ -254,7 +288,8 @@ fn request_line<'a>(line: &'a [u8], limits: &Limits) -> Result<(&'a [u8], &'a [u
 
 /// The authority of an absolute-form target (`http://host[:port]/...`), if it is one.
 fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
-    let lower_starts = |p: &[u8]| target.len() >= p.len() && target[..p.len()].eq_ignore_ascii_case(p);
+    let lower_starts =
+        |p: &[u8]| target.len() >= p.len() && target[..p.len()].eq_ignore_ascii_case(p);
     let rest = if lower_starts(b"http://") {
         &target[7..]
     } else if lower_starts(b"https://") {
@@ -262,7 +297,10 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
     } else {
         return None;
     };
-    let end = rest.iter().position(|&b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
     let authority = &rest[..end];
     (!authority.is_empty() && !authority.contains(&b'@')).then_some(authority)
 }
@@ -303,8 +341,14 @@ impl<'a> Iterator for Lines<'a> {
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(v.len());
-    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -353,7 +397,11 @@ impl Chunked {
                 ChunkState::Data(left) => {
                     let take = left.min((bytes.len() - i) as u64);
                     i += take as usize;
-                    self.state = if left == take { ChunkState::DataCr } else { ChunkState::Data(left - take) };
+                    self.state = if left == take {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
                 }
                 ChunkState::DataCr => {
                     if bytes[i] != b'\r' {
@@ -374,7 +422,11 @@ impl Chunked {
                     i += 1;
                     self.line.push(b);
                     if b != b'\n' {
-                        let limit = if self.state == ChunkState::Size { MAX_CHUNK_LINE } else { MAX_TRAILERS };
+                        let limit = if self.state == ChunkState::Size {
+                            MAX_CHUNK_LINE
+                        } else {
+                            MAX_TRAILERS
+                        };
                         if self.line.len() > limit {
                             return Err("chunk-size line or trailer too long");
                         }
@@ -391,7 +443,11 @@ impl Chunked {
                     if self.state == ChunkState::Size {
                         let size = chunk_size(line)?;
                         self.sized = true;
-                        self.state = if size == 0 { ChunkState::Trailer } else { ChunkState::Data(size) };
+                        self.state = if size == 0 {
+                            ChunkState::Trailer
+                        } else {
+                            ChunkState::Data(size)
+                        };
                     } else if line.is_empty() {
                         self.state = ChunkState::Done;
                         return Ok(i);
@@ -400,7 +456,10 @@ impl Chunked {
                         if self.trailer_bytes > MAX_TRAILERS {
                             return Err("trailers too large");
                         }
-                        let colon = line.iter().position(|&b| b == b':').ok_or("trailer without a colon")?;
+                        let colon = line
+                            .iter()
+                            .position(|&b| b == b':')
+                            .ok_or("trailer without a colon")?;
                         if colon == 0 || !line[..colon].iter().all(|&b| is_tchar(b)) {
                             return Err("invalid trailer name");
                         }
@@ -428,7 +487,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     if size.is_empty() || size.len() > 15 || !size.iter().all(u8::is_ascii_hexdigit) {
         return Err("invalid chunk size");
     }
-    if !ext.iter().all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b)) {
+    if !ext
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b))
+    {
         return Err("invalid chunk extension");
     }
     let s = std::str::from_utf8(size).map_err(|_| "invalid chunk size")?;
@@ -459,62 +521,167 @@ mod tests {
     #[test]
     fn accepts_ordinary_requests() {
         let text = "GET /a?b HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n";
-        assert_eq!(verdict(text), Verdict::Complete(Head { len: text.len(), framing: Framing::Length(0) }));
+        assert_eq!(
+            verdict(text),
+            Verdict::Complete(Head {
+                len: text.len(),
+                framing: Framing::Length(0)
+            })
+        );
         let v = verdict("\r\nPOST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(matches!(v, Verdict::Complete(Head { framing: Framing::Chunked, .. })));
+        assert!(matches!(
+            v,
+            Verdict::Complete(Head {
+                framing: Framing::Chunked,
+                ..
+            })
+        ));
         let head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n";
         let v = verdict(&format!("{head}hello"));
-        assert_eq!(v, Verdict::Complete(Head { len: head.len(), framing: Framing::Length(5) }));
-        assert!(matches!(verdict("GET / HTTP/1.0\r\n\r\n"), Verdict::Complete(_)));
-        assert!(matches!(verdict("GET http://x/y HTTP/1.1\r\nHost: x\r\n\r\n"), Verdict::Complete(_)));
-        let v = verdict("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
-        assert!(matches!(v, Verdict::Complete(Head { framing: Framing::Upgrade, .. })));
-        assert!(matches!(verdict("GET / HTTP/1.1\r\nHost: x\r\n"), Verdict::Incomplete { .. }));
+        assert_eq!(
+            v,
+            Verdict::Complete(Head {
+                len: head.len(),
+                framing: Framing::Length(5)
+            })
+        );
+        assert!(matches!(
+            verdict("GET / HTTP/1.0\r\n\r\n"),
+            Verdict::Complete(_)
+        ));
+        assert!(matches!(
+            verdict("GET http://x/y HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Verdict::Complete(_)
+        ));
+        let v = verdict(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert!(matches!(
+            v,
+            Verdict::Complete(Head {
+                framing: Framing::Upgrade,
+                ..
+            })
+        ));
+        assert!(matches!(
+            verdict("GET / HTTP/1.1\r\nHost: x\r\n"),
+            Verdict::Incomplete { .. }
+        ));
     }
 
     #[test]
     fn rejects_ambiguous_framing() {
-        for te in ["chunked, identity", "  chunked", "xchunked", "chunked, chunked", "\tchunked", "Chunked", "chunked\t"] {
-            assert_eq!(rejected(&format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n")), 400, "{te:?}");
+        for te in [
+            "chunked, identity",
+            "  chunked",
+            "xchunked",
+            "chunked, chunked",
+            "\tchunked",
+            "Chunked",
+            "chunked\t",
+        ] {
+            assert_eq!(
+                rejected(&format!(
+                    "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n"
+                )),
+                400,
+                "{te:?}"
+            );
         }
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), 501);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"), 400);
-        assert_eq!(rejected("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
+        assert_eq!(
+            rejected("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            501
+        );
+        assert_eq!(
+            rejected(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            rejected(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            rejected(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            rejected(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            rejected("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            rejected("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
     }
 
     #[test]
     fn rejects_malformed_lines() {
         assert_eq!(rejected("GET / HTTP/1.1\nHost: x\r\n\r\n"), 400);
         assert_eq!(rejected("GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n"), 400);
-        assert_eq!(rejected("GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"), 400);
+        assert_eq!(
+            rejected("GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"),
+            400
+        );
         assert_eq!(rejected("GET / HTTP/1.1\r\nHost : x\r\n\r\n"), 400);
-        assert_eq!(rejected("GET / HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n\r\n"), 400);
-        assert_eq!(rejected("GET / HTTP/1.1\r\nHost: x\r\n: empty\r\n\r\n"), 400);
+        assert_eq!(
+            rejected("GET / HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            rejected("GET / HTTP/1.1\r\nHost: x\r\n: empty\r\n\r\n"),
+            400
+        );
         assert_eq!(rejected(" GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
         assert_eq!(rejected("G(T / HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
         assert_eq!(rejected("GET /\r\n\r\n"), 400);
         assert_eq!(rejected("GET / HTTP/2.0\r\nHost: x\r\n\r\n"), 505);
         assert_eq!(rejected("GET / HTTP/1.2\r\nHost: x\r\n\r\n"), 505);
         assert_eq!(rejected("GET / HTTP/1.1\r\n\r\n"), 400);
-        assert_eq!(rejected("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), 400);
-        assert_eq!(rejected("GET http://other/ HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
+        assert_eq!(
+            rejected("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            rejected("GET http://other/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            400
+        );
         assert_eq!(rejected("GET x HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
         assert_eq!(rejected("GET  / HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
-        assert_eq!(rejected("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"), 501);
+        assert_eq!(
+            rejected("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"),
+            501
+        );
     }
 
     #[test]
     fn limits() {
         let long = "a".repeat(3000);
-        assert_eq!(rejected(&format!("GET /{long} HTTP/1.1\r\nHost: x\r\n\r\n")), 414);
+        assert_eq!(
+            rejected(&format!("GET /{long} HTTP/1.1\r\nHost: x\r\n\r\n")),
+            414
+        );
         assert_eq!(rejected(&format!("GET /{long}")), 414);
         let many: String = (0..60).map(|i| format!("X-{i}: y\r\n")).collect();
-        assert_eq!(rejected(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")), 431);
+        assert_eq!(
+            rejected(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")),
+            431
+        );
         let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n", "b".repeat(9000));
         assert_eq!(rejected(&big), 431);
     }
@@ -529,7 +696,10 @@ mod tests {
                 v => panic!("{end}: {v:?}"),
             }
         }
-        assert!(matches!(check(full, scanned, &LIMITS), Verdict::Complete(_)));
+        assert!(matches!(
+            check(full, scanned, &LIMITS),
+            Verdict::Complete(_)
+        ));
     }
 
     #[test]
@@ -549,7 +719,14 @@ mod tests {
             }
         }
         assert_eq!(total, n);
-        for bad in [&b"zz\r\n"[..], b"5\nhello\r\n", b"5\r\nhelloX\r\n", b"-1\r\n", b"1ffffffffffffffff\r\n", b"5;\x00\r\n"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\nhello\r\n",
+            b"5\r\nhelloX\r\n",
+            b"-1\r\n",
+            b"1ffffffffffffffff\r\n",
+            b"5;\x00\r\n",
+        ] {
             assert!(Chunked::default().feed(bad).is_err(), "{bad:?}");
         }
         let long_ext = format!("1;{}\r\n", "e".repeat(2000));

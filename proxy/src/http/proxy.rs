@@ -164,7 +164,10 @@ async fn proxy(
     } else if declared.is_some() {
         Body::Stream(body)
     } else {
-        Body::Limited { inner: body, left: max_body }
+        Body::Limited {
+            inner: body,
+            left: max_body,
+        }
     };
     let upstream_req = Request::from_parts(parts, body);
 
@@ -212,10 +215,17 @@ async fn proxy(
 /// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,
 /// RFC 9110 §15.5.20); a Host no site names goes to a default site without names (a catch-all), if any.
 fn site_for(state: &State, sni: Option<usize>, requested: Option<&HeaderValue>) -> Option<usize> {
-    match requested.and_then(host::name).and_then(|h| state.sites.site_for(h)) {
+    match requested
+        .and_then(host::name)
+        .and_then(|h| state.sites.site_for(h))
+    {
         Some(by_host) => (sni.is_none() || sni == Some(by_host)).then_some(by_host),
         None => {
-            let catch_all = state.config.sites.first().is_some_and(|s| s.names.is_empty());
+            let catch_all = state
+                .config
+                .sites
+                .first()
+                .is_some_and(|s| s.names.is_empty());
             (catch_all && sni.is_none_or(|s| s == 0)).then_some(0)
         }
     }
@@ -225,7 +235,8 @@ fn site_for(state: &State, sni: Option<usize>, requested: Option<&HeaderValue>) 
 fn too_large(h1: bool) -> Response<Body> {
     let mut res = pages::status(StatusCode::PAYLOAD_TOO_LARGE);
     if h1 {
-        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res
 }

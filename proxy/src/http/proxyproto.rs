@@ -27,7 +27,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, &'static str> {
     if buf.len() >= 12 && &buf[..12] == V2_SIGNATURE {
         return v2(buf);
     }
-    if V2_SIGNATURE.starts_with(&buf[..buf.len().min(12)]) && buf.len() < 12 && !buf.is_empty() && buf[0] == b'\r' {
+    if V2_SIGNATURE.starts_with(&buf[..buf.len().min(12)])
+        && buf.len() < 12
+        && !buf.is_empty()
+        && buf[0] == b'\r'
+    {
         return Ok(None);
     }
     v1(buf)
@@ -38,7 +42,11 @@ fn v1(buf: &[u8]) -> Result<Option<Header>, &'static str> {
         return Err("not a PROXY header");
     }
     let Some(end) = buf.windows(2).take(107).position(|w| w == b"\r\n") else {
-        return if buf.len() >= 107 { Err("PROXY v1 header too long") } else { Ok(None) };
+        return if buf.len() >= 107 {
+            Err("PROXY v1 header too long")
+        } else {
+            Ok(None)
+        };
     };
     let line = std::str::from_utf8(&buf[..end]).map_err(|_| "PROXY v1 header is not text")?;
     let parts: Vec<&str> = line.split(' ').collect();
@@ -81,14 +89,20 @@ fn v2(buf: &[u8]) -> Result<Option<Header>, &'static str> {
         (0, _) => Ok(Some(Header::Local { len })),
         (1, 0x11) if a.len() >= 12 => Ok(Some(Header::Proxied {
             len,
-            source: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])), u16::from_be_bytes([a[8], a[9]])),
+            source: SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
+                u16::from_be_bytes([a[8], a[9]]),
+            ),
         })),
         (1, 0x21) if a.len() >= 36 => {
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&a[..16]);
             Ok(Some(Header::Proxied {
                 len,
-                source: SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), u16::from_be_bytes([a[32], a[33]])),
+                source: SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(ip)),
+                    u16::from_be_bytes([a[32], a[33]]),
+                ),
             }))
         }
         (1, _) => Ok(Some(Header::Local { len })),
@@ -97,14 +111,21 @@ fn v2(buf: &[u8]) -> Result<Option<Header>, &'static str> {
 }
 
 /// Reads the header from `stream` within `limit`, consuming exactly its bytes; returns the client address.
-pub async fn read(stream: &mut TcpStream, peer: SocketAddr, limit: Duration) -> io::Result<SocketAddr> {
+pub async fn read(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+) -> io::Result<SocketAddr> {
     let bad = |why: &'static str| io::Error::new(io::ErrorKind::InvalidData, why);
     let header = tokio::time::timeout(limit, async {
         let mut buf = [0u8; MAX];
         loop {
             let n = stream.peek(&mut buf).await?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the PROXY header"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the PROXY header",
+                ));
             }
             match parse(&buf[..n]) {
                 Ok(Some(h)) => return Ok(h),
@@ -133,11 +154,26 @@ mod tests {
 
     #[test]
     fn v1() {
-        let h = parse(b"PROXY TCP4 203.0.113.5 10.0.0.1 5555 443\r\n\x16\x03").unwrap().unwrap();
-        assert_eq!(h, Header::Proxied { len: 42, source: "203.0.113.5:5555".parse().unwrap() });
-        let h = parse(b"PROXY TCP6 2001:db8::1 ::1 1 443\r\n").unwrap().unwrap();
-        assert!(matches!(h, Header::Proxied { source, .. } if source.ip() == "2001:db8::1".parse::<IpAddr>().unwrap()));
-        assert!(matches!(parse(b"PROXY UNKNOWN\r\n"), Ok(Some(Header::Local { len: 15 }))));
+        let h = parse(b"PROXY TCP4 203.0.113.5 10.0.0.1 5555 443\r\n\x16\x03")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h,
+            Header::Proxied {
+                len: 42,
+                source: "203.0.113.5:5555".parse().unwrap()
+            }
+        );
+        let h = parse(b"PROXY TCP6 2001:db8::1 ::1 1 443\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(h, Header::Proxied { source, .. } if source.ip() == "2001:db8::1".parse::<IpAddr>().unwrap())
+        );
+        assert!(matches!(
+            parse(b"PROXY UNKNOWN\r\n"),
+            Ok(Some(Header::Local { len: 15 }))
+        ));
         assert_eq!(parse(b"PROXY TCP4 1.2.3.4"), Ok(None));
         assert!(parse(b"PROXY TCP4 ::1 ::1 1 2\r\n").is_err());
         assert!(parse(b"\x16\x03\x01").is_err());
@@ -147,10 +183,18 @@ mod tests {
     #[test]
     fn v2() {
         let mut h = V2_SIGNATURE.to_vec();
-        h.extend_from_slice(&[0x21, 0x11, 0, 12, 198, 51, 100, 7, 10, 0, 0, 1, 0x30, 0x39, 1, 187]);
+        h.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 198, 51, 100, 7, 10, 0, 0, 1, 0x30, 0x39, 1, 187,
+        ]);
         assert_eq!(parse(&h[..20]), Ok(None));
         let got = parse(&h).unwrap().unwrap();
-        assert_eq!(got, Header::Proxied { len: 28, source: "198.51.100.7:12345".parse().unwrap() });
+        assert_eq!(
+            got,
+            Header::Proxied {
+                len: 28,
+                source: "198.51.100.7:12345".parse().unwrap()
+            }
+        );
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(parse(&local), Ok(Some(Header::Local { len: 16 })));

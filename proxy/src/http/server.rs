@@ -23,8 +23,8 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::http::guard::Guard;
-use crate::http::proxyproto;
 use crate::http::proxy::{self, Listener};
+use crate::http::proxyproto;
 use crate::shutdown::Shutdown;
 use crate::state::State;
 
@@ -81,7 +81,11 @@ impl Admission {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = self.admission.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self
+            .admission
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -92,7 +96,12 @@ impl Drop for Ticket {
 }
 
 /// Accepts connections until shutdown begins; each is served on its own task.
-pub async fn accept(listener: TcpListener, kind: Listener, state: Arc<State>, mut shutdown: Shutdown) {
+pub async fn accept(
+    listener: TcpListener,
+    kind: Listener,
+    state: Arc<State>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -109,7 +118,9 @@ pub async fn accept(listener: TcpListener, kind: Listener, state: Arc<State>, mu
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else { return };
+            let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else {
+                return;
+            };
             match kind {
                 Listener::Https => https(stream, peer, state, shutdown).await,
                 Listener::Http => http(stream, peer, state, shutdown).await,
@@ -121,9 +132,18 @@ pub async fn accept(listener: TcpListener, kind: Listener, state: Arc<State>, mu
 
 /// Before any TLS work: the PROXY header when configured (only from a trusted proxy; it names the client),
 /// then the connection caps for that client.
-async fn admit(mut stream: TcpStream, mut peer: SocketAddr, state: &Arc<State>) -> Option<(TcpStream, SocketAddr, Ticket)> {
+async fn admit(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    state: &Arc<State>,
+) -> Option<(TcpStream, SocketAddr, Ticket)> {
     if state.config.listen.proxy_protocol {
-        if !state.config.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+        if !state
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()))
+        {
             tracing::info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer");
             return None;
         }
@@ -176,7 +196,8 @@ macro_rules! service {
                 let mut res = proxy::serve(&state, kind, sni, ip, req).await?;
                 let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= state.config.limits.max_requests_per_connection {
-                    res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    res.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                     conn.close.notify_one();
                 }
                 Ok::<_, std::convert::Infallible>(res)
@@ -197,8 +218,14 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
             return Ok(None);
         }
         // The site this connection's SNI names (requests on it must be for that site).
-        let sni = start.client_hello().server_name().and_then(|n| state.sites.site_for(n));
-        start.into_stream(state.tls.clone()).await.map(|tls| Some((tls, sni)))
+        let sni = start
+            .client_hello()
+            .server_name()
+            .and_then(|n| state.sites.site_for(n));
+        start
+            .into_stream(state.tls.clone())
+            .await
+            .map(|tls| Some((tls, sni)))
     })
     .await;
     let (tls, sni) = match tls {
@@ -236,7 +263,12 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
             .serve_connection(io, svc);
         drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
     } else {
-        let guard = Guard::new(tls, state.guard.clone(), state.canned_https.clone(), peer.ip());
+        let guard = Guard::new(
+            tls,
+            state.guard.clone(),
+            state.canned_https.clone(),
+            peer.ip(),
+        );
         let io = Tracked {
             inner: TokioIo::new(guard),
             conn: conn.clone(),
@@ -251,7 +283,12 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
 async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
     let _ = stream.set_nodelay(true);
     let conn = Conn::new();
-    let guard = Guard::new(stream, state.guard.clone(), state.canned_http.clone(), peer.ip());
+    let guard = Guard::new(
+        stream,
+        state.guard.clone(),
+        state.canned_http.clone(),
+        peer.ip(),
+    );
     let io = Tracked {
         inner: TokioIo::new(guard),
         conn: conn.clone(),
@@ -267,8 +304,17 @@ fn http1_builder(state: &State) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         // The guard has already held each head to our limits; hyper's own are a second line, set wider.
-        .max_buf_size(usize::try_from(limits.header_bytes).unwrap_or(usize::MAX).saturating_mul(2).max(64 * 1024))
-        .max_headers(usize::try_from(limits.headers).unwrap_or(usize::MAX).saturating_add(8));
+        .max_buf_size(
+            usize::try_from(limits.header_bytes)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(2)
+                .max(64 * 1024),
+        )
+        .max_headers(
+            usize::try_from(limits.headers)
+                .unwrap_or(usize::MAX)
+                .saturating_add(8),
+        );
     b
 }
 
@@ -324,7 +370,11 @@ struct Tracked<T> {
 }
 
 impl<T: Read + Unpin> Read for Tracked<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
@@ -335,7 +385,11 @@ impl<T: Read + Unpin> Read for Tracked<T> {
 }
 
 impl<T: Write + Unpin> Write for Tracked<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if r.is_ready() {

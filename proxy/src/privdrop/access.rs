@@ -65,7 +65,9 @@ pub fn needed(config: &Config) -> Vec<Needed> {
         });
     }
     for site in &config.sites {
-        let CertSource::Files { cert, key } = &site.tls else { continue };
+        let CertSource::Files { cert, key } = &site.tls else {
+            continue;
+        };
         out.push(Needed {
             path: cert.clone(),
             what: "certificate chain (read again on reload)",
@@ -79,10 +81,18 @@ pub fn needed(config: &Config) -> Vec<Needed> {
             secret: true,
         });
     }
-    let acme_sites = config.sites.iter().any(|s| matches!(s.tls, CertSource::Acme { .. }));
+    let acme_sites = config
+        .sites
+        .iter()
+        .any(|s| matches!(s.tls, CertSource::Acme { .. }));
     if let (Some(acme), true) = (&config.acme, acme_sites) {
         // The state directory is made at the first order: until then, the folder it will be made in.
-        let dir = acme.state_dir.ancestors().find(|p| p.exists()).unwrap_or(&acme.state_dir).to_path_buf();
+        let dir = acme
+            .state_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(&acme.state_dir)
+            .to_path_buf();
         out.push(Needed {
             what: if dir == acme.state_dir {
                 "ACME state directory (account, certificates, keys)"
