@@ -14,15 +14,16 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use pebble::{Options, Pebble, free_port};
-use portcullis_tests::{Client, Portcullis, TempDir, Upstream};
+use portcullis_tests::client::fresh_get;
+use portcullis_tests::load::Load;
+use portcullis_tests::{Portcullis, TempDir, Upstream};
 
 /// Generous safety limits (never expected to be reached): the figure is printed, not asserted tightly.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -79,39 +80,6 @@ validation_port = {}
             self.extra
         )
     }
-}
-
-/// One GET on a new TLS connection (SNI and Host `localhost`), verified against `client`'s roots.
-async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<(u16, Vec<u8>), String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .ok_or("no certificate")?[0]
-        .to_vec();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let res = send
-        .send_request(
-            Request::get("/")
-                .header("host", "localhost")
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = res.status().as_u16();
-    res.into_body().collect().await.map_err(|e| e.to_string())?;
-    Ok((status, leaf))
 }
 
 /// The leaf served for SNI `localhost`, trusting anything (the bootstrap certificate is self-signed).
@@ -324,54 +292,8 @@ async fn renewal_under_load_swaps_in_with_no_failed_request() {
     let addr = p.https_addr();
     let (_, first) = fresh_get(&client, addr).await.unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
     // A new verified TLS connection per request, and one keep-alive connection, both through the renewal.
-    let fresh = {
-        let (c, stop, failures, done) =
-            (client.clone(), stop.clone(), failures.clone(), done.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match fresh_get(&c, addr).await {
-                    Ok((200, _)) => done.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("fresh client failure: {other:?}");
-                        failures.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
-    let keepalive = {
-        let (c, stop, failures, done) =
-            (client.clone(), stop.clone(), failures.clone(), done.clone());
-        tokio::spawn(async move {
-            let tls = c.tls(addr, &[b"http/1.1"]).await;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            while !stop.load(Ordering::Relaxed) {
-                let req = Request::get("/")
-                    .header("host", "localhost")
-                    .body(Full::<Bytes>::default())
-                    .unwrap();
-                let ok = match send.send_request(req).await {
-                    Ok(res) => res.status() == 200 && res.into_body().collect().await.is_ok(),
-                    Err(e) => {
-                        eprintln!("keep-alive client failure: {e}");
-                        false
-                    }
-                };
-                if ok {
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let load = Load::start(&client, addr).await;
     let serial = |l: &str| {
         l.split("serial=")
             .nth(1)
@@ -394,16 +316,9 @@ async fn renewal_under_load_swaps_in_with_no_failed_request() {
         p.output()
     );
     let (_, second) = fresh_get(&client, addr).await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    fresh.await.unwrap();
-    keepalive.await.unwrap();
+    let (n, failures) = load.stop().await;
     assert_ne!(first, second, "the renewed certificate is not served");
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "requests failed during the renewal"
-    );
-    let n = done.load(Ordering::Relaxed);
+    assert_eq!(failures, 0, "requests failed during the renewal");
     eprintln!("{n} requests across the renewal, none failed");
     assert!(n > 20);
     assert_eq!(pebble.orders(), 2);

@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use portcullis_tests::load::Load;
 use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream};
 
 /// The leaf a handshake with `sni` is shown, or None when the handshake fails.
@@ -190,33 +190,6 @@ impl Certbot {
     }
 }
 
-/// One request on a new TLS connection; Err on any failure.
-async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<u16, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let res = send
-        .send_request(
-            Request::get("/")
-                .header("host", "localhost")
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = res.status().as_u16();
-    res.into_body().collect().await.map_err(|e| e.to_string())?;
-    Ok(status)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certbot_renewal_under_load_fails_no_request() {
     let ca = TestCa::new();
@@ -235,55 +208,8 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     let client = ca.client();
     assert_eq!(leaf(&client, addr, "localhost").await, Some(first.clone()));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    // Client 1: a new TLS connection per request.
-    let fresh = {
-        let (c, stop, failures, done) =
-            (client.clone(), stop.clone(), failures.clone(), done.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match fresh_get(&c, addr).await {
-                    Ok(200) => done.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("fresh client failure: {other:?}");
-                        failures.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
-    // Client 2: one keep-alive connection, request after request.
-    let keepalive = {
-        let (c, stop, failures, done) =
-            (client.clone(), stop.clone(), failures.clone(), done.clone());
-        tokio::spawn(async move {
-            let tls = c.tls(addr, &[b"http/1.1"]).await;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            while !stop.load(Ordering::Relaxed) {
-                let req = Request::get("/")
-                    .header("host", "localhost")
-                    .body(Full::<Bytes>::default())
-                    .unwrap();
-                let ok = match send.send_request(req).await {
-                    Ok(res) => res.status() == 200 && res.into_body().collect().await.is_ok(),
-                    Err(e) => {
-                        eprintln!("keep-alive client failure: {e}");
-                        false
-                    }
-                };
-                if ok {
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    // Clients 1 and 2: a new TLS connection per request, and one keep-alive connection.
+    let load = Load::start(&client, addr).await;
     // Client 3: one long request in flight across the renewal.
     let long = {
         let c = client.clone();
@@ -311,9 +237,7 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let res = long.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    fresh.await.unwrap();
-    keepalive.await.unwrap();
+    let (done, failures) = load.stop().await;
     assert!(
         seen.is_some(),
         "the new certificate was not served within 2 s; log:\n{}",
@@ -322,15 +246,11 @@ async fn a_certbot_renewal_under_load_fails_no_request() {
     eprintln!(
         "new certificate served {:?} after the key flip; {} requests",
         seen.unwrap(),
-        done.load(Ordering::Relaxed)
+        done
     );
     assert_eq!(res.status(), 200);
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "requests failed during the renewal"
-    );
-    assert!(done.load(Ordering::Relaxed) > 20);
+    assert_eq!(failures, 0, "requests failed during the renewal");
+    assert!(done > 20);
     assert!(p.output().contains("certificate reloaded"));
 }
 

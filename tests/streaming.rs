@@ -18,28 +18,10 @@ const RSS_LIMIT_KIB: u64 = 64 * 1024;
 /// 200 MiB of request body, produced 64 KiB at a time.
 fn upload_body()
 -> StreamBody<impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send> {
-    struct Gen {
-        left: u64,
-        chunk: Bytes,
-    }
-    impl futures_core::Stream for Gen {
-        type Item = Result<Frame<Bytes>, Infallible>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            if self.left == 0 {
-                return std::task::Poll::Ready(None);
-            }
-            let n = self.left.min(self.chunk.len() as u64) as usize;
-            self.left -= n as u64;
-            std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
-        }
-    }
-    StreamBody::new(Gen {
-        left: SIZE,
-        chunk: Bytes::from(vec![b'u'; 64 * 1024]),
-    })
+    StreamBody::new(portcullis_tests::upstream::chunks(
+        SIZE,
+        Bytes::from(vec![b'u'; 64 * 1024]),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

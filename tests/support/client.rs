@@ -229,3 +229,34 @@ where
         .unwrap();
     collect(send.send_request(req).await.unwrap()).await
 }
+
+/// GET / on a new verified TLS connection (SNI and Host `localhost`): the status and the leaf the server
+/// presented, or what went wrong.
+pub async fn fresh_get(client: &Client, addr: SocketAddr) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
+        .connect(
+            ServerName::try_from("localhost").map_err(|e| e.to_string())?,
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or("no certificate")?[0]
+        .to_vec();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "localhost")
+        .body(Full::<Bytes>::default())
+        .map_err(|e| e.to_string())?;
+    let res = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    res.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok((status, leaf))
+}

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod h2raw;
+pub mod load;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

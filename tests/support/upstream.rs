@@ -205,7 +205,7 @@ async fn handle(
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: u64 = n.parse().unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = futures_stream(n, chunk);
+        let stream = chunks(n, chunk);
         let res = Response::builder()
             .header("content-length", n.to_string())
             .body(StreamBody::new(stream).boxed())
@@ -233,8 +233,8 @@ async fn handle(
     Ok(Response::new(full(headers_text)))
 }
 
-/// `n` bytes as a stream of 64 KiB frames (never held whole).
-fn futures_stream(
+/// `n` bytes as a stream of `chunk`-sized frames (never held whole): bodies for the large-body tests.
+pub fn chunks(
     n: u64,
     chunk: Bytes,
 ) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
