@@ -92,12 +92,8 @@ pub struct Config {
     pub sites: Vec<Site>,
     /// Refuse handshakes whose SNI names no site (default: serve the default site's certificate).
     pub strict_sni: bool,
-    /// Host names served, lower-case; empty means any.
-    pub names: Vec<String>,
     pub listen: Listen,
     pub tls: Tls,
-    /// Longest prefix first.
-    pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
     pub trusted_proxies: Vec<Cidr>,
     pub headers: SecurityHeaders,
@@ -162,7 +158,6 @@ pub struct Listen {
 
 #[derive(Debug, Clone)]
 pub struct Tls {
-    pub source: CertSource,
     pub min_version: TlsVersion,
 }
 
@@ -374,11 +369,6 @@ impl Config {
             Err(check.into_error())
         }
     }
-
-    /// The upstream a request path goes to: longest matching prefix.
-    pub fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| path.starts_with(&r.path))
-    }
 }
 
 struct Checker<'a> {
@@ -467,7 +457,7 @@ impl Checker<'_> {
         let listen = self.listen(f.listen);
         // The top-level form is the default site unless only [[site]]s are given.
         let top_level = !f.route.is_empty() || f.site.is_empty();
-        let tls = self.tls(f.tls, top_level);
+        let (default_source, tls) = self.tls(f.tls, top_level);
         let upstreams = self.upstreams(&f.upstream);
         let limits = self.limits(f.limits);
         let routes = if top_level {
@@ -478,9 +468,9 @@ impl Checker<'_> {
         let mut sites = Vec::with_capacity(f.site.len() + 1);
         if top_level {
             sites.push(Site {
-                names: names.clone(),
-                tls: tls.source.clone(),
-                routes: routes.clone(),
+                names,
+                tls: default_source,
+                routes,
             });
         }
         for (i, s) in f.site.into_iter().enumerate() {
@@ -527,10 +517,8 @@ impl Checker<'_> {
             source: self.path.to_owned(),
             sites,
             strict_sni,
-            names,
             listen,
             tls,
-            routes,
             upstreams,
             trusted_proxies,
             headers,
@@ -767,7 +755,8 @@ impl Checker<'_> {
         }
     }
 
-    fn tls(&mut self, t: Option<S<file::Tls>>, need_source: bool) -> Tls {
+    /// The default site's certificate source, and the settings every site shares.
+    fn tls(&mut self, t: Option<S<file::Tls>>, need_source: bool) -> (CertSource, Tls) {
         if !need_source {
             // Only [[site]]s: the top-level [tls] may still set min_version, and nothing else.
             let min_version = match t.map(S::into_inner) {
@@ -790,10 +779,7 @@ impl Checker<'_> {
                 }
                 None => TlsVersion::Tls12,
             };
-            return Tls {
-                source: CertSource::SelfSigned,
-                min_version,
-            };
+            return (CertSource::SelfSigned, Tls { min_version });
         }
         let Some(t) = t else {
             self.problem(
@@ -801,10 +787,12 @@ impl Checker<'_> {
                 "tls",
                 "missing: give `cert` and `key` files, or `self_signed = true`",
             );
-            return Tls {
-                source: CertSource::SelfSigned,
-                min_version: TlsVersion::Tls12,
-            };
+            return (
+                CertSource::SelfSigned,
+                Tls {
+                    min_version: TlsVersion::Tls12,
+                },
+            );
         };
         let span = t.span();
         let t = t.into_inner();
@@ -867,10 +855,7 @@ impl Checker<'_> {
             }
         };
         let min_version = self.min_version(t.min_version);
-        Tls {
-            source,
-            min_version,
-        }
+        (source, Tls { min_version })
     }
 
     /// `acme = true`, with the `cert`/`key` files served until the first certificate when both are given.
@@ -1415,12 +1400,12 @@ servers = ["127.0.0.1:8000"]
     #[test]
     fn the_issue_example_parses_with_hardened_defaults() {
         let c = parse(EXAMPLE).unwrap();
-        assert_eq!(c.names, ["localhost"]);
+        assert_eq!(c.sites[0].names, ["localhost"]);
         assert_eq!(
             c.listen.https,
             ["127.0.0.1:8443".parse::<SocketAddr>().unwrap()]
         );
-        assert_eq!(c.routes[0].path, "/");
+        assert_eq!(c.sites[0].routes[0].path, "/");
         assert_eq!(
             c.upstreams[0].servers,
             [ServerAddr::Tcp("127.0.0.1:8000".parse().unwrap())]
@@ -1439,7 +1424,7 @@ servers = ["127.0.0.1:8000"]
     fn limits_sizes_and_route_overrides() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.limits.body, 10 * 1024 * 1024);
-        assert_eq!(c.routes[0].max_body, 10 * 1024 * 1024);
+        assert_eq!(c.sites[0].routes[0].max_body, 10 * 1024 * 1024);
         let text = EXAMPLE.replace(
             "upstream = \"app\"\n",
             "upstream = \"app\"\nmax_body = \"1GiB\"\n",
@@ -1448,7 +1433,7 @@ servers = ["127.0.0.1:8000"]
             "{text}\n[limits]\nbody = 1000\nheader_bytes = \"16KiB\"\n"
         ))
         .unwrap();
-        assert_eq!(c.routes[0].max_body, 1 << 30);
+        assert_eq!(c.sites[0].routes[0].max_body, 1 << 30);
         assert_eq!(c.limits.body, 1000);
         assert_eq!(c.limits.header_bytes, 16 * 1024);
         let p = problems(&format!(
@@ -1581,7 +1566,7 @@ servers = ["127.0.0.1:8000"]
         )
         .unwrap();
         assert_eq!(
-            c.tls.source,
+            c.sites[0].tls,
             CertSource::Files {
                 cert: "/etc/portcullis/certs/full.pem".into(),
                 key: "/etc/portcullis/privkey.pem".into()
@@ -1630,9 +1615,12 @@ servers = ["127.0.0.1:8000"]
             "{EXAMPLE}\n[[route]]\npath = \"/api/\"\nupstream = \"api\"\n[upstream.api]\nservers = [\"127.0.0.1:9000\"]\n"
         );
         let c = parse(&text).unwrap();
-        let api = c.route("/api/x").unwrap();
+        let api = c.sites[0].route("/api/x").unwrap();
         assert_eq!(c.upstreams[api.upstream].name, "api");
-        assert_eq!(c.upstreams[c.route("/x").unwrap().upstream].name, "app");
+        assert_eq!(
+            c.upstreams[c.sites[0].route("/x").unwrap().upstream].name,
+            "app"
+        );
     }
 
     #[test]
