@@ -16,7 +16,7 @@ use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis_tests::load::Load;
-use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream};
+use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl};
 
 /// The leaf a handshake with `sni` is shown, or None when the handshake fails.
 async fn leaf(client: &Client, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
@@ -401,19 +401,6 @@ async fn a_certificate_near_expiry_is_warned_about_at_start() {
         p.output().contains("expired on 2020-01-01"),
         "{}",
         p.output()
-    );
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 

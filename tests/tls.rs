@@ -4,12 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use portcullis_tests::client::{get_on, insecure_config, provider};
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config};
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config, openssl};
 use rustls::crypto::aws_lc_rs::kx_group;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -173,19 +172,6 @@ fn root(pki: &Pki) -> Arc<rustls::RootCertStore> {
         .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
         .unwrap();
     Arc::new(roots)
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.

@@ -1363,7 +1363,7 @@ fn valid_host_name(n: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const EXAMPLE: &str = r#"
@@ -1385,11 +1385,11 @@ upstream = "app"
 servers = ["127.0.0.1:8000"]
 "#;
 
-    fn parse(text: &str) -> Result<Config, Error> {
+    pub(crate) fn parse(text: &str) -> Result<Config, Error> {
         Config::parse(Path::new("/etc/portcullis/portcullis.toml"), text)
     }
 
-    fn problems(text: &str) -> Vec<String> {
+    pub(crate) fn problems(text: &str) -> Vec<String> {
         match parse(text) {
             Ok(_) => Vec::new(),
             Err(Error::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),

@@ -295,24 +295,10 @@ impl Checker<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::{Config, Error};
+    use crate::tests::{parse, problems};
 
     const BASE: &str = "[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:8000\"]\n";
-
-    fn parse(text: &str) -> Result<Config, Error> {
-        Config::parse(Path::new("/etc/portcullis/portcullis.toml"), text)
-    }
-
-    fn problems(text: &str) -> Vec<String> {
-        match parse(text) {
-            Ok(_) => Vec::new(),
-            Err(Error::Invalid { problems }) => problems.iter().map(ToString::to_string).collect(),
-            Err(e) => vec![e.to_string()],
-        }
-    }
 
     #[test]
     fn no_rate_limit_means_the_builtin_auth_limit() {

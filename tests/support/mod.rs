@@ -45,6 +45,20 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `openssl ARGS` in `dir` (Debian package openssl); a failure fails the test with openssl's words.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is needed (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A temporary folder, removed on drop.
 pub struct TempDir(PathBuf);
 
