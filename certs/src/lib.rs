@@ -138,15 +138,17 @@ impl Sites {
     /// The site that serves `name` (a host name, any case, port already removed).
     pub fn site_for(&self, name: &str) -> Option<usize> {
         let name = name.trim_end_matches('.');
-        if let Some(i) = self
-            .exact
-            .get(name)
-            .or_else(|| self.exact.get(&name.to_ascii_lowercase()))
-        {
+        // Keys are lower-case; a host that already is needs no copy (the common case, per request).
+        let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            name.to_ascii_lowercase().into()
+        } else {
+            name.into()
+        };
+        if let Some(i) = self.exact.get(lower.as_ref()) {
             return Some(*i);
         }
-        let (_, suffix) = name.split_once('.')?;
-        self.wildcard.get(&suffix.to_ascii_lowercase()).copied()
+        let (_, suffix) = lower.split_once('.')?;
+        self.wildcard.get(suffix).copied()
     }
 
     /// The site a handshake with this SNI is served as (`None`: refuse, under `strict_sni`).

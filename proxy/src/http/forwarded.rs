@@ -76,9 +76,16 @@ pub fn set(
         }
     } else {
         headers.remove(FORWARDED);
-        set_text(headers, X_FORWARDED_FOR, &peer_text);
         headers.insert(X_FORWARDED_PROTO, HTTPS);
         set_host(headers, host);
+        // Untrusted peer: the client is the peer, so both headers carry one value (formatted once).
+        if let Ok(v) = HeaderValue::from_str(&peer_text) {
+            headers.insert(X_FORWARDED_FOR, v.clone());
+            if client == peer {
+                headers.insert(X_REAL_IP, v);
+                return;
+            }
+        }
     }
     set_text(headers, X_REAL_IP, &client.to_string());
 }

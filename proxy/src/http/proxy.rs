@@ -116,11 +116,10 @@ async fn proxy(
     };
 
     let (mut parts, body) = req.into_parts();
-    let h2 = parts.version == Version::HTTP_2;
     hop::strip(&mut parts.headers);
     // We answer `Expect: 100-continue` ourselves (hyper sends 100 when the body is first read).
     parts.headers.remove(header::EXPECT);
-    if h2 {
+    if !h1 {
         join_cookies(&mut parts.headers);
     }
     forwarded::set(
