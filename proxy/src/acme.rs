@@ -226,6 +226,18 @@ async fn site_task(
             }
         }
     };
+    // Another instance sharing state_dir may have stored a certificate since `bootstrap` chose what to
+    // serve: serve what is stored now, so the schedule below and the certificate served agree.
+    if let Some(c) = &current
+        && ctx
+            .state
+            .sites
+            .current(site)
+            .is_none_or(|served| served.cert.first() != c.key.cert.first())
+    {
+        ctx.state.sites.swap(site, c.key.clone());
+        tracing::info!(site, serial = %c.info.serial, "serving the stored ACME certificate");
+    }
     let mut retry = {
         let s = store.clone();
         blocking(move || Ok(s.retry())).await.ok().flatten()
