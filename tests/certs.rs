@@ -85,6 +85,11 @@ async fn sites_by_sni_and_421_when_host_names_another_site() {
         .unwrap();
     assert_eq!(res.status(), 421);
     assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    // Read the 421 page whole and wait for the connection, as any HTTP/1.1 client must before reusing it.
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    send.ready().await.unwrap();
     let res = send
         .send_request(
             Request::get("/ok")
