@@ -151,6 +151,43 @@ pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length body (or none): (status, head, body). A safety net
+/// of 30 s without a response fails the test.
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read(s, &mut byte),
+        )
+        .await
+        .expect("no response within 30 s")
+        .unwrap();
+        assert!(
+            n == 1,
+            "connection closed inside a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(s, &mut body)
+        .await
+        .unwrap();
+    (status, head, body)
+}
+
 /// Accepts any server certificate (for tests that check which certificate is presented, not its trust).
 #[derive(Debug)]
 pub struct AcceptAnyCert;

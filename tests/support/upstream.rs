@@ -2,7 +2,7 @@
 //! every request it receives (method, target, headers, body length, which connection) for assertions.
 //!
 //! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes; `/upload` counts the
-//! body; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
+//! body; `/sha256` answers `sha256=HEX len=N` for the body it received; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
 //! fields and its own X-Frame-Options; anything else answers 200 with the request headers as text.
 
 use std::convert::Infallible;
@@ -184,12 +184,20 @@ async fn handle(
     // Read the body, keeping it when small.
     let mut body = req.into_body();
     let mut kept = Vec::new();
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut complete = true;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            complete = false;
+            break;
+        };
         if let Some(d) = frame.data_ref() {
             rec.body_len += d.len() as u64;
             if kept.len() < 1 << 20 {
                 kept.extend_from_slice(d);
+            }
+            if path == "/sha256" {
+                digest.update(d);
             }
         }
     }
@@ -214,6 +222,17 @@ async fn handle(
     }
     if path == "/upload" {
         return Ok(Response::new(full(format!("received {body_len} bytes"))));
+    }
+    if path == "/sha256" {
+        let text = if complete {
+            format!(
+                "sha256={} len={body_len}",
+                super::hex(digest.finish().as_ref())
+            )
+        } else {
+            format!("body broke after {body_len} bytes")
+        };
+        return Ok(Response::new(full(text)));
     }
     if path == "/banner" {
         let res = Response::builder()

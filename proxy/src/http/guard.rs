@@ -1,13 +1,16 @@
 //! The HTTP/1.1 request guard: an I/O wrapper between TLS (or TCP) and hyper that holds each request head
 //! until `head::check` has accepted it whole, then lets the body through while checking its framing. A
 //! refused head never reaches hyper, so never reaches an upstream: the guard answers it itself (400, 408,
-//! 414, 431, 501, 505, with the security headers) and closes. Bytes after an upgrade pass untouched.
+//! 414, 431, 501, 505, with the security headers) and closes. After a request that asks to upgrade, nothing
+//! more is read until its answer is known ([`UpgradeGate`]): bytes pass untouched only after a `101`;
+//! otherwise the next request is checked like any other.
 
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -73,6 +76,57 @@ pub struct Settings {
     pub body_timeout: Duration,
 }
 
+/// How the answer to a request that asked to upgrade reaches the guard: the service decides (it knows the
+/// status it returns), the guard, which has stopped reading after that request, waits for it.
+#[derive(Debug, Default)]
+pub struct UpgradeGate {
+    /// 0: no answer yet, 1: switched (`101`), 2: not switched.
+    decision: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl UpgradeGate {
+    /// Whether a request asks to upgrade by the guard's own rule (`head::check`): HTTP/1.1, an `Upgrade`
+    /// field and an `upgrade` token in `Connection`. Only such a request's answer is to be `decide`d.
+    pub fn asks<B>(req: &http::Request<B>) -> bool {
+        req.version() == http::Version::HTTP_11
+            && req.headers().contains_key(http::header::UPGRADE)
+            && req
+                .headers()
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| head::names_upgrade(v.as_bytes()))
+    }
+
+    /// The answer to the request that asked to upgrade: `switched` when it is a `101`.
+    pub fn decide(&self, switched: bool) {
+        self.decision
+            .store(if switched { 1 } else { 2 }, Ordering::Release);
+        // A poisoned lock only means a task panicked while storing a waker: the slot is still usable.
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let take = || match self.decision.swap(0, Ordering::AcqRel) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        };
+        if let Some(d) = take() {
+            return Poll::Ready(d);
+        }
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        // A decision that landed between the first look and storing the waker.
+        match take() {
+            Some(d) => Poll::Ready(d),
+            None => Poll::Pending,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Head,
@@ -85,6 +139,8 @@ enum State {
     Held(head::Head),
     Length(u64),
     Chunked(Chunked),
+    /// A request that asked to upgrade went through whole; nothing more is read until it is answered.
+    AwaitUpgrade,
     Passthrough,
     Rejecting {
         bytes: bytes::Bytes,
@@ -108,10 +164,28 @@ pub struct Guard<T> {
     timer_kind: Option<Kind>,
     /// Body bytes seen since the body timer was last armed.
     body_progress: bool,
+    /// The request being delivered asked to upgrade: after its body, wait for its answer.
+    pending_upgrade: bool,
+    gate: Arc<UpgradeGate>,
+}
+
+/// What follows a request whose body has gone through.
+fn after_request(pending_upgrade: bool) -> State {
+    if pending_upgrade {
+        State::AwaitUpgrade
+    } else {
+        State::Head
+    }
 }
 
 impl<T> Guard<T> {
-    pub fn new(inner: T, settings: Arc<Settings>, canned: Arc<Canned>, peer: IpAddr) -> Guard<T> {
+    pub fn new(
+        inner: T,
+        settings: Arc<Settings>,
+        canned: Arc<Canned>,
+        peer: IpAddr,
+        gate: Arc<UpgradeGate>,
+    ) -> Guard<T> {
         let deadline = Instant::now() + settings.header_timeout;
         Guard {
             inner,
@@ -122,6 +196,8 @@ impl<T> Guard<T> {
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             timer_kind: Some(Kind::Head),
             body_progress: false,
+            pending_upgrade: false,
+            gate,
             settings,
             canned,
             peer,
@@ -162,18 +238,20 @@ impl<T> Guard<T> {
                     Verdict::Complete(h) => {
                         self.scanned = 0;
                         self.timer_kind = None;
+                        self.pending_upgrade = h.upgrade;
                         match h.framing {
                             Framing::Length(n) => {
                                 self.ready = h.len;
                                 self.state = if n == 0 {
-                                    State::Head
+                                    after_request(h.upgrade)
                                 } else {
                                     State::Length(n)
                                 };
                             }
-                            Framing::Upgrade => {
+                            // The client waits for `100 Continue` before it sends a chunk: nothing to hold for.
+                            Framing::Chunked if h.expect_continue => {
                                 self.ready = h.len;
-                                self.state = State::Passthrough;
+                                self.state = State::Chunked(Chunked::default());
                             }
                             Framing::Chunked => self.state = State::Held(h),
                         }
@@ -187,7 +265,7 @@ impl<T> Guard<T> {
                         Ok(n) if c.sized() => {
                             self.ready = h.len + n;
                             self.state = if c.done() {
-                                State::Head
+                                after_request(h.upgrade)
                             } else {
                                 State::Chunked(c)
                             };
@@ -201,14 +279,14 @@ impl<T> Guard<T> {
                     *left -= take;
                     self.ready = take as usize;
                     if *left == 0 {
-                        self.state = State::Head;
+                        self.state = after_request(self.pending_upgrade);
                     }
                 }
                 State::Chunked(c) => match c.feed(&self.buf) {
                     Ok(n) => {
                         self.ready = n;
                         if c.done() {
-                            self.state = State::Head;
+                            self.state = after_request(self.pending_upgrade);
                         }
                     }
                     Err(why) => {
@@ -222,7 +300,9 @@ impl<T> Guard<T> {
                 State::Passthrough => {
                     self.ready = self.buf.len();
                 }
-                State::Rejecting { .. } | State::Closing | State::Closed => return,
+                State::AwaitUpgrade | State::Rejecting { .. } | State::Closing | State::Closed => {
+                    return;
+                }
             }
         }
     }
@@ -262,6 +342,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                     continue;
                 }
                 State::Closed => return Poll::Ready(Ok(())),
+                State::AwaitUpgrade => {
+                    let switched = ready!(this.gate.poll(cx));
+                    this.pending_upgrade = false;
+                    this.state = if switched {
+                        State::Passthrough
+                    } else {
+                        State::Head
+                    };
+                    continue;
+                }
                 _ => {}
             }
             // Bodies and tunnels read straight into hyper's buffer; what belongs to the next head is kept.
@@ -285,14 +375,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                                 let take = (*left).min(got as u64);
                                 *left -= take;
                                 if *left == 0 {
-                                    this.state = State::Head;
+                                    this.state = after_request(this.pending_upgrade);
                                 }
                                 take as usize
                             }
                             State::Chunked(c) => match c.feed(&out.filled()[before..]) {
                                 Ok(n) => {
                                     if c.done() {
-                                        this.state = State::Head;
+                                        this.state = after_request(this.pending_upgrade);
                                     }
                                     n
                                 }

@@ -59,8 +59,6 @@ impl Reject {
 pub enum Framing {
     Length(u64),
     Chunked,
-    /// The request asks to switch protocols: after it, bytes are not HTTP/1.1 any more.
-    Upgrade,
 }
 
 /// A complete, valid head.
@@ -69,6 +67,11 @@ pub struct Head {
     /// Bytes of the head, including leading empty lines and the final CRLF CRLF.
     pub len: usize,
     pub framing: Framing,
+    /// The request asks to switch protocols (`Upgrade` + `Connection: upgrade`, HTTP/1.1). Whether bytes
+    /// after it stop being HTTP/1.1 depends on the answer: only a `101` does that.
+    pub upgrade: bool,
+    /// `Expect: 100-continue`: the client sends no body before it is told to.
+    pub expect_continue: bool,
 }
 
 /// The outcome of looking at the bytes buffered so far.
@@ -92,12 +95,21 @@ pub fn check(buf: &[u8], scanned: usize, limits: &Limits) -> Verdict {
     if buf.len() > start && buf[start] == b'\n' {
         return Verdict::Reject(Reject::Bad("bare LF"));
     }
-    // Line endings are checked as bytes arrive, so a head that never uses CRLF is refused at once.
+    // Line endings are checked as bytes arrive, so a head that never uses CRLF is refused at once. The scan
+    // stops at the empty line that ends the head: what follows is a body (framed, never parsed as a head)
+    // or the next pipelined request (judged on its own).
     let from_byte = scanned.saturating_sub(1).max(start);
+    let mut end = None;
     for i in from_byte..buf.len() {
         match buf[i] {
-            b'\n' if i == start || buf[i - 1] != b'\r' => {
-                return Verdict::Reject(Reject::Bad("bare LF"));
+            b'\n' => {
+                if i == start || buf[i - 1] != b'\r' {
+                    return Verdict::Reject(Reject::Bad("bare LF"));
+                }
+                if i >= start + 3 && buf[i - 3..i] == *b"\r\n\r" {
+                    end = Some(i + 1);
+                    break;
+                }
             }
             b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => {
                 return Verdict::Reject(Reject::Bad("bare CR"));
@@ -105,13 +117,14 @@ pub fn check(buf: &[u8], scanned: usize, limits: &Limits) -> Verdict {
             _ => {}
         }
     }
-    let from = scanned.max(start).saturating_sub(3).max(start);
-    let Some(end) = find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4) else {
+    let Some(end) = end else {
         let seen = &buf[start..];
         if !seen.contains(&b'\n') && seen.len() > limits.uri_bytes + 32 {
             return Verdict::Reject(Reject::UriTooLong);
         }
-        if seen.len() > limits.head_bytes {
+        // The shortest head this can still become ends in "\r\n\r\n" after what is here: refuse as soon as
+        // that head would be over the limit the complete check below applies, not one byte earlier.
+        if seen.len() >= limits.head_bytes + 4 {
             return Verdict::Reject(Reject::HeadTooLarge);
         }
         return Verdict::Incomplete { scanned: buf.len() };
@@ -120,13 +133,17 @@ pub fn check(buf: &[u8], scanned: usize, limits: &Limits) -> Verdict {
         return Verdict::Reject(Reject::HeadTooLarge);
     }
     match parse(&buf[start..end - 2], limits) {
-        Ok(framing) => Verdict::Complete(Head { len: end, framing }),
+        Ok(mut head) => {
+            head.len = end;
+            Verdict::Complete(head)
+        }
         Err(r) => Verdict::Reject(r),
     }
 }
 
-/// `head` is the request line and header lines, each ending in CRLF (the final empty line excluded).
-fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
+/// `head` is the request line and header lines, each ending in CRLF (the final empty line excluded). The
+/// returned head's `len` is left for the caller to set.
+fn parse(head: &[u8], limits: &Limits) -> Result<Head, Reject> {
     let mut lines = Lines { rest: head };
     let line = lines.next().ok_or(Reject::Bad("empty request"))??;
     let (method, target, http10) = request_line(line, limits)?;
@@ -138,6 +155,7 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
     let mut host: &[u8] = b"";
     let mut upgrade = false;
     let mut connection_upgrade = false;
+    let mut expect_continue = false;
     for line in lines {
         let line = line?;
         count += 1;
@@ -179,9 +197,9 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            connection_upgrade |= value
-                .split(|&b| b == b',')
-                .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"));
+            connection_upgrade |= names_upgrade(value);
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
         }
     }
 
@@ -208,10 +226,19 @@ fn parse(head: &[u8], limits: &Limits) -> Result<Framing, Reject> {
         (None, Some(n)) => Framing::Length(n),
         (None, None) => Framing::Length(0),
     };
-    if upgrade && connection_upgrade && !http10 {
-        return Ok(Framing::Upgrade);
-    }
-    Ok(framing)
+    Ok(Head {
+        len: 0,
+        framing,
+        upgrade: upgrade && connection_upgrade && !http10,
+        expect_continue: expect_continue && !http10,
+    })
+}
+
+/// Whether a `Connection` field value lists the `upgrade` option.
+pub fn names_upgrade(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim_ows(t).eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// Exactly `chunked` (one optional space either side): anything else that ends in chunked is 501, the rest
@@ -252,6 +279,11 @@ fn request_line<'a>(line: &'a [u8], limits: &Limits) -> Result<(&'a [u8], &'a [u
             Reject::Bad("request line is not METHOD SP TARGET SP VERSION")
         });
     };
+    // The same bound a head still waiting for its first LF is held to (`check`), so that how the bytes
+    // were split never changes the answer.
+    if line.len() > limits.uri_bytes + 32 {
+        return Err(Reject::UriTooLong);
+    }
     if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
         return Err(Reject::Bad("invalid method"));
     }
@@ -355,10 +387,6 @@ fn trim_ows(v: &[u8]) -> &[u8] {
 /// RFC 9110 §5.6.2 token characters.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Chunked body framing, checked as bytes stream by: sizes in hex (at most 15 digits), extensions bounded,
@@ -525,7 +553,9 @@ mod tests {
             verdict(text),
             Verdict::Complete(Head {
                 len: text.len(),
-                framing: Framing::Length(0)
+                framing: Framing::Length(0),
+                upgrade: false,
+                expect_continue: false,
             })
         );
         let v = verdict("\r\nPOST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -542,7 +572,9 @@ mod tests {
             v,
             Verdict::Complete(Head {
                 len: head.len(),
-                framing: Framing::Length(5)
+                framing: Framing::Length(5),
+                upgrade: false,
+                expect_continue: false,
             })
         );
         assert!(matches!(
@@ -559,7 +591,8 @@ mod tests {
         assert!(matches!(
             v,
             Verdict::Complete(Head {
-                framing: Framing::Upgrade,
+                framing: Framing::Length(0),
+                upgrade: true,
                 ..
             })
         ));
@@ -734,8 +767,11 @@ mod tests {
     }
 }
 
-/// The fuzz target for the request-head path: arbitrary bytes, and valid requests with bytes flipped,
-/// inserted or cut, fed whole and in pieces. It must never panic, and what it accepts must be consistent.
+/// The fuzz target for the request-head path: arbitrary bytes, valid requests with bytes flipped, inserted
+/// or cut, and valid requests carrying bodies of arbitrary bytes followed by pipelined requests, walked the
+/// way the guard walks a connection (head, body by its framing, next head), fed whole and byte by byte.
+/// It must never panic, and both ways must give the same answers: a request accepted one way and refused
+/// the other is a failure, whichever way round.
 #[cfg(test)]
 mod fuzz {
     use super::*;
@@ -754,27 +790,163 @@ mod fuzz {
         b"GET http://a/b HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
     ];
 
-    fn check_consistent(buf: &[u8]) {
-        // Whole, then byte by byte with the resumable search: both must agree.
-        let whole = check(buf, 0, &LIMITS);
+    /// What the walk saw, request by request.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Step {
+        Head(Head),
+        /// Refused head (its status) or refused chunked framing (0).
+        Refused(u16),
+        /// The bytes ran out inside a head or a body.
+        Incomplete,
+        /// An upgrade request: what follows depends on the answer, not on these rules.
+        Upgrade,
+    }
+
+    fn head_step(rest: &[u8], piecewise: bool) -> Verdict {
+        if !piecewise {
+            return check(rest, 0, &LIMITS);
+        }
         let mut scanned = 0;
         let mut last = Verdict::Incomplete { scanned: 0 };
-        for end in 1..=buf.len() {
-            last = check(&buf[..end], scanned, &LIMITS);
+        for end in 1..=rest.len() {
+            last = check(&rest[..end], scanned, &LIMITS);
             match last {
                 Verdict::Incomplete { scanned: s } => scanned = s,
                 _ => break,
             }
         }
-        if let Verdict::Complete(h) = whole {
-            assert!(h.len <= buf.len());
-            assert_eq!(last, whole, "piecewise and whole disagree on {buf:?}");
+        last
+    }
+
+    fn chunked_step(rest: &[u8], piecewise: bool) -> Result<Option<usize>, ()> {
+        let mut c = Chunked::default();
+        if !piecewise {
+            let n = c.feed(rest).map_err(|_| ())?;
+            return Ok(c.done().then_some(n));
         }
-        if let Verdict::Complete(h) = whole
-            && h.framing == Framing::Chunked
-        {
-            let mut c = Chunked::default();
-            let _ = c.feed(&buf[h.len..]);
+        let mut total = 0;
+        for b in rest {
+            total += c.feed(std::slice::from_ref(b)).map_err(|_| ())?;
+            if c.done() {
+                return Ok(Some(total));
+            }
+        }
+        Ok(None)
+    }
+
+    fn walk(buf: &[u8], piecewise: bool) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let h = match head_step(rest, piecewise) {
+                Verdict::Complete(h) => h,
+                Verdict::Reject(r) => {
+                    steps.push(Step::Refused(r.status()));
+                    break;
+                }
+                Verdict::Incomplete { .. } => {
+                    steps.push(Step::Incomplete);
+                    break;
+                }
+            };
+            assert!(h.len <= rest.len());
+            steps.push(Step::Head(h));
+            rest = &rest[h.len..];
+            let body = match h.framing {
+                Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= rest.len()),
+                Framing::Chunked => match chunked_step(rest, piecewise) {
+                    Ok(n) => n,
+                    Err(()) => {
+                        steps.push(Step::Refused(0));
+                        break;
+                    }
+                },
+            };
+            let Some(n) = body else {
+                steps.push(Step::Incomplete);
+                break;
+            };
+            rest = &rest[n..];
+            if h.upgrade {
+                steps.push(Step::Upgrade);
+                break;
+            }
+        }
+        steps
+    }
+
+    fn check_consistent(buf: &[u8]) {
+        let whole = walk(buf, false);
+        let piecewise = walk(buf, true);
+        let accepted = |s: &[Step]| s.iter().filter(|s| matches!(s, Step::Head(_))).count();
+        let refused = |s: &[Step]| s.iter().any(|s| matches!(s, Step::Refused(_)));
+        assert_eq!(
+            (accepted(&whole), refused(&whole)),
+            (accepted(&piecewise), refused(&piecewise)),
+            "whole {whole:?} and piecewise {piecewise:?} disagree on {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        assert_eq!(
+            whole
+                .iter()
+                .filter(|s| matches!(s, Step::Head(_)))
+                .collect::<Vec<_>>(),
+            piecewise
+                .iter()
+                .filter(|s| matches!(s, Step::Head(_)))
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    /// A request with a body of arbitrary bytes, framed by Content-Length or as chunks.
+    fn with_body(body: &[u8], chunked: bool, cuts: &[usize]) -> Vec<u8> {
+        if !chunked {
+            let mut v = format!(
+                "POST /up HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            v.extend_from_slice(body);
+            return v;
+        }
+        let mut v = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        cuts.push(body.len());
+        cuts.sort_unstable();
+        for cut in cuts {
+            if cut > at {
+                v.extend_from_slice(format!("{:x}\r\n", cut - at).as_bytes());
+                v.extend_from_slice(&body[at..cut]);
+                v.extend_from_slice(b"\r\n");
+                at = cut;
+            }
+        }
+        v.extend_from_slice(b"0\r\n\r\n");
+        v
+    }
+
+    #[test]
+    fn body_bytes_are_never_judged_as_head_bytes() {
+        // The regression: a body whose first bytes arrive with the head held a bare CR/LF against it.
+        for body in [
+            &b"\n"[..],
+            b"\r",
+            b"a\nb",
+            b"\r\r\n\n",
+            b"\x89PNG\r\n\x1a\n",
+        ] {
+            for chunked in [false, true] {
+                let mut buf = with_body(body, chunked, &[1]);
+                buf.extend_from_slice(SEEDS[0]);
+                let steps = walk(&buf, false);
+                assert_eq!(steps.len(), 2, "{steps:?} for {body:?}");
+                assert!(
+                    steps.iter().all(|s| matches!(s, Step::Head(_))),
+                    "{steps:?}"
+                );
+                check_consistent(&buf);
+            }
         }
     }
 
@@ -801,6 +973,31 @@ mod fuzz {
                     _ if at < buf.len() => { buf.remove(at); }
                     _ => {}
                 }
+            }
+            check_consistent(&buf);
+        }
+
+        #[test]
+        fn arbitrary_bodies_then_pipelined_requests(
+            body in proptest::collection::vec(any::<u8>(), 0..400),
+            chunked in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..4),
+            next in proptest::collection::vec(0..SEEDS.len(), 0..3),
+            truncate in proptest::option::of(any::<usize>()),
+        ) {
+            let mut buf = with_body(&body, chunked, &cuts);
+            for n in &next {
+                buf.extend_from_slice(SEEDS[*n]);
+            }
+            if let Some(t) = truncate {
+                buf.truncate(t % (buf.len() + 1));
+            }
+            let steps = walk(&buf, false);
+            if truncate.is_none() {
+                // Every request is accepted whatever its body holds; the walk stops only at an upgrade.
+                let heads = steps.iter().filter(|s| matches!(s, Step::Head(_))).count();
+                let until_upgrade = next.iter().position(|&n| n == 3).map_or(next.len(), |i| i + 1);
+                prop_assert_eq!(heads, 1 + until_upgrade, "{:?}", steps);
             }
             check_consistent(&buf);
         }

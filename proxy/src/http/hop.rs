@@ -4,8 +4,9 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
-/// The fixed list; `Proxy-Connection` and `Keep-Alive` are legacy but still seen.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The fixed list; `Proxy-Connection` and `Keep-Alive` are legacy but still seen. `HTTP2-Settings` belongs
+/// to an h2c upgrade (RFC 7540 §3.2.1), which is never valid over TLS (RFC 9113 §3.1) and never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -14,6 +15,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("http2-settings"),
 ];
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -1,6 +1,6 @@
 //! The request path on HTTPS: host check -> route -> upstream request (forwarding headers, no hop-by-hop
 //! fields, HTTP/1.1) -> response (no hop-by-hop fields, no version banners) -> security headers and access
-//! log on every response, ours or the app's. WebSocket upgrades become a byte tunnel once both sides agree.
+//! log on every response, ours or the app's. WebSocket upgrades (the only upgrade forwarded) become a byte tunnel once both sides agree.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -105,10 +105,14 @@ async fn proxy(
         a.upstream = Some(state.upstreams.group(group).name.clone());
     }
 
-    // WebSocket (and any HTTP/1.1 upgrade): keep the client's half of the upgrade before the request moves.
+    // WebSocket over HTTP/1.1: keep the client's half of the upgrade before the request moves. No other
+    // protocol is forwarded as an upgrade: `h2c` is never valid over TLS (RFC 9113 §3.1), and an upstream that
+    // switched to it (or to anything else) would open a tunnel past every per-request rule. Such a request
+    // goes upstream as a plain request, its `Upgrade` dropped with the other hop-by-hop fields.
     let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
         req.headers()
             .get(header::UPGRADE)
+            .filter(|proto| proto.as_bytes().eq_ignore_ascii_case(b"websocket"))
             .cloned()
             .map(|proto| (proto, hyper::upgrade::on(&mut req)))
     } else {

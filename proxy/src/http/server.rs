@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::http::guard::Guard;
+use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::proxy::{self, Listener};
 use crate::http::proxyproto;
 use crate::shutdown::Shutdown;
@@ -169,6 +169,8 @@ struct Conn {
     touched: AtomicBool,
     requests: AtomicU64,
     close: Notify,
+    /// HTTP/1.1: tells the guard how a request that asked to upgrade was answered.
+    gate: Arc<UpgradeGate>,
 }
 
 impl Conn {
@@ -177,6 +179,7 @@ impl Conn {
             touched: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             close: Notify::new(),
+            gate: Arc::default(),
         })
     }
 }
@@ -193,7 +196,12 @@ macro_rules! service {
             let state = state.clone();
             let conn = conn.clone();
             async move {
+                let asks_upgrade = UpgradeGate::asks(&req);
                 let mut res = proxy::serve(&state, kind, sni, ip, req).await?;
+                if asks_upgrade {
+                    conn.gate
+                        .decide(res.status() == http::StatusCode::SWITCHING_PROTOCOLS);
+                }
                 let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= state.config.limits.max_requests_per_connection {
                     res.headers_mut()
@@ -268,6 +276,7 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
             state.guard.clone(),
             state.canned_https.clone(),
             peer.ip(),
+            conn.gate.clone(),
         );
         let io = Tracked {
             inner: TokioIo::new(guard),
@@ -288,6 +297,7 @@ async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: 
         state.guard.clone(),
         state.canned_http.clone(),
         peer.ip(),
+        conn.gate.clone(),
     );
     let io = Tracked {
         inner: TokioIo::new(guard),
