@@ -144,13 +144,13 @@ async fn admit(
             .iter()
             .any(|c| c.contains(peer.ip()))
         {
-            tracing::info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer");
+            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer"));
             return None;
         }
         match proxyproto::read(&mut stream, peer, state.config.timeouts.client_header).await {
             Ok(source) => peer = source,
             Err(e) => {
-                tracing::info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header");
+                crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header"));
                 return None;
             }
         }
@@ -158,7 +158,7 @@ async fn admit(
     match state.admission.admit(peer.ip()) {
         Some(ticket) => Some((stream, peer, ticket)),
         None => {
-            tracing::info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached");
+            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached"));
             None
         }
     }
