@@ -109,28 +109,17 @@ async fn http2_long_path_is_refused_and_never_forwarded() {
     );
 
     // A well-behaved client sees the security headers on the refusal, and the proxy keeps serving.
-    let res = s
-        .client
-        .send_h2(
-            s.https(),
-            http::Request::get(format!("/{}", "q".repeat(9000)))
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await;
+    let get = |len: usize| {
+        let req = http::Request::get(format!("/{}", "q".repeat(len)));
+        s.client
+            .send_h2(s.https(), req.body(Full::<Bytes>::default()).unwrap())
+    };
+    let res = get(9000).await;
     assert_eq!(res.status(), 414);
     assert_eq!(res.headers()["x-content-type-options"], "nosniff");
     assert!(res.headers().contains_key("strict-transport-security"));
     assert!(s.upstream.requests().is_empty());
-    let res = s
-        .client
-        .send_h2(
-            s.https(),
-            http::Request::get(format!("/{}", "q".repeat(8000)))
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await;
+    let res = get(8000).await;
     assert_eq!(res.status(), 200, "a path under uri_bytes was refused");
     assert_eq!(s.upstream.requests().len(), 1);
 }
