@@ -1,12 +1,15 @@
 //! The one response/request body type the proxy hands to hyper: a streamed body from the other side, a small
 //! page of our own, or nothing. An enum, not a `BoxBody`, so no allocation per request for the common case.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -22,6 +25,14 @@ pub enum Body {
         inner: Incoming,
         left: u64,
     },
+    /// An HTTP/2 request body (the guard watches HTTP/1.1 ones): as `Limited`, and ended with [`Stalled`]
+    /// when no frame comes for `idle` while one is awaited. The timer exists only once a frame was awaited.
+    Watched {
+        inner: Incoming,
+        left: u64,
+        idle: Duration,
+        timer: Option<Pin<Box<Sleep>>>,
+    },
 }
 
 /// A request body went past its route's limit (the client's fault: 413).
@@ -29,9 +40,24 @@ pub enum Body {
 #[error("request body larger than the limit")]
 pub struct TooLarge;
 
+/// A request body made no progress for `client_body` (the client's fault: 408).
+#[derive(Debug, thiserror::Error)]
+#[error("request body timed out")]
+pub struct Stalled;
+
 impl Body {
     pub fn full(b: impl Into<Bytes>) -> Body {
         Body::Full(Some(b.into()))
+    }
+
+    /// An HTTP/2 request body: at most `left` bytes, no more than `idle` between frames.
+    pub fn watched(inner: Incoming, left: u64, idle: Duration) -> Body {
+        Body::Watched {
+            inner,
+            left,
+            idle,
+            timer: None,
+        }
     }
 }
 
@@ -47,17 +73,26 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
-            Body::Limited { inner, left } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        if d.len() as u64 > *left {
-                            return Poll::Ready(Some(Err(Box::new(TooLarge))));
-                        }
-                        *left -= d.len() as u64;
+            Body::Limited { inner, left } => limited(Pin::new(inner).poll_frame(cx), left),
+            Body::Watched {
+                inner,
+                left,
+                idle,
+                timer,
+            } => match limited(Pin::new(inner).poll_frame(cx), left) {
+                Poll::Pending => {
+                    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*idle)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled)))),
+                        Poll::Pending => Poll::Pending,
                     }
-                    Poll::Ready(Some(Ok(frame)))
                 }
-                other => other.map_err(Into::into),
+                ready => {
+                    if let Some(t) = timer {
+                        t.as_mut().reset(Instant::now() + *idle);
+                    }
+                    ready
+                }
             },
         }
     }
@@ -66,7 +101,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream(s) | Body::Limited { inner: s, .. } => s.is_end_stream(),
+            Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
+                s.is_end_stream()
+            }
         }
     }
 
@@ -74,7 +111,28 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(s) | Body::Limited { inner: s, .. } => s.size_hint(),
+            Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
+                s.size_hint()
+            }
         }
+    }
+}
+
+/// A frame from a client's body, counted against what it may still carry.
+fn limited(
+    poll: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    left: &mut u64,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    match poll {
+        Poll::Ready(Some(Ok(frame))) => {
+            if let Some(d) = frame.data_ref() {
+                if d.len() as u64 > *left {
+                    return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                }
+                *left -= d.len() as u64;
+            }
+            Poll::Ready(Some(Ok(frame)))
+        }
+        other => other.map_err(Into::into),
     }
 }

@@ -26,6 +26,7 @@ use portcullis_config::{Cidr, PathMatch, Rate, RateLimit};
 
 use crate::body::Body;
 use crate::http::pages;
+use crate::telemetry::{Refusals, refused};
 
 /// Most bytes read from a request body to find the account name. A login form is a few hundred bytes; a
 /// larger body on a `per_account` path is refused (413), or padding would hide the account from the limit.
@@ -40,6 +41,8 @@ const MAX_ACCOUNT_CHARS: usize = 256;
 /// Every configured limit, built once at start.
 pub struct RateLimits {
     limits: Vec<Limit>,
+    /// The log's budget for `rate limited` lines (one per refused request otherwise).
+    refusals: Arc<Refusals>,
 }
 
 /// One `[[rate_limit]]`: what it counts, and its limiters.
@@ -62,9 +65,10 @@ struct Accounts {
 }
 
 impl RateLimits {
-    pub fn new(config: &[RateLimit]) -> RateLimits {
+    pub fn new(config: &[RateLimit], refusals: Arc<Refusals>) -> RateLimits {
         RateLimits {
             limits: config.iter().map(Limit::new).collect(),
+            refusals,
         }
     }
 
@@ -91,7 +95,7 @@ impl RateLimits {
             .collect();
         for limit in &matching {
             if let Err(wait) = limit.clients.check(&limit.client_key(client)) {
-                return Err(limit.refuse(client, None, wait));
+                return Err(limit.refuse(client, None, wait, &self.refusals));
             }
         }
         if !matching.iter().any(|l| l.accounts.is_some()) {
@@ -101,7 +105,7 @@ impl RateLimits {
         let body = match read_bounded(req.body_mut(), bound, body_timeout).await {
             Ok(b) => b,
             Err(code) => {
-                tracing::info!(client = %client, status = code.as_u16(), "rate limit: request body refused before reading the account");
+                refused!(self.refusals, Body => info!(client = %client, status = code.as_u16(), "rate limit: request body refused before reading the account"));
                 return Err(pages::status(code));
             }
         };
@@ -114,7 +118,7 @@ impl RateLimits {
             let names = account_names(content_type, &body, &a.field);
             for name in &names {
                 if let Err(wait) = a.keyed.check(&a.hasher.hash_one(name)) {
-                    return Err(limit.refuse(client, Some(name), wait));
+                    return Err(limit.refuse(client, Some(name), wait, &self.refusals));
                 }
             }
         }
@@ -206,11 +210,17 @@ impl Limit {
         self.rejected.load(Ordering::Relaxed)
     }
 
-    fn refuse(&self, client: IpAddr, account: Option<&str>, wait: Duration) -> Response<Body> {
+    fn refuse(
+        &self,
+        client: IpAddr,
+        account: Option<&str>,
+        wait: Duration,
+        refusals: &Refusals,
+    ) -> Response<Body> {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         let retry_after = whole_seconds_up(wait);
         // `?`: the account name is the client's text, quoted and escaped in the log.
-        tracing::warn!(client = %client, limit = %self.name, account = ?account, retry_after, "rate limited");
+        refused!(refusals, RateLimited => warn!(client = %client, limit = %self.name, account = ?account, retry_after, "rate limited"));
         pages::too_many_requests(retry_after)
     }
 }
@@ -756,20 +766,23 @@ mod tests {
 
     #[test]
     fn paths_match_exactly_or_by_prefix_and_escapes_do_not_hide_them() {
-        let limits = RateLimits::new(&[portcullis_config::RateLimit {
-            name: "t".into(),
-            paths: vec![
-                PathMatch::Exact("/login".into()),
-                PathMatch::Prefix("/api/token".into()),
-            ],
-            methods: vec!["POST".into()],
-            rate: rate(1, 1),
-            burst: 1,
-            per_account: None,
-            exempt: vec![],
-            ipv6_prefix: 64,
-            max_keys: 1000,
-        }]);
+        let limits = RateLimits::new(
+            &[portcullis_config::RateLimit {
+                name: "t".into(),
+                paths: vec![
+                    PathMatch::Exact("/login".into()),
+                    PathMatch::Prefix("/api/token".into()),
+                ],
+                methods: vec!["POST".into()],
+                rate: rate(1, 1),
+                burst: 1,
+                per_account: None,
+                exempt: vec![],
+                ipv6_prefix: 64,
+                max_keys: 1000,
+            }],
+            Arc::default(),
+        );
         assert!(limits.applies(&Method::POST, "/login"));
         assert!(!limits.applies(&Method::GET, "/login"));
         assert!(!limits.applies(&Method::POST, "/login/"));
@@ -787,7 +800,10 @@ mod tests {
     fn cost_per_request() {
         // The demo config has no [[rate_limit]]: the built-in `auth` limit.
         let any = "127.0.0.1:1".parse().unwrap();
-        let limits = RateLimits::new(&crate::demo::config(any, any).unwrap().rate_limits);
+        let limits = RateLimits::new(
+            &crate::demo::config(any, any).unwrap().rate_limits,
+            Arc::default(),
+        );
         let n = 10_000_000u32;
         let t = Instant::now();
         for _ in 0..n {

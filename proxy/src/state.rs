@@ -1,6 +1,7 @@
 //! `State`: everything a connection needs, built once from the config at start and shared by `Arc`.
 //! Built here, read everywhere; nothing in it is mutated on the request path except the admission counters
-//! (per connection, not per request) and the upstream pool's own internals.
+//! (per connection, not per request), the refusal log's counters (atomics, per refusal) and the upstream
+//! pool's own internals.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
 use crate::http::server::Admission;
 use crate::ratelimit::RateLimits;
+use crate::telemetry::Refusals;
 use crate::upstream::Upstreams;
 
 pub struct State {
@@ -32,6 +34,8 @@ pub struct State {
     pub sites: Arc<portcullis_certs::Sites>,
     /// ACME challenge responses being validated (HTTP-01 on :80, TLS-ALPN-01 on :443); the ACME task fills it.
     pub challenges: Arc<portcullis_certs::acme::Challenges>,
+    /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
+    pub refusals: Arc<Refusals>,
     /// Hosts a plain-HTTP redirect may point at: every site's names, or any host (empty) when the default
     /// site has none.
     pub redirect_names: Vec<String>,
@@ -56,6 +60,7 @@ impl State {
         };
         let headers = SecurityHeaders::new(&config.headers);
         let l = &config.limits;
+        let refusals = Arc::new(Refusals::default());
         let guard = Arc::new(Settings {
             limits: Limits {
                 head_bytes: usize::try_from(l.header_bytes).unwrap_or(usize::MAX),
@@ -64,13 +69,15 @@ impl State {
             },
             header_timeout: config.timeouts.client_header,
             body_timeout: config.timeouts.client_body,
+            refusals: refusals.clone(),
         });
         State {
             upstreams: Upstreams::new(&config),
             canned_https: Arc::new(Canned::new(&headers, true)),
             canned_http: Arc::new(Canned::new(&headers, false)),
             admission: Arc::new(Admission::new(l.connections, l.connections_per_ip)),
-            rate_limits: Arc::new(RateLimits::new(&config.rate_limits)),
+            rate_limits: Arc::new(RateLimits::new(&config.rate_limits, refusals.clone())),
+            refusals,
             headers,
             sites,
             challenges: Arc::default(),

@@ -56,6 +56,42 @@ pub fn preface() -> Vec<u8> {
     p
 }
 
+/// A frame as received.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The RST_STREAM or GOAWAY error code (0 for other frames).
+    pub fn code(&self) -> u32 {
+        let p = &self.payload;
+        match self.kind {
+            RST_STREAM if p.len() >= 4 => u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
+            GOAWAY if p.len() >= 8 => u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+            _ => 0,
+        }
+    }
+
+    /// For a HEADERS frame of a response: its `:status` (see [`status`]).
+    pub fn status(&self) -> Option<u16> {
+        (self.kind == HEADERS)
+            .then(|| status(&self.payload))
+            .flatten()
+    }
+}
+
+/// What a read of frames saw: the frames, and whether the server closed the connection (EOF or an error)
+/// rather than falling silent for 5 s.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub frames: Vec<Frame>,
+    pub closed: bool,
+}
+
 /// Writes `bytes`, then reads frames until the server closes, sends GOAWAY, `done` says so, or 5 s pass
 /// without a byte; returns the frame types and flags seen, with each RST_STREAM / GOAWAY error code.
 pub async fn exchange<S>(
@@ -69,7 +105,18 @@ where
     // The server may stop reading mid-way (GOAWAY, close): a failed write is part of what is observed.
     let _ = s.write_all(bytes).await;
     let _ = s.flush().await;
-    let mut got = Vec::new();
+    let summary = |frames: &[Frame]| -> Vec<(u8, u8, u32)> {
+        frames.iter().map(|f| (f.kind, f.flags, f.code())).collect()
+    };
+    summary(&read_frames(s, |f| done(&summary(f))).await.frames)
+}
+
+/// Reads frames until the server closes, sends GOAWAY, `done` says so, or 5 s pass without a byte.
+pub async fn read_frames<S>(s: &mut S, done: impl Fn(&[Frame]) -> bool) -> Seen
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut seen = Seen::default();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
     loop {
@@ -77,7 +124,11 @@ where
             .await
         {
             Ok(Ok(n)) if n > 0 => n,
-            _ => break,
+            Ok(_) => {
+                seen.closed = true;
+                break;
+            }
+            Err(_) => break,
         };
         buf.extend_from_slice(&chunk[..n]);
         while buf.len() >= 9 {
@@ -86,23 +137,86 @@ where
             if buf.len() < 9 + len {
                 break;
             }
-            let (kind, flags) = (buf[3], buf[4]);
-            let payload = &buf[9..9 + len];
-            let code = match kind {
-                RST_STREAM if len >= 4 => {
-                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                }
-                GOAWAY if len >= 8 => {
-                    u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
-                }
-                _ => 0,
-            };
-            got.push((kind, flags, code));
+            seen.frames.push(Frame {
+                kind: buf[3],
+                flags: buf[4],
+                stream: u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
+                payload: buf[9..9 + len].to_vec(),
+            });
             buf.drain(..9 + len);
         }
-        if got.iter().any(|(k, _, _)| *k == GOAWAY) || done(&got) {
+        if seen.frames.iter().any(|f| f.kind == GOAWAY) || done(&seen.frames) {
             break;
         }
     }
-    got
+    seen
+}
+
+/// The `:status` of a response header block, which servers send first: indexed from the static table
+/// (RFC 7541 Appendix A: 8..=14) or a literal with the `:status` name (index 8), its value plain or
+/// Huffman-coded digits. Enough for the first response on a connection (no dynamic table).
+pub fn status(block: &[u8]) -> Option<u16> {
+    let mut b = block;
+    // Dynamic table size updates (001xxxxx) may come first.
+    while b.first().is_some_and(|x| x & 0xe0 == 0x20) {
+        b = &b[1..];
+    }
+    let first = *b.first()?;
+    if first & 0x80 != 0 {
+        return [200, 204, 206, 304, 400, 404, 500]
+            .get(usize::from(first & 0x7f).checked_sub(8)?)
+            .copied();
+    }
+    // Literal with incremental indexing (01xxxxxx, 6-bit index) or without / never indexed (4-bit).
+    let index = if first & 0x40 != 0 {
+        first & 0x3f
+    } else {
+        first & 0x0f
+    };
+    if index != 8 {
+        return None;
+    }
+    let (huffman, len) = (b.get(1)? & 0x80 != 0, usize::from(b.get(1)? & 0x7f));
+    let value = b.get(2..2 + len)?;
+    let digits = if huffman {
+        huffman_digits(value)?
+    } else {
+        String::from_utf8(value.to_vec()).ok()?
+    };
+    digits.parse().ok()
+}
+
+/// Decodes a Huffman string of digits (RFC 7541 Appendix B: '0'-'2' are 5 bits, 00000-00010; '3'-'9'
+/// 6 bits, 011001-011111), ending in EOS padding (all ones).
+fn huffman_digits(bytes: &[u8]) -> Option<String> {
+    let bits: Vec<bool> = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1))
+        .collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bits.len() {
+        let rest = &bits[i..];
+        if rest.iter().all(|&b| b) && rest.len() < 8 {
+            break;
+        }
+        let code = |n: usize| {
+            rest.get(..n)
+                .map(|c| c.iter().fold(0u8, |acc, &b| acc << 1 | u8::from(b)))
+        };
+        match code(5)? {
+            c @ 0..=2 => {
+                out.push(char::from(b'0' + c));
+                i += 5;
+            }
+            _ => match code(6)? {
+                c @ 0x19..=0x1f => {
+                    out.push(char::from(b'0' + 3 + (c - 0x19)));
+                    i += 6;
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
 }

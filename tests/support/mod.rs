@@ -188,14 +188,25 @@ impl Portcullis {
         Portcullis::start(&args)
     }
 
+    /// As `run`, with `RUST_LOG=rust_log` (whatever `PORTCULLIS_TEST_LOG` says).
+    pub fn run_with_log(config: &Path, rust_log: &str) -> Portcullis {
+        let mut args = vec!["run", "--config", config.to_str().unwrap()];
+        if is_root() {
+            args.push("--insecure-keep-root");
+        }
+        Portcullis::start_with_log(&args, rust_log)
+    }
+
     /// Starts the binary with `args` and waits until it logs "ready" or exits.
     pub fn start(args: &[&str]) -> Portcullis {
+        let log = std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Portcullis::start_with_log(args, &log)
+    }
+
+    fn start_with_log(args: &[&str], rust_log: &str) -> Portcullis {
         let mut child = Command::new(binary())
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

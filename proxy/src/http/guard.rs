@@ -74,6 +74,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// A body that stops moving for this long is cut off.
     pub body_timeout: Duration,
+    /// The log's budget for refusals (shared with `State`).
+    pub refusals: Arc<crate::telemetry::Refusals>,
 }
 
 /// How the answer to a request that asked to upgrade reaches the guard: the service decides (it knows the
@@ -205,7 +207,7 @@ impl<T> Guard<T> {
     }
 
     fn reject(&mut self, r: Reject) {
-        tracing::info!(target: "access", client = %self.peer, status = r.status(), reason = r.reason(), "request refused");
+        crate::telemetry::refused!(self.settings.refusals, Request => info!(target: "access", client = %self.peer, status = r.status(), reason = r.reason(), "request refused"));
         self.state = State::Rejecting {
             bytes: self.canned.get(r.status()),
         };
@@ -291,7 +293,7 @@ impl<T> Guard<T> {
                     }
                     Err(why) => {
                         // Part of this body already went upstream: all we can do is cut the connection.
-                        tracing::info!(target: "access", client = %self.peer, reason = why, "request body refused");
+                        crate::telemetry::refused!(self.settings.refusals, Body => info!(target: "access", client = %self.peer, reason = why, "request body refused"));
                         self.state = State::Closed;
                         self.buf.clear();
                         return;
@@ -387,7 +389,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                                     n
                                 }
                                 Err(why) => {
-                                    tracing::info!(target: "access", client = %this.peer, reason = why, "request body refused");
+                                    crate::telemetry::refused!(this.settings.refusals, Body => info!(target: "access", client = %this.peer, reason = why, "request body refused"));
                                     this.state = State::Closed;
                                     out.set_filled(before);
                                     return Poll::Ready(Err(io::Error::new(
@@ -469,7 +471,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        tracing::info!(target: "access", client = %self.peer, "request body timed out");
+        crate::telemetry::refused!(self.settings.refusals, BodyTimeout => info!(target: "access", client = %self.peer, "request body timed out"));
         self.state = State::Closed;
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,

@@ -3,6 +3,7 @@
 
 pub mod forwarded;
 pub mod guard;
+pub mod h2;
 pub mod head;
 pub mod headers;
 pub mod hop;

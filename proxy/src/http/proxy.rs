@@ -14,9 +14,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::body::Body;
-use crate::http::{forwarded, hop, host, pages, redirect};
+use crate::http::{forwarded, h2, hop, host, pages, redirect};
 use crate::state::State;
-use crate::telemetry::{Access, Logged};
+use crate::telemetry::{Access, Logged, refused};
 use crate::upstream;
 
 /// Which listener a request came in on.
@@ -37,6 +37,10 @@ pub async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<Logged>, Infallible> {
     let start = Instant::now();
+    // HTTP/2 is held to the limits the guard holds HTTP/1.1 heads to; refused alike (no access line).
+    if let Some(res) = h2::refusal(state, peer, &req) {
+        return Ok(res.map(|b| Logged::new(b, None)));
+    }
     let client = forwarded::client_addr(req.headers(), peer, &state.config.trusted_proxies);
     let mut access = state.config.log.access.then(|| {
         Box::new(Access {
@@ -162,8 +166,16 @@ async fn proxy(
     };
     parts.version = Version::HTTP_11;
     // A declared length was checked above (and hyper holds the client to it); anything else is counted.
+    // HTTP/2 bodies are also held to `client_body` here (the guard does it for HTTP/1.1).
     let body = if let Some(whole) = buffered {
         Body::full(whole)
+    } else if !h1 {
+        let left = if declared.is_some() {
+            u64::MAX
+        } else {
+            max_body
+        };
+        Body::watched(body, left, state.config.timeouts.client_body)
     } else if declared.is_some() {
         Body::Stream(body)
     } else {
@@ -182,6 +194,10 @@ async fn proxy(
         }
         Err(upstream::Error::BodyTooLarge) => {
             return too_large(h1);
+        }
+        Err(upstream::Error::BodyTimeout) => {
+            refused!(state.refusals, BodyTimeout => info!(target: "access", client = %client, "request body timed out"));
+            return pages::status(StatusCode::REQUEST_TIMEOUT);
         }
         Err(e @ upstream::Error::Unavailable(_)) => {
             tracing::warn!(upstream = %state.upstreams.group(group).name, error = %e, "upstream failed");

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::http::guard::{Guard, UpgradeGate};
+use crate::http::h2;
 use crate::http::proxy::{self, Listener};
 use crate::http::proxyproto;
 use crate::shutdown::Shutdown;
@@ -144,13 +145,13 @@ async fn admit(
             .iter()
             .any(|c| c.contains(peer.ip()))
         {
-            tracing::info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer");
+            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer"));
             return None;
         }
         match proxyproto::read(&mut stream, peer, state.config.timeouts.client_header).await {
             Ok(source) => peer = source,
             Err(e) => {
-                tracing::info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header");
+                crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header"));
                 return None;
             }
         }
@@ -158,7 +159,7 @@ async fn admit(
     match state.admission.admit(peer.ip()) {
         Some(ticket) => Some((stream, peer, ticket)),
         None => {
-            tracing::info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached");
+            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached"));
             None
         }
     }
@@ -254,11 +255,13 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     let idle = state.config.timeouts.client_idle;
     let limits = &state.config.limits;
     if h2 {
+        let timeout = state.config.timeouts.client_header;
+        let watch = h2::Watch::new(tls, timeout, peer.ip(), state.refusals.clone());
         let io = Tracked {
-            inner: TokioIo::new(tls),
+            inner: TokioIo::new(watch),
             conn: conn.clone(),
         };
-        let max_list = u32::try_from(limits.header_bytes).unwrap_or(u32::MAX);
+        let max_list = h2::header_list_size(&state.guard.limits);
         let c = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(u32::try_from(limits.h2_max_streams).unwrap_or(u32::MAX))

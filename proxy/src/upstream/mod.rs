@@ -30,6 +30,9 @@ pub enum Error {
     /// The client's body went past the route's limit while being forwarded (the client's fault: 413).
     #[error("request body too large")]
     BodyTooLarge,
+    /// The client's body stopped coming for `client_body` while being forwarded (the client's fault: 408).
+    #[error("request body timed out")]
+    BodyTimeout,
 }
 
 #[derive(Debug)]
@@ -109,6 +112,8 @@ impl Upstreams {
             Ok(Err(e)) => {
                 if caused_by::<crate::body::TooLarge>(&e) {
                     Err(Error::BodyTooLarge)
+                } else if caused_by::<crate::body::Stalled>(&e) {
+                    Err(Error::BodyTimeout)
                 } else if timed_out(&e) {
                     Err(Error::Timeout)
                 } else {
