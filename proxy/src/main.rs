@@ -282,6 +282,17 @@ fn run(
         }
     };
 
+    // Every connection needs a descriptor (two with its upstream): `[limits] connections` must fit.
+    match listen::raise_open_file_limit() {
+        Ok(n) if n < config.limits.connections.saturating_mul(2) => tracing::warn!(
+            "the open-file limit ({n}) is below two per connection for [limits] connections = {}: \
+             connections past it fail at accept; raise LimitNOFILE (systemd) or ulimit -n",
+            config.limits.connections
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+
     // 5. Drop privileges while still single-threaded: groups, gid, uid, every capability set, NoNewPrivs.
     let dropped = match privdrop::apply(&plan) {
         Ok(d) => d,
