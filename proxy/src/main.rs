@@ -432,7 +432,7 @@ async fn serve(
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
-    trigger.begin();
+    let deadline = trigger.begin(grace);
     notify::stopping();
     // The accept loops end at once; after them, no listener is open.
     for a in accepting {
@@ -442,7 +442,9 @@ async fn serve(
         "stopping: listeners closed; draining for up to {}s",
         grace.as_secs_f64()
     );
-    if tokio::time::timeout(grace, trigger.drained())
+    // Tunnels (upgraded connections) stay open until this deadline, as nginx's upgraded connections do
+    // until `worker_shutdown_timeout`; they close themselves at it, and the exit closes what is left.
+    if tokio::time::timeout_at(deadline, trigger.drained())
         .await
         .is_err()
     {

@@ -1,7 +1,8 @@
-//! Connections: accept loops for the HTTPS and plain-HTTP listeners, admission (total and per-IP connection
-//! caps, checked before any TLS work), the TLS handshake (read the ClientHello first, then pick the config),
+//! Connections: accept loops for the HTTPS and plain-HTTP listeners, admission (total and, under pressure,
+//! per-IP connection caps, checked before any TLS work), the TLS handshake (read the ClientHello first, then pick the config),
 //! HTTP/1.1 (behind the request guard) or HTTP/2 by ALPN, and the per-connection watch for idleness, request
-//! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here.
+//! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here, and an
+//! upgraded request's tunnel takes the connection's [`Lease`] with it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -105,6 +106,15 @@ impl Drop for Ticket {
     }
 }
 
+/// What a connection lends its requests: the connection's place in the caps with a shutdown handle. An
+/// upgraded request's tunnel keeps a clone, so that it counts against the caps and the drain waits for it
+/// after hyper's connection has ended.
+#[derive(Clone)]
+pub struct Lease {
+    pub shutdown: Shutdown,
+    _ticket: Arc<Ticket>,
+}
+
 /// Accepts connections until shutdown begins; each is served on its own task.
 pub async fn accept(
     listener: TcpListener,
@@ -131,11 +141,14 @@ pub async fn accept(
             let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else {
                 return;
             };
+            let lease = Lease {
+                shutdown,
+                _ticket: Arc::new(ticket),
+            };
             match kind {
-                Listener::Https => https(stream, peer, state, shutdown).await,
-                Listener::Http => http(stream, peer, state, shutdown).await,
+                Listener::Https => https(stream, peer, state, lease).await,
+                Listener::Http => http(stream, peer, state, lease).await,
             }
-            drop(ticket);
         });
     }
 }
@@ -179,14 +192,16 @@ struct Conn {
     touched: AtomicBool,
     requests: AtomicU64,
     close: Notify,
+    lease: Lease,
 }
 
 impl Conn {
-    fn new() -> Arc<Conn> {
+    fn new(lease: Lease) -> Arc<Conn> {
         Arc::new(Conn {
             touched: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             close: Notify::new(),
+            lease,
         })
     }
 }
@@ -203,7 +218,7 @@ macro_rules! service {
             let state = state.clone();
             let conn = conn.clone();
             async move {
-                let mut res = proxy::serve(&state, kind, sni, ip, req).await?;
+                let mut res = proxy::serve(&state, kind, sni, ip, &conn.lease, req).await?;
                 let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= state.config.limits.max_requests_per_connection {
                     res.headers_mut()
@@ -216,7 +231,7 @@ macro_rules! service {
     }};
 }
 
-async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
+async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
     let _ = stream.set_nodelay(true);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -251,7 +266,8 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Conn::new();
+    let shutdown = lease.shutdown.clone();
+    let conn = Conn::new(lease);
     let svc = service!(state, conn, Listener::Https, sni, peer.ip());
     let idle = state.config.timeouts.client_idle;
     let limits = &state.config.limits;
@@ -290,9 +306,10 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     }
 }
 
-async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
+async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
     let _ = stream.set_nodelay(true);
-    let conn = Conn::new();
+    let shutdown = lease.shutdown.clone();
+    let conn = Conn::new(lease);
     let guard = Guard::new(
         stream,
         state.guard.clone(),
