@@ -22,11 +22,16 @@ impl Drop for Gunicorn {
 }
 
 fn start_gunicorn(socket: &Path) -> Gunicorn {
+    start_gunicorn_app(socket, "flask_app:app")
+}
+
+/// gunicorn serving `app` (`module:variable` in tests/fixtures) on the unix socket `socket`.
+fn start_gunicorn_app(socket: &Path, app: &str) -> Gunicorn {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let child = Command::new("/usr/bin/gunicorn")
         .args(["--bind", &format!("unix:{}", socket.display()), "--workers", "2", "--chdir"])
         .arg(&fixtures)
-        .arg("flask_app:app")
+        .arg(app)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -101,4 +106,71 @@ async fn flask_under_gunicorn_on_a_unix_socket() {
         .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.body().len(), 1_000_000);
+}
+
+/// What a client may claim about itself in headers that frameworks believe behind a proxy, spoofed.
+const SPOOFED: [(&str, &str); 16] = [
+    ("x-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-proto", "http"),
+    ("x-forwarded-host", "evil.test"),
+    ("x-forwarded-port", "1"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-real-ip", "6.6.6.6"),
+    ("forwarded", "for=6.6.6.6;proto=http;host=evil.test"),
+    ("x-client-ip", "6.6.6.6"),
+    ("true-client-ip", "6.6.6.6"),
+    ("cf-connecting-ip", "6.6.6.6"),
+    ("x-cluster-client-ip", "6.6.6.6"),
+    ("fastly-client-ip", "6.6.6.6"),
+    ("x-original-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-ssl", "off"),
+    ("x-forwarded-protocol", "http"),
+    ("x-forwarded-scheme", "http"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_address_headers_do_not_fool_a_proxyfix_app() {
+    let dir = TempDir::new("proxyfix");
+    let pki = Pki::new(dir.path(), &[]);
+    let socket = dir.path().join("gunicorn.sock");
+    let _g = start_gunicorn_app(&socket, "flask_proxyfix:app");
+    let p = Portcullis::run(
+        &dir.write(
+            "p.toml",
+            &config(&pki, &format!("unix:{}", socket.display()), ""),
+        ),
+        &[],
+    );
+    assert!(p.ready, "{}", p.output());
+    let client = Client::new(&pki.ca_pem);
+    let port = p.https_addr().port();
+    for h2 in [false, true] {
+        // HTTP/1.1 with a Host without port (the port comes from X-Forwarded-Port); HTTP/2 with one.
+        let mut req = Request::get("/whoami?q=1");
+        if !h2 {
+            req = req.header("host", "localhost");
+        }
+        for (name, value) in SPOOFED {
+            req = req.header(name, value);
+        }
+        let req = req.body(Full::default()).unwrap();
+        let res = if h2 {
+            client.send_h2(p.https_addr(), req).await
+        } else {
+            client.send(p.https_addr(), req).await
+        };
+        let body = String::from_utf8_lossy(res.body()).into_owned();
+        assert_eq!(res.status(), 200, "h2={h2}: {body}");
+        for want in [
+            format!("\"url\":\"https://localhost:{port}/whoami?q=1\""),
+            "\"remote_addr\":\"127.0.0.1\"".to_owned(),
+            "\"scheme\":\"https\"".to_owned(),
+            format!("\"port\":\"{port}\""),
+            "\"script_root\":\"\"".to_owned(),
+        ] {
+            assert!(body.contains(&want), "h2={h2}: {want} missing in {body}");
+        }
+        assert!(!body.contains("6.6.6.6"), "h2={h2}: {body}");
+        assert!(!body.contains("evil"), "h2={h2}: {body}");
+    }
 }

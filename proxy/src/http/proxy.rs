@@ -28,7 +28,7 @@ pub enum Listener {
 
 /// Serves one request: the response always carries the security headers, and is logged when done.
 /// `sni` is the site the TLS handshake named (None without SNI, or when it named no site); `lease` is
-/// what the request's connection lends it (what an upgrade's tunnel keeps).
+/// what the request's connection lends it (its port, and what an upgrade's tunnel keeps).
 pub async fn serve(
     state: &State,
     listener: Listener,
@@ -129,6 +129,7 @@ async fn proxy(
         peer,
         client,
         requested.as_ref(),
+        &lease.port,
         &state.config.trusted_proxies,
     );
     match &requested {

@@ -106,11 +106,12 @@ impl Drop for Ticket {
     }
 }
 
-/// What a connection lends its requests: the connection's place in the caps with a shutdown handle. An
-/// upgraded request's tunnel keeps a clone, so that it counts against the caps and the drain waits for it
-/// after hyper's connection has ended.
+/// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), and the
+/// connection's place in the caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
+/// that it counts against the caps and the drain waits for it after hyper's connection has ended.
 #[derive(Clone)]
 pub struct Lease {
+    pub port: HeaderValue,
     pub shutdown: Shutdown,
     _ticket: Arc<Ticket>,
 }
@@ -122,6 +123,8 @@ pub async fn accept(
     state: Arc<State>,
     mut shutdown: Shutdown,
 ) {
+    // The port clients connected to (the listener's; with port 0, the one the kernel picked).
+    let port = HeaderValue::from(listener.local_addr().map_or(0, |a| a.port()));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -137,11 +140,13 @@ pub async fn accept(
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let port = port.clone();
         tokio::spawn(async move {
             let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else {
                 return;
             };
             let lease = Lease {
+                port,
                 shutdown,
                 _ticket: Arc::new(ticket),
             };
