@@ -21,12 +21,8 @@ impl Drop for Gunicorn {
     }
 }
 
-fn start_gunicorn(socket: &Path) -> Gunicorn {
-    start_gunicorn_app(socket, "flask_app:app")
-}
-
 /// gunicorn serving `app` (`module:variable` in tests/fixtures) on the unix socket `socket`.
-fn start_gunicorn_app(socket: &Path, app: &str) -> Gunicorn {
+fn start_gunicorn(socket: &Path, app: &str) -> Gunicorn {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let child = Command::new("/usr/bin/gunicorn")
         .args(["--bind", &format!("unix:{}", socket.display()), "--workers", "2", "--chdir"])
@@ -50,12 +46,20 @@ fn start_gunicorn_app(socket: &Path, app: &str) -> Gunicorn {
     panic!("gunicorn did not create {}", socket.display());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flask_under_gunicorn_on_a_unix_socket() {
+/// Portcullis in front of gunicorn serving `app` on a unix socket, and a client trusting its certificate.
+/// Fields drop in order: the proxy, then gunicorn, then their folder.
+struct Behind {
+    p: Portcullis,
+    client: Client,
+    _g: Gunicorn,
+    _dir: TempDir,
+}
+
+fn behind_portcullis(app: &str) -> Behind {
     let dir = TempDir::new("gunicorn");
     let pki = Pki::new(dir.path(), &["app.test"]);
     let socket = dir.path().join("gunicorn.sock");
-    let _g = start_gunicorn(&socket);
+    let g = start_gunicorn(&socket, app);
     let p = Portcullis::run(
         &dir.write(
             "p.toml",
@@ -64,7 +68,18 @@ async fn flask_under_gunicorn_on_a_unix_socket() {
         &[],
     );
     assert!(p.ready, "{}", p.output());
-    let client = Client::new(&pki.ca_pem);
+    Behind {
+        p,
+        client: Client::new(&pki.ca_pem),
+        _g: g,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flask_under_gunicorn_on_a_unix_socket() {
+    let b = behind_portcullis("flask_app:app");
+    let (p, client) = (&b.p, &b.client);
 
     let req = Request::get("/?q=1")
         .header("host", "app.test")
@@ -130,19 +145,8 @@ const SPOOFED: [(&str, &str); 16] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_address_headers_do_not_fool_a_proxyfix_app() {
-    let dir = TempDir::new("proxyfix");
-    let pki = Pki::new(dir.path(), &[]);
-    let socket = dir.path().join("gunicorn.sock");
-    let _g = start_gunicorn_app(&socket, "flask_proxyfix:app");
-    let p = Portcullis::run(
-        &dir.write(
-            "p.toml",
-            &config(&pki, &format!("unix:{}", socket.display()), ""),
-        ),
-        &[],
-    );
-    assert!(p.ready, "{}", p.output());
-    let client = Client::new(&pki.ca_pem);
+    let b = behind_portcullis("flask_proxyfix:app");
+    let (p, client) = (&b.p, &b.client);
     let port = p.https_addr().port();
     for h2 in [false, true] {
         // HTTP/1.1 with a Host without port (the port comes from X-Forwarded-Port); HTTP/2 with one.
