@@ -57,6 +57,8 @@ async fn proxies_to_the_upstream_with_forwarding_headers_and_security_headers() 
                 .header("x-forwarded-proto", "http")
                 .header("x-forwarded-host", "evil.test")
                 .header("forwarded", "for=6.6.6.6")
+                .header("x-forwarded-port", "1")
+                .header("true-client-ip", "6.6.6.6")
                 .body(Full::default())
                 .unwrap(),
         )
@@ -71,7 +73,9 @@ async fn proxies_to_the_upstream_with_forwarding_headers_and_security_headers() 
     assert_eq!(r.headers["x-real-ip"], "127.0.0.1");
     assert_eq!(r.headers["x-forwarded-proto"], "https");
     assert_eq!(r.headers["x-forwarded-host"], "app.test");
+    assert_eq!(r.headers["x-forwarded-port"], s.https().port().to_string());
     assert!(r.headers.get("forwarded").is_none());
+    assert!(r.headers.get("true-client-ip").is_none());
     assert_eq!(r.headers.get_all("x-forwarded-for").iter().count(), 1);
 }
 
@@ -81,12 +85,17 @@ async fn trusted_proxies_keep_the_forwarded_chain() {
     let req = Request::get("/")
         .header("x-forwarded-for", "203.0.113.7")
         .header("x-forwarded-proto", "https")
+        .header("x-forwarded-port", "443")
+        .header("true-client-ip", "203.0.113.7")
         .body(Full::default())
         .unwrap();
     assert_eq!(s.client.send(s.https(), req).await.status(), StatusCode::OK);
     let r = s.upstream.last();
     assert_eq!(r.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(r.headers["x-real-ip"], "203.0.113.7");
+    // The port and client the trusted proxy saw are kept.
+    assert_eq!(r.headers["x-forwarded-port"], "443");
+    assert_eq!(r.headers["true-client-ip"], "203.0.113.7");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,12 +21,13 @@ impl Drop for Gunicorn {
     }
 }
 
-fn start_gunicorn(socket: &Path) -> Gunicorn {
+/// gunicorn serving `app` (`module:variable` in tests/fixtures) on the unix socket `socket`.
+fn start_gunicorn(socket: &Path, app: &str) -> Gunicorn {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let child = Command::new("/usr/bin/gunicorn")
         .args(["--bind", &format!("unix:{}", socket.display()), "--workers", "2", "--chdir"])
         .arg(&fixtures)
-        .arg("flask_app:app")
+        .arg(app)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -45,12 +46,20 @@ fn start_gunicorn(socket: &Path) -> Gunicorn {
     panic!("gunicorn did not create {}", socket.display());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flask_under_gunicorn_on_a_unix_socket() {
+/// Portcullis in front of gunicorn serving `app` on a unix socket, and a client trusting its certificate.
+/// Fields drop in order: the proxy, then gunicorn, then their folder.
+struct Behind {
+    p: Portcullis,
+    client: Client,
+    _g: Gunicorn,
+    _dir: TempDir,
+}
+
+fn behind_portcullis(app: &str) -> Behind {
     let dir = TempDir::new("gunicorn");
     let pki = Pki::new(dir.path(), &["app.test"]);
     let socket = dir.path().join("gunicorn.sock");
-    let _g = start_gunicorn(&socket);
+    let g = start_gunicorn(&socket, app);
     let p = Portcullis::run(
         &dir.write(
             "p.toml",
@@ -59,7 +68,18 @@ async fn flask_under_gunicorn_on_a_unix_socket() {
         &[],
     );
     assert!(p.ready, "{}", p.output());
-    let client = Client::new(&pki.ca_pem);
+    Behind {
+        p,
+        client: Client::new(&pki.ca_pem),
+        _g: g,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flask_under_gunicorn_on_a_unix_socket() {
+    let b = behind_portcullis("flask_app:app");
+    let (p, client) = (&b.p, &b.client);
 
     let req = Request::get("/?q=1")
         .header("host", "app.test")
@@ -110,7 +130,7 @@ async fn multipart_binary_upload_reaches_flask_request_files_intact() {
     let dir = TempDir::new("gunicorn-upload");
     let pki = Pki::new(dir.path(), &["app.test"]);
     let socket = dir.path().join("gunicorn.sock");
-    let _g = start_gunicorn(&socket);
+    let _g = start_gunicorn(&socket, "flask_app:app");
     let p = Portcullis::run(
         &dir.write(
             "p.toml",
@@ -176,5 +196,61 @@ async fn multipart_binary_upload_reaches_flask_request_files_intact() {
             "{name} as --data-binary: Flask got other bytes: {text}\nlog:\n{}",
             p.output()
         );
+    }
+}
+
+/// What a client may claim about itself in headers that frameworks believe behind a proxy, spoofed.
+const SPOOFED: [(&str, &str); 16] = [
+    ("x-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-proto", "http"),
+    ("x-forwarded-host", "evil.test"),
+    ("x-forwarded-port", "1"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-real-ip", "6.6.6.6"),
+    ("forwarded", "for=6.6.6.6;proto=http;host=evil.test"),
+    ("x-client-ip", "6.6.6.6"),
+    ("true-client-ip", "6.6.6.6"),
+    ("cf-connecting-ip", "6.6.6.6"),
+    ("x-cluster-client-ip", "6.6.6.6"),
+    ("fastly-client-ip", "6.6.6.6"),
+    ("x-original-forwarded-for", "6.6.6.6"),
+    ("x-forwarded-ssl", "off"),
+    ("x-forwarded-protocol", "http"),
+    ("x-forwarded-scheme", "http"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_address_headers_do_not_fool_a_proxyfix_app() {
+    let b = behind_portcullis("flask_proxyfix:app");
+    let (p, client) = (&b.p, &b.client);
+    let port = p.https_addr().port();
+    for h2 in [false, true] {
+        // HTTP/1.1 with a Host without port (the port comes from X-Forwarded-Port); HTTP/2 with one.
+        let mut req = Request::get("/whoami?q=1");
+        if !h2 {
+            req = req.header("host", "localhost");
+        }
+        for (name, value) in SPOOFED {
+            req = req.header(name, value);
+        }
+        let req = req.body(Full::default()).unwrap();
+        let res = if h2 {
+            client.send_h2(p.https_addr(), req).await
+        } else {
+            client.send(p.https_addr(), req).await
+        };
+        let body = String::from_utf8_lossy(res.body()).into_owned();
+        assert_eq!(res.status(), 200, "h2={h2}: {body}");
+        for want in [
+            format!("\"url\":\"https://localhost:{port}/whoami?q=1\""),
+            "\"remote_addr\":\"127.0.0.1\"".to_owned(),
+            "\"scheme\":\"https\"".to_owned(),
+            format!("\"port\":\"{port}\""),
+            "\"script_root\":\"\"".to_owned(),
+        ] {
+            assert!(body.contains(&want), "h2={h2}: {want} missing in {body}");
+        }
+        assert!(!body.contains("6.6.6.6"), "h2={h2}: {body}");
+        assert!(!body.contains("evil"), "h2={h2}: {body}");
     }
 }

@@ -4,8 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
+use std::net::IpAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use portcullis_tests::Setup;
 use portcullis_tests::client::{read_all, read_until};
 use portcullis_tests::h2raw::{
@@ -365,40 +370,75 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_per_ip_are_capped_before_the_handshake() {
-    let s = Setup::new("", "[limits]\nconnections_per_ip = 2\n").await;
-    let a = s.client.tls(s.https(), &[b"http/1.1"]).await;
-    let _b = s.client.tls(s.https(), &[b"http/1.1"]).await;
-    // The third is closed before any TLS work: the handshake fails.
-    let tcp = tokio::net::TcpStream::connect(s.https()).await.unwrap();
-    let third =
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(s.client.config(&[b"http/1.1"])))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await;
-    assert!(
-        third.is_err(),
-        "a third connection from one address was served"
-    );
-    // Closing one frees its place (the server notices the close asynchronously: bounded retry).
-    drop(a);
-    let mut served = false;
-    for _ in 0..100 {
-        let tcp = tokio::net::TcpStream::connect(s.https()).await.unwrap();
-        let c =
-            tokio_rustls::TlsConnector::from(std::sync::Arc::new(s.client.config(&[b"http/1.1"])))
-                .connect("localhost".try_into().unwrap(), tcp)
-                .await;
-        if let Ok(tls) = c {
-            assert_eq!(
-                portcullis_tests::client::get_on(tls, "/").await.status(),
-                200
-            );
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+async fn connections_per_ip_caps_an_address_only_under_pressure_before_the_handshake() {
+    // connections = 6: the per-address cap (2) applies once more than 3 connections are open.
+    let s = Setup::new("", "[limits]\nconnections = 6\nconnections_per_ip = 2\n").await;
+    let from = |n: u8| IpAddr::from([127, 0, 0, n]);
+    let connect = |n: u8| s.client.tls_from(from(n), s.https(), &[b"http/1.1"]);
+    // Below that, one address may hold more than its cap (an office behind one NAT address).
+    let mut office = Vec::new();
+    for i in 0..3 {
+        let tls = connect(1).await;
+        office.push(tls.unwrap_or_else(|e| panic!("connection {i} from one address: {e}")));
     }
-    assert!(served);
+    // Past it, that address is closed before any TLS work (the handshake fails) ...
+    assert!(
+        connect(1).await.is_err(),
+        "an address over its cap was served under pressure"
+    );
+    // ... while other addresses get up to their cap ...
+    let _b = (connect(2).await.unwrap(), connect(2).await.unwrap());
+    assert!(
+        connect(2).await.is_err(),
+        "a second address went over its cap"
+    );
+    // ... and the total cap holds for everyone.
+    let _c = connect(3).await.unwrap();
+    assert!(
+        connect(4).await.is_err(),
+        "a seventh connection with connections = 6"
+    );
+    // Closing connections gives their places back.
+    drop(office);
+    assert!(s.client.served_from(from(1), s.https()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_from_one_address_are_all_served() {
+    // The defaults (connections = 10000, connections_per_ip = 256) used to close connection 257 at accept.
+    let s = Setup::new("", "").await;
+    let mut open = Vec::new();
+    for i in 0..1000 {
+        let connect = s
+            .client
+            .tls_from(IpAddr::from([127, 0, 0, 1]), s.https(), &[b"http/1.1"]);
+        let tls = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not accepted within 10 s"))
+            .unwrap_or_else(|e| panic!("connection {i} was refused: {e}"));
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        assert_eq!(get(&mut send).await, 200, "connection {i}");
+        open.push(send);
+    }
+    // All of them at once: each is still open and serves another request.
+    for (i, send) in open.iter_mut().enumerate() {
+        assert_eq!(get(send).await, 200, "connection {i}, second request");
+    }
+}
+
+async fn get(send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> u16 {
+    send.ready().await.unwrap();
+    let req = Request::get("/")
+        .header("host", "localhost")
+        .body(Full::default())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    res.into_body().collect().await.unwrap();
+    status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

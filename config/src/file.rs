@@ -142,6 +142,7 @@ pub struct Timeouts {
     pub upstream_connect: Option<S<String>>,
     pub upstream_response: Option<S<String>>,
     pub client_idle: Option<S<String>>,
+    pub tunnel_idle: Option<S<String>>,
     pub client_header: Option<S<String>>,
     pub client_body: Option<S<String>>,
     pub shutdown: Option<S<String>>,

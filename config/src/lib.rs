@@ -35,6 +35,10 @@ pub mod defaults {
     /// As nginx's `proxy_read_timeout`; gunicorn kills a worker after 30 s by default.
     pub const UPSTREAM_RESPONSE: Duration = Duration::from_secs(60);
     pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed. Apps ping
+    /// every 20-60 s to keep a socket open (Socket.IO 25 s, Django Channels and browsers' proxies ~60 s);
+    /// nginx's `proxy_read_timeout` (60 s) cuts quieter apps, so the default is generous.
+    pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
     /// A request head must arrive whole within this (slowloris).
     pub const CLIENT_HEADER: Duration = Duration::from_secs(10);
     /// A request body that stops moving for this long is cut off.
@@ -280,6 +284,8 @@ pub struct Timeouts {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub client_idle: Duration,
+    /// An upgraded connection (a tunnel) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
     pub client_header: Duration,
     pub client_body: Duration,
     pub shutdown: Duration,
@@ -1286,6 +1292,7 @@ impl Checker<'_> {
             upstream_connect: None,
             upstream_response: None,
             client_idle: None,
+            tunnel_idle: None,
             client_header: None,
             client_body: None,
             shutdown: None,
@@ -1302,6 +1309,7 @@ impl Checker<'_> {
                 defaults::UPSTREAM_RESPONSE,
             ),
             client_idle: self.duration("client_idle", t.client_idle, defaults::CLIENT_IDLE),
+            tunnel_idle: self.duration("tunnel_idle", t.tunnel_idle, defaults::TUNNEL_IDLE),
             client_header: self.duration("client_header", t.client_header, defaults::CLIENT_HEADER),
             client_body: self.duration("client_body", t.client_body, defaults::CLIENT_BODY),
             shutdown: self.duration("shutdown", t.shutdown, defaults::SHUTDOWN),
@@ -1416,6 +1424,7 @@ servers = ["127.0.0.1:8000"]
             defaults::HSTS
         );
         assert_eq!(c.timeouts.shutdown, Duration::from_secs(30));
+        assert_eq!(c.timeouts.tunnel_idle, Duration::from_secs(600));
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.process, Process::default());
     }
@@ -1649,5 +1658,16 @@ servers = ["127.0.0.1:8000"]
         let p = problems(&text);
         assert!(p.iter().any(|l| l.contains("timeouts.shutdown")), "{p:?}");
         assert!(p.iter().any(|l| l.contains("tls.min_version")), "{p:?}");
+    }
+
+    #[test]
+    fn tunnel_idle_is_read_and_must_be_positive() {
+        let c = parse(&format!("{EXAMPLE}\n[timeouts]\ntunnel_idle = \"90s\"\n")).unwrap();
+        assert_eq!(c.timeouts.tunnel_idle, Duration::from_secs(90));
+        let p = problems(&format!("{EXAMPLE}\n[timeouts]\ntunnel_idle = \"0s\"\n"));
+        assert!(
+            p.iter().any(|l| l.contains("timeouts.tunnel_idle")),
+            "{p:?}"
+        );
     }
 }

@@ -31,6 +31,18 @@ pub enum Error {
     },
 }
 
+/// Raises the soft open-file limit to the hard one and returns it. Each client connection takes a
+/// descriptor, and its upstream connection another; systemd starts services with a soft limit of 1024
+/// (hard 524288) and asks those that need more to raise it themselves, which needs no privilege.
+pub fn raise_open_file_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
 /// Adopts systemd's sockets when `LISTEN_PID` names this process, else binds `[listen]`.
 pub fn bind_or_adopt(listen: &Listen) -> Result<Bound, Error> {
     match passed() {

@@ -282,6 +282,17 @@ fn run(
         }
     };
 
+    // Every connection needs a descriptor (two with its upstream): `[limits] connections` must fit.
+    match listen::raise_open_file_limit() {
+        Ok(n) if n < config.limits.connections.saturating_mul(2) => tracing::warn!(
+            "the open-file limit ({n}) is below two per connection for [limits] connections = {}: \
+             connections past it fail at accept; raise LimitNOFILE (systemd) or ulimit -n",
+            config.limits.connections
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+
     // 5. Drop privileges while still single-threaded: groups, gid, uid, every capability set, NoNewPrivs.
     let dropped = match privdrop::apply(&plan) {
         Ok(d) => d,
@@ -421,7 +432,7 @@ async fn serve(
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
-    trigger.begin();
+    let deadline = trigger.begin(grace);
     notify::stopping();
     // The accept loops end at once; after them, no listener is open.
     for a in accepting {
@@ -431,7 +442,9 @@ async fn serve(
         "stopping: listeners closed; draining for up to {}s",
         grace.as_secs_f64()
     );
-    if tokio::time::timeout(grace, trigger.drained())
+    // Tunnels (upgraded connections) stay open until this deadline, as nginx's upgraded connections do
+    // until `worker_shutdown_timeout`; they close themselves at it, and the exit closes what is left.
+    if tokio::time::timeout_at(deadline, trigger.drained())
         .await
         .is_err()
     {

@@ -65,6 +65,35 @@ impl Client {
         self.tls_with(addr, "localhost", self.config(alpn)).await
     }
 
+    /// A TLS connection from the loopback address `from` (any of 127.0.0.0/8 reaches a 127.0.0.1 listener):
+    /// a second client address for the per-address caps. `Err` when the server closed it before or during
+    /// the handshake.
+    pub async fn tls_from(
+        &self,
+        from: std::net::IpAddr,
+        addr: SocketAddr,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(from, 0))?;
+        let tcp = socket.connect(addr).await?;
+        TlsConnector::from(Arc::new(self.config(alpn)))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+    }
+
+    /// Whether a new connection from `from` is admitted and served `GET /` (200), retried while the server
+    /// notices that other connections closed (it does so asynchronously; bounded at about 2 s).
+    pub async fn served_from(&self, from: std::net::IpAddr, addr: SocketAddr) -> bool {
+        for _ in 0..100 {
+            if let Ok(tls) = self.tls_from(from, addr, &[b"http/1.1"]).await {
+                return get_on(tls, "/").await.status() == 200;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// One HTTP/1.1 request on a new connection; `Host: localhost` unless the request sets one.
     pub async fn send(&self, addr: SocketAddr, mut req: Request<Full<Bytes>>) -> Response<Bytes> {
         if !req.headers().contains_key(http::header::HOST) {

@@ -1,5 +1,5 @@
-//! Everything HTTP: connections (`server`), the proxying handler (`proxy`), the plain-HTTP redirect
-//! (`redirect`), and the header rules they share.
+//! Everything HTTP: connections (`server`), the proxying handler (`proxy`), upgraded connections (`tunnel`),
+//! the plain-HTTP redirect (`redirect`), and the header rules they share.
 
 pub mod forwarded;
 pub mod guard;
@@ -13,3 +13,4 @@ pub mod proxy;
 pub mod proxyproto;
 pub mod redirect;
 pub mod server;
+pub mod tunnel;

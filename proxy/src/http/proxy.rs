@@ -10,11 +10,10 @@ use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 
 use crate::body::Body;
-use crate::http::{forwarded, h2, hop, host, pages, redirect};
+use crate::http::server::Lease;
+use crate::http::{forwarded, h2, hop, host, pages, redirect, tunnel};
 use crate::state::State;
 use crate::telemetry::{Access, Logged, refused};
 use crate::upstream;
@@ -28,12 +27,14 @@ pub enum Listener {
 }
 
 /// Serves one request: the response always carries the security headers, and is logged when done.
-/// `sni` is the site the TLS handshake named (None without SNI, or when it named no site).
+/// `sni` is the site the TLS handshake named (None without SNI, or when it named no site); `lease` is
+/// what the request's connection lends it (its port, and what an upgrade's tunnel keeps).
 pub async fn serve(
     state: &State,
     listener: Listener,
     sni: Option<usize>,
     peer: IpAddr,
+    lease: &Lease,
     req: Request<Incoming>,
 ) -> Result<Response<Logged>, Infallible> {
     let start = Instant::now();
@@ -54,7 +55,7 @@ pub async fn serve(
         })
     });
     let mut res = match listener {
-        Listener::Https => proxy(state, sni, peer, client, req, access.as_deref_mut()).await,
+        Listener::Https => proxy(state, sni, peer, client, lease, req, access.as_deref_mut()).await,
         Listener::Http => redirect::handle(state, &req),
     };
     state
@@ -71,6 +72,7 @@ async fn proxy(
     sni: Option<usize>,
     peer: IpAddr,
     client: IpAddr,
+    lease: &Lease,
     mut req: Request<Incoming>,
     access: Option<&mut Access>,
 ) -> Response<Body> {
@@ -135,6 +137,7 @@ async fn proxy(
         peer,
         client,
         requested.as_ref(),
+        &lease.port,
         &state.config.trusted_proxies,
     );
     match &requested {
@@ -214,7 +217,12 @@ async fn proxy(
         let upstream_side = hyper::upgrade::on(&mut res);
         let (mut parts, _) = res.into_parts();
         let proto = parts.headers.get(header::UPGRADE).cloned();
-        tokio::spawn(tunnel(client_side, upstream_side));
+        tokio::spawn(tunnel::run(
+            client_side,
+            upstream_side,
+            state.config.timeouts.tunnel_idle,
+            lease.clone(),
+        ));
         hop::strip(&mut parts.headers);
         parts
             .headers
@@ -285,20 +293,5 @@ fn join_cookies(headers: &mut http::HeaderMap) {
         .join(&b"; "[..]);
     if let Ok(v) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, v);
-    }
-}
-
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
     }
 }

@@ -1,7 +1,8 @@
-//! Connections: accept loops for the HTTPS and plain-HTTP listeners, admission (total and per-IP connection
-//! caps, checked before any TLS work), the TLS handshake (read the ClientHello first, then pick the config),
+//! Connections: accept loops for the HTTPS and plain-HTTP listeners, admission (total and, under pressure,
+//! per-IP connection caps, checked before any TLS work), the TLS handshake (read the ClientHello first, then pick the config),
 //! HTTP/1.1 (behind the request guard) or HTTP/2 by ALPN, and the per-connection watch for idleness, request
-//! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here.
+//! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here, and an
+//! upgraded request's tunnel takes the connection's [`Lease`] with it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,11 +33,19 @@ use crate::state::State;
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connection caps: in total and per client address. Taken once per connection, never per request.
+/// Connection caps: in total, and per client address while the proxy is under pressure. Taken once per
+/// connection (a tunnel keeps its connection's), never per request.
+///
+/// The per-address cap applies only once more than half of the total cap is in use: below that, one
+/// address (an office or a carrier's CGNAT behind one IP) may open as many connections as it needs; past
+/// it, an address that already holds `max_per_ip` gets no more, so that the other half stays for everyone
+/// else. nginx and HAProxy have no per-address cap by default.
 #[derive(Debug)]
 pub struct Admission {
     total: AtomicU64,
     max_total: u64,
+    /// Past this many open connections the per-address cap applies.
+    pressure: u64,
     per_ip: Mutex<HashMap<IpAddr, u64>>,
     max_per_ip: u64,
 }
@@ -52,6 +61,7 @@ impl Admission {
         Admission {
             total: AtomicU64::new(0),
             max_total,
+            pressure: max_total / 2,
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip,
         }
@@ -59,14 +69,15 @@ impl Admission {
 
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
         let ip = ip.to_canonical();
-        if self.total.fetch_add(1, Ordering::Relaxed) >= self.max_total {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        if total > self.max_total {
             self.total.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         // A poisoned lock only means another connection task panicked mid-update: the counts are still usable.
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if total > self.pressure && *n >= self.max_per_ip {
             drop(per_ip);
             self.total.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -96,6 +107,16 @@ impl Drop for Ticket {
     }
 }
 
+/// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), and the
+/// connection's place in the caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
+/// that it counts against the caps and the drain waits for it after hyper's connection has ended.
+#[derive(Clone)]
+pub struct Lease {
+    pub port: HeaderValue,
+    pub shutdown: Shutdown,
+    _ticket: Arc<Ticket>,
+}
+
 /// Accepts connections until shutdown begins; each is served on its own task.
 pub async fn accept(
     listener: TcpListener,
@@ -103,6 +124,8 @@ pub async fn accept(
     state: Arc<State>,
     mut shutdown: Shutdown,
 ) {
+    // The port clients connected to (the listener's; with port 0, the one the kernel picked).
+    let port = HeaderValue::from(listener.local_addr().map_or(0, |a| a.port()));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -118,15 +141,20 @@ pub async fn accept(
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let port = port.clone();
         tokio::spawn(async move {
             let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else {
                 return;
             };
+            let lease = Lease {
+                port,
+                shutdown,
+                _ticket: Arc::new(ticket),
+            };
             match kind {
-                Listener::Https => https(stream, peer, state, shutdown).await,
-                Listener::Http => http(stream, peer, state, shutdown).await,
+                Listener::Https => https(stream, peer, state, lease).await,
+                Listener::Http => http(stream, peer, state, lease).await,
             }
-            drop(ticket);
         });
     }
 }
@@ -170,16 +198,18 @@ struct Conn {
     touched: AtomicBool,
     requests: AtomicU64,
     close: Notify,
+    lease: Lease,
     /// HTTP/1.1: tells the guard how a request that asked to upgrade was answered.
     gate: Arc<UpgradeGate>,
 }
 
 impl Conn {
-    fn new() -> Arc<Conn> {
+    fn new(lease: Lease) -> Arc<Conn> {
         Arc::new(Conn {
             touched: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             close: Notify::new(),
+            lease,
             gate: Arc::default(),
         })
     }
@@ -198,7 +228,7 @@ macro_rules! service {
             let conn = conn.clone();
             async move {
                 let asks_upgrade = UpgradeGate::asks(&req);
-                let mut res = proxy::serve(&state, kind, sni, ip, req).await?;
+                let mut res = proxy::serve(&state, kind, sni, ip, &conn.lease, req).await?;
                 if asks_upgrade {
                     conn.gate
                         .decide(res.status() == http::StatusCode::SWITCHING_PROTOCOLS);
@@ -215,7 +245,7 @@ macro_rules! service {
     }};
 }
 
-async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
+async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
     let _ = stream.set_nodelay(true);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -250,7 +280,8 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Conn::new();
+    let shutdown = lease.shutdown.clone();
+    let conn = Conn::new(lease);
     let svc = service!(state, conn, Listener::Https, sni, peer.ip());
     let idle = state.config.timeouts.client_idle;
     let limits = &state.config.limits;
@@ -292,9 +323,10 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown:
     }
 }
 
-async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, shutdown: Shutdown) {
+async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
     let _ = stream.set_nodelay(true);
-    let conn = Conn::new();
+    let shutdown = lease.shutdown.clone();
+    let conn = Conn::new(lease);
     let guard = Guard::new(
         stream,
         state.guard.clone(),
@@ -434,5 +466,38 @@ impl<T: Write + Unpin> Write for Tracked<T> {
             this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_address_may_exceed_its_cap_until_half_of_the_total_is_in_use() {
+        let a = Arc::new(Admission::new(10, 2));
+        // Below half of the total cap, an office behind one address is not refused.
+        let office: Vec<Ticket> = (0..5).map(|_| a.admit(ip("192.0.2.1")).unwrap()).collect();
+        // Past half, an address already at its cap gets no more, and others still get theirs.
+        assert!(a.admit(ip("192.0.2.1")).is_none());
+        let b1 = a.admit(ip("192.0.2.2")).unwrap();
+        let _b2 = a.admit(ip("192.0.2.2")).unwrap();
+        assert!(a.admit(ip("192.0.2.2")).is_none());
+        // IPv4-mapped IPv6 is the same client.
+        assert!(a.admit(ip("::ffff:192.0.2.2")).is_none());
+        let _c: Vec<Ticket> = (3..6)
+            .map(|n| a.admit(ip(&format!("192.0.2.{n}"))).unwrap())
+            .collect();
+        // The total cap holds whoever asks.
+        assert!(a.admit(ip("192.0.2.9")).is_none());
+        drop(b1);
+        let _d = a.admit(ip("192.0.2.9")).unwrap();
+        drop(office);
+        assert_eq!(a.total.load(Ordering::Relaxed), 5);
+        assert!(!a.per_ip.lock().unwrap().contains_key(&ip("192.0.2.1")));
     }
 }
