@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use portcullis_tests::client::insecure_config;
 use portcullis_tests::load::Load;
 use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl};
 
@@ -103,26 +104,54 @@ async fn sites_by_sni_and_421_when_host_names_another_site() {
     assert_eq!(up.last().headers["host"], "b.test");
 }
 
+/// The leaf a handshake with `sni` is shown by a client that accepts any certificate (so that only the
+/// server can make it fail), or the handshake's error.
+async fn leaf_whatever_the_name(addr: SocketAddr, sni: &str) -> Result<Vec<u8>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_config(&[b"http/1.1"])))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_sni_refuses_unknown_names() {
     let dir = TempDir::new("strict");
     let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"], None);
+    let a = ca.issue(dir.path(), "a", &["a.test"], None);
     let up = Upstream::tcp().await;
-    let text = site_config(
-        &up.addr_string(),
-        "",
-        "names = [\"a.test\"]\nstrict_sni = true",
-        &dir.path().join("a.pem"),
-        &dir.path().join("a.key"),
+    let start = |strict: bool| {
+        let text = site_config(
+            &up.addr_string(),
+            "",
+            &format!("names = [\"a.test\"]\nstrict_sni = {strict}"),
+            &dir.path().join("a.pem"),
+            &dir.path().join("a.key"),
+        );
+        let p = Portcullis::run(&dir.write(&format!("p{strict}.toml"), &text), &[]);
+        assert!(p.ready, "{}", p.output());
+        p
+    };
+    // The client takes any certificate for any name: a failed handshake is the server's refusal.
+    let lax = start(false);
+    assert_eq!(
+        leaf_whatever_the_name(lax.https_addr(), "other.test").await,
+        Ok(a.clone()),
+        "without strict_sni an unknown name gets the default site's certificate"
     );
-    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
-    assert!(p.ready, "{}", p.output());
-    assert!(leaf(&ca.client(), p.https_addr(), "a.test").await.is_some());
+    let p = start(true);
+    assert_eq!(leaf(&ca.client(), p.https_addr(), "a.test").await, Some(a));
+    let refused = leaf_whatever_the_name(p.https_addr(), "other.test").await;
     assert!(
-        leaf(&ca.client(), p.https_addr(), "other.test")
-            .await
-            .is_none()
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("received fatal alert")),
+        "{refused:?}"
     );
 }
 

@@ -209,3 +209,30 @@ fn check_warns_about_a_prefix_that_reads_like_a_segment() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+/// Review of issue 10: the harness took any line containing "ready" for the readiness line, so a start that
+/// failed with "Address already in use" counted as started. A port in use fails the start, and is not ready.
+#[test]
+fn a_start_that_fails_on_a_port_in_use_is_not_taken_for_ready() {
+    let dir = TempDir::new("inuse");
+    let pki = Pki::new(dir.path(), &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = config(&pki, "127.0.0.1:8000", "").replacen(
+        "https = [\"127.0.0.1:0\"]",
+        &format!("https = [\"127.0.0.1:{port}\"]"),
+        1,
+    );
+    let mut p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(
+        p.output().contains("already in use"),
+        "the start did not fail as this test expects:\n{}",
+        p.output()
+    );
+    assert!(
+        !p.ready,
+        "a failed start was taken for ready:\n{}",
+        p.output()
+    );
+    assert!(!p.wait().success());
+}

@@ -33,6 +33,17 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// The proxy's readiness line, exactly: `tracing::info!("ready")` in `portcullis` (proxy/src/main.rs), as
+/// the text format writes it (`TIMESTAMP  INFO portcullis: ready`) or the JSON one (`"message":"ready"`,
+/// target `portcullis`). Not any line that says "ready" somewhere: "Address already in use" is a failure.
+pub fn is_ready_line(line: &str) -> bool {
+    line.ends_with(" INFO portcullis: ready")
+        || (line.starts_with('{')
+            && line.contains("\"level\":\"INFO\"")
+            && line.contains("\"message\":\"ready\"")
+            && line.contains("\"target\":\"portcullis\""))
+}
+
 /// Whether this test process runs as root (uid 0), read from /proc.
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -164,7 +175,7 @@ impl Portcullis {
         Portcullis::start(&args)
     }
 
-    /// Starts the binary with `args` and waits until it logs "ready" or exits.
+    /// Starts the binary with `args` and waits until it logs its readiness line ([`is_ready_line`]) or exits.
     pub fn start(args: &[&str]) -> Portcullis {
         let mut child = Command::new(binary())
             .args(args)
@@ -201,7 +212,7 @@ impl Portcullis {
         };
         p.ready = p
             .wait_for_log(
-                |l| l.contains("ready") || l == "<eof>",
+                |l| is_ready_line(l) || l == "<eof>",
                 Duration::from_secs(30),
             )
             .is_some_and(|l| l != "<eof>");
