@@ -17,7 +17,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use portcullis_tests::client::insecure_config;
 use portcullis_tests::load::Load;
-use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl};
+use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl, s_client};
 
 /// The leaf a handshake with `sni` is shown, or None when the handshake fails.
 async fn leaf(client: &Client, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
@@ -448,6 +448,21 @@ impl Drop for Responder {
     }
 }
 
+/// Portcullis serving `STEM.pem` and `STEM.key` from `dir` in front of `upstream`, ready.
+fn serve_files(dir: &TempDir, upstream: &Upstream, stem: &str) -> Portcullis {
+    let d = dir.path();
+    let text = site_config(
+        &upstream.addr_string(),
+        "",
+        "",
+        &d.join(format!("{stem}.pem")),
+        &d.join(format!("{stem}.key")),
+    );
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    p
+}
+
 /// An OCSP test CA made by openssl in `d` (`ca.pem`, `ca.key`) and an empty `index.txt`, the database
 /// `openssl ocsp` answers from (with its `.attr`).
 fn ocsp_ca(d: &Path) {
@@ -597,35 +612,16 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
     assert!(ready, "openssl ocsp did not start");
 
     let upstream = Upstream::tcp().await;
-    let text = site_config(
-        &upstream.addr_string(),
-        "",
-        "",
-        &d.join("leaf.pem"),
-        &d.join("leaf.key"),
-    );
-    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
-    assert!(p.ready, "{}", p.output());
+    let p = serve_files(&dir, &upstream, "leaf");
     p.wait_for_log(
         |l| l.contains("OCSP response stapled"),
         Duration::from_secs(15),
     )
     .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &p.https_addr().to_string(),
-            "-servername",
-            "localhost",
-            "-status",
-            "-CAfile",
-        ])
-        .arg(d.join("ca.pem"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(
+        p.https_addr(),
+        &["-status", "-CAfile", d.join("ca.pem").to_str().unwrap()],
+    );
     assert!(text.contains("OCSP Response Status: successful"), "{text}");
     assert!(text.contains("Cert Status: good"), "{text}");
 }
@@ -742,15 +738,7 @@ async fn a_reload_during_a_slow_ocsp_fetch_keeps_the_new_certificate() {
     std::fs::copy(d.join("old.pem"), d.join("site.pem")).unwrap();
     std::fs::copy(d.join("old.key"), d.join("site.key")).unwrap();
     let upstream = Upstream::tcp().await;
-    let text = site_config(
-        &upstream.addr_string(),
-        "",
-        "",
-        &d.join("site.pem"),
-        &d.join("site.key"),
-    );
-    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
-    assert!(p.ready, "{}", p.output());
+    let p = serve_files(&dir, &upstream, "site");
     let client = Client::new(&std::fs::read_to_string(d.join("ca.pem")).unwrap());
     let addr = p.https_addr();
 
@@ -786,21 +774,10 @@ async fn a_reload_during_a_slow_ocsp_fetch_keeps_the_new_certificate() {
         "the old certificate is served again:\n{}",
         p.output()
     );
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "localhost",
-            "-status",
-            "-CAfile",
-        ])
-        .arg(d.join("ca.pem"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(
+        addr,
+        &["-status", "-CAfile", d.join("ca.pem").to_str().unwrap()],
+    );
     assert!(text.contains("Serial Number: 5678ABCD"), "{text}");
     assert!(text.contains("Cert Status: good"), "{text}");
 }

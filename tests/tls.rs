@@ -8,26 +8,14 @@ use std::process::Command;
 use std::sync::Arc;
 
 use portcullis_tests::client::{get_on, insecure_config, provider};
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config, openssl};
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config, openssl, s_client};
 use rustls::crypto::aws_lc_rs::kx_group;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 /// Runs `openssl s_client` against `addr` with `args`; true when the handshake completed.
 fn openssl_handshake(addr: std::net::SocketAddr, args: &[&str]) -> bool {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl is needed for these tests (Debian package openssl)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(addr, args);
     // A completed handshake prints the negotiated cipher; a refused one prints "Cipher is (NONE)" or nothing.
     text.contains("Cipher is ") && !text.contains("Cipher is (NONE)")
 }
@@ -124,31 +112,8 @@ impl Drop for AnySuiteServer {
 async fn tls_1_2_offers_only_ecdhe_with_aead() {
     let s = Setup::new("", "").await;
     let dir = TempDir::new("rsa-suites");
-    openssl(
-        dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "rsa.key",
-            "-out",
-            "rsa.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-    );
-    let rsa_pki = Pki {
-        ca_pem: String::new(),
-        cert: dir.path().join("rsa.pem"),
-        key: dir.path().join("rsa.key"),
-    };
+    rsa_key(&dir, "rsa.key");
+    let rsa_pki = self_signed(&dir, "rsa.key");
     let rsa = Portcullis::run(
         &dir.write("p.toml", &config(&rsa_pki, "127.0.0.1:9", "")),
         &[],
@@ -291,14 +256,24 @@ fn root(pki: &Pki) -> Arc<rustls::RootCertStore> {
     Arc::new(roots)
 }
 
-/// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.
-async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
-    let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
-    assert!(
-        text.starts_with(header),
-        "{key} is not in the expected format: {}",
-        &text[..40.min(text.len())]
+/// A 2048-bit RSA key made by openssl, PKCS#8 PEM, at `dir/name`.
+fn rsa_key(dir: &TempDir, name: &str) {
+    openssl(
+        dir.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            name,
+        ],
     );
+}
+
+/// A self-signed certificate for localhost made by openssl with the key file `key` in `dir` (`cert.pem`).
+fn self_signed(dir: &TempDir, key: &str) -> Pki {
     openssl(
         dir.path(),
         &[
@@ -316,11 +291,22 @@ async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
             "subjectAltName=DNS:localhost",
         ],
     );
-    let pki = Pki {
+    Pki {
         ca_pem: String::new(),
         cert: dir.path().join("cert.pem"),
         key: dir.path().join(key),
-    };
+    }
+}
+
+/// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.
+async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
+    let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
+    assert!(
+        text.starts_with(header),
+        "{key} is not in the expected format: {}",
+        &text[..40.min(text.len())]
+    );
+    let pki = self_signed(dir, key);
     let p = Portcullis::run(&dir.write("p.toml", &config(&pki, "127.0.0.1:9", "")), &[]);
     assert!(p.ready, "{}", p.output());
     let tcp = tokio::net::TcpStream::connect(p.https_addr())
@@ -337,18 +323,7 @@ async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsa_keys_in_pkcs1_and_pkcs8() {
     let dir = TempDir::new("rsa");
-    openssl(
-        dir.path(),
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "pkcs8.pem",
-        ],
-    );
+    rsa_key(&dir, "pkcs8.pem");
     serves_key_file(&dir, "pkcs8.pem", "-----BEGIN PRIVATE KEY-----").await;
     openssl(
         dir.path(),

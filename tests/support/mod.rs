@@ -70,6 +70,24 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// Runs `openssl s_client -connect ADDR -servername localhost ARGS` with no input; its standard output (a
+/// completed handshake names its cipher; `-status` adds the stapled OCSP response).
+pub fn s_client(addr: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is needed (Debian package openssl)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A temporary folder, removed on drop.
 pub struct TempDir(PathBuf);
 
