@@ -15,8 +15,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use portcullis_tests::client::insecure_config;
 use portcullis_tests::load::Load;
-use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl};
+use portcullis_tests::{Client, Portcullis, TempDir, TestCa, Upstream, openssl, s_client};
 
 /// The leaf a handshake with `sni` is shown, or None when the handshake fails.
 async fn leaf(client: &Client, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
@@ -103,26 +104,54 @@ async fn sites_by_sni_and_421_when_host_names_another_site() {
     assert_eq!(up.last().headers["host"], "b.test");
 }
 
+/// The leaf a handshake with `sni` is shown by a client that accepts any certificate (so that only the
+/// server can make it fail), or the handshake's error.
+async fn leaf_whatever_the_name(addr: SocketAddr, sni: &str) -> Result<Vec<u8>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_config(&[b"http/1.1"])))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_sni_refuses_unknown_names() {
     let dir = TempDir::new("strict");
     let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"], None);
+    let a = ca.issue(dir.path(), "a", &["a.test"], None);
     let up = Upstream::tcp().await;
-    let text = site_config(
-        &up.addr_string(),
-        "",
-        "names = [\"a.test\"]\nstrict_sni = true",
-        &dir.path().join("a.pem"),
-        &dir.path().join("a.key"),
+    let start = |strict: bool| {
+        let text = site_config(
+            &up.addr_string(),
+            "",
+            &format!("names = [\"a.test\"]\nstrict_sni = {strict}"),
+            &dir.path().join("a.pem"),
+            &dir.path().join("a.key"),
+        );
+        let p = Portcullis::run(&dir.write(&format!("p{strict}.toml"), &text), &[]);
+        assert!(p.ready, "{}", p.output());
+        p
+    };
+    // The client takes any certificate for any name: a failed handshake is the server's refusal.
+    let lax = start(false);
+    assert_eq!(
+        leaf_whatever_the_name(lax.https_addr(), "other.test").await,
+        Ok(a.clone()),
+        "without strict_sni an unknown name gets the default site's certificate"
     );
-    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
-    assert!(p.ready, "{}", p.output());
-    assert!(leaf(&ca.client(), p.https_addr(), "a.test").await.is_some());
+    let p = start(true);
+    assert_eq!(leaf(&ca.client(), p.https_addr(), "a.test").await, Some(a));
+    let refused = leaf_whatever_the_name(p.https_addr(), "other.test").await;
     assert!(
-        leaf(&ca.client(), p.https_addr(), "other.test")
-            .await
-            .is_none()
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("received fatal alert")),
+        "{refused:?}"
     );
 }
 
@@ -419,16 +448,24 @@ impl Drop for Responder {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ocsp_responses_are_fetched_verified_and_stapled() {
-    let dir = TempDir::new("ocsp");
+/// Portcullis serving `STEM.pem` and `STEM.key` from `dir` in front of `upstream`, ready.
+fn serve_files(dir: &TempDir, upstream: &Upstream, stem: &str) -> Portcullis {
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    // A test CA, and a leaf that names the responder in its AIA extension.
+    let text = site_config(
+        &upstream.addr_string(),
+        "",
+        "",
+        &d.join(format!("{stem}.pem")),
+        &d.join(format!("{stem}.key")),
+    );
+    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(p.ready, "{}", p.output());
+    p
+}
+
+/// An OCSP test CA made by openssl in `d` (`ca.pem`, `ca.key`) and an empty `index.txt`, the database
+/// `openssl ocsp` answers from (with its `.attr`).
+fn ocsp_ca(d: &Path) {
     openssl(
         d,
         &[
@@ -449,6 +486,15 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
             "2",
         ],
     );
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    // Several leaves share the subject CN=localhost.
+    std::fs::write(d.join("index.txt.attr"), "unique_subject = no\n").unwrap();
+}
+
+/// A leaf for localhost with serial `serial` (hex) that names the responder on `port` in its AIA extension:
+/// `STEM.pem` (leaf, then the CA) and `STEM.key` (mode 0600), listed as good in `index.txt`. Returns the
+/// leaf's DER.
+fn ocsp_leaf(d: &Path, stem: &str, serial: &str, port: u16) -> Vec<u8> {
     openssl(
         d,
         &[
@@ -459,9 +505,9 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "leaf.key",
+            &format!("{stem}.key"),
             "-out",
-            "leaf.csr",
+            &format!("{stem}.csr"),
             "-subj",
             "/CN=localhost",
         ],
@@ -477,40 +523,55 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
             "x509",
             "-req",
             "-in",
-            "leaf.csr",
+            &format!("{stem}.csr"),
             "-CA",
             "ca.pem",
             "-CAkey",
             "ca.key",
             "-set_serial",
-            "0x1234ABCD",
+            &format!("0x{serial}"),
             "-out",
-            "leaf.pem",
+            &format!("{stem}.leaf.pem"),
             "-days",
             "2",
             "-extfile",
             "ext.cnf",
         ],
     );
+    let leaf = std::fs::read(d.join(format!("{stem}.leaf.pem"))).unwrap();
     std::fs::write(
-        d.join("fullchain.pem"),
-        [
-            std::fs::read(d.join("leaf.pem")).unwrap(),
-            std::fs::read(d.join("ca.pem")).unwrap(),
-        ]
-        .concat(),
+        d.join(format!("{stem}.pem")),
+        [leaf.clone(), std::fs::read(d.join("ca.pem")).unwrap()].concat(),
     )
     .unwrap();
     std::fs::set_permissions(
-        d.join("leaf.key"),
+        d.join(format!("{stem}.key")),
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    std::fs::write(
-        d.join("index.txt"),
-        "V\t301231235959Z\t\t1234ABCD\tunknown\t/CN=localhost\n",
-    )
-    .unwrap();
+    let mut index = std::fs::read_to_string(d.join("index.txt")).unwrap();
+    index.push_str(&format!(
+        "V\t301231235959Z\t\t{serial}\tunknown\t/CN=localhost\n"
+    ));
+    std::fs::write(d.join("index.txt"), index).unwrap();
+    let der = format!("{stem}.der");
+    let pem = format!("{stem}.leaf.pem");
+    openssl(d, &["x509", "-in", &pem, "-outform", "DER", "-out", &der]);
+    std::fs::read(d.join(der)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsp_responses_are_fetched_verified_and_stapled() {
+    let dir = TempDir::new("ocsp");
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A test CA, and a leaf that names the responder in its AIA extension.
+    ocsp_ca(d);
+    ocsp_leaf(d, "leaf", "1234ABCD", port);
     let mut responder = std::process::Command::new("openssl")
         .current_dir(d)
         .args([
@@ -551,35 +612,172 @@ async fn ocsp_responses_are_fetched_verified_and_stapled() {
     assert!(ready, "openssl ocsp did not start");
 
     let upstream = Upstream::tcp().await;
-    let text = site_config(
-        &upstream.addr_string(),
-        "",
-        "",
-        &d.join("fullchain.pem"),
-        &d.join("leaf.key"),
-    );
-    let p = Portcullis::run(&dir.write("p.toml", &text), &[]);
-    assert!(p.ready, "{}", p.output());
+    let p = serve_files(&dir, &upstream, "leaf");
     p.wait_for_log(
         |l| l.contains("OCSP response stapled"),
         Duration::from_secs(15),
     )
     .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &p.https_addr().to_string(),
-            "-servername",
-            "localhost",
-            "-status",
-            "-CAfile",
-        ])
-        .arg(d.join("ca.pem"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(
+        p.https_addr(),
+        &["-status", "-CAfile", d.join("ca.pem").to_str().unwrap()],
+    );
     assert!(text.contains("OCSP Response Status: successful"), "{text}");
+    assert!(text.contains("Cert Status: good"), "{text}");
+}
+
+/// An OCSP responder the test controls: each POST is answered by `openssl ocsp` run on the request (the CA
+/// of `ocsp_ca` signs, from its `index.txt`), but every request that arrives before `release` is held
+/// until then. Each arrival is announced on `arrived`.
+struct HeldResponder {
+    port: u16,
+    arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+    release: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HeldResponder {
+    async fn start(dir: &Path) -> HeldResponder {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let dir = dir.to_path_buf();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (tx, released, dir, count) =
+                    (tx.clone(), released.clone(), dir.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (tx, mut released, dir, count) =
+                                (tx.clone(), released.clone(), dir.clone(), count.clone());
+                            async move {
+                                let body = req.into_body().collect().await?.to_bytes();
+                                let _ = tx.send(());
+                                let _ = released.wait_for(|r| *r).await;
+                                let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let (req, res) = (format!("req{n}.der"), format!("res{n}.der"));
+                                std::fs::write(dir.join(&req), &body).unwrap();
+                                let (d, out) = (dir.clone(), res.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    openssl(
+                                        &d,
+                                        &[
+                                            "ocsp",
+                                            "-index",
+                                            "index.txt",
+                                            "-rsigner",
+                                            "ca.pem",
+                                            "-rkey",
+                                            "ca.key",
+                                            "-CA",
+                                            "ca.pem",
+                                            "-ndays",
+                                            "1",
+                                            "-reqin",
+                                            &req,
+                                            "-respout",
+                                            &out,
+                                        ],
+                                    )
+                                })
+                                .await
+                                .unwrap();
+                                let der = std::fs::read(dir.join(res)).unwrap();
+                                Ok::<_, hyper::Error>(
+                                    http::Response::builder()
+                                        .header("content-type", "application/ocsp-response")
+                                        .body(Full::new(Bytes::from(der)))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HeldResponder {
+            port,
+            arrived,
+            release,
+            task,
+        }
+    }
+
+    /// Waits (a 20 s safety net) for the next request to arrive.
+    async fn next_request(&mut self) {
+        tokio::time::timeout(Duration::from_secs(20), self.arrived.recv())
+            .await
+            .expect("no OCSP request arrived")
+            .unwrap();
+    }
+}
+
+impl Drop for HeldResponder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 10 item 6: the OCSP task read the certificate, fetched a staple, then stored a certificate built
+/// from what it had read, putting the old leaf back over a reload that landed during the fetch. The
+/// responder holds the fetch until the new files are served, then answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_slow_ocsp_fetch_keeps_the_new_certificate() {
+    let dir = TempDir::new("ocsp-reload");
+    let d = dir.path();
+    let mut responder = HeldResponder::start(d).await;
+    ocsp_ca(d);
+    let old = ocsp_leaf(d, "old", "1234ABCD", responder.port);
+    let new = ocsp_leaf(d, "new", "5678ABCD", responder.port);
+    std::fs::copy(d.join("old.pem"), d.join("site.pem")).unwrap();
+    std::fs::copy(d.join("old.key"), d.join("site.key")).unwrap();
+    let upstream = Upstream::tcp().await;
+    let p = serve_files(&dir, &upstream, "site");
+    let client = Client::new(&std::fs::read_to_string(d.join("ca.pem")).unwrap());
+    let addr = p.https_addr();
+
+    // The fetch for the old leaf is in flight (held); the new pair replaces the files (renamed into
+    // place, key first) and is reloaded and served meanwhile.
+    responder.next_request().await;
+    assert_eq!(leaf(&client, addr, "localhost").await, Some(old));
+    for (from, to) in [("new.key", "site.key"), ("new.pem", "site.pem")] {
+        std::fs::copy(d.join(from), d.join("next.tmp")).unwrap();
+        std::fs::rename(d.join("next.tmp"), d.join(to)).unwrap();
+    }
+    tokio::task::block_in_place(|| {
+        p.wait_for_log(
+            |l| l.contains("certificate reloaded"),
+            Duration::from_secs(10),
+        )
+    })
+    .unwrap_or_else(|| panic!("no reload:\n{}", p.output()));
+    assert_eq!(leaf(&client, addr, "localhost").await, Some(new.clone()));
+
+    // Answered now: the response is for the old leaf, which must not come back; the new leaf gets its own.
+    responder.release.send_replace(true);
+    tokio::task::block_in_place(|| {
+        p.wait_for_log(
+            |l| l.contains("OCSP response stapled"),
+            Duration::from_secs(20),
+        )
+    })
+    .unwrap_or_else(|| panic!("nothing stapled:\n{}", p.output()));
+    assert_eq!(
+        leaf(&client, addr, "localhost").await,
+        Some(new),
+        "the old certificate is served again:\n{}",
+        p.output()
+    );
+    let text = s_client(
+        addr,
+        &["-status", "-CAfile", d.join("ca.pem").to_str().unwrap()],
+    );
+    assert!(text.contains("Serial Number: 5678ABCD"), "{text}");
     assert!(text.contains("Cert Status: good"), "{text}");
 }

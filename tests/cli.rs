@@ -166,3 +166,73 @@ fn check_reports_each_sites_certificate_and_warns_about_trusting_everyone() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not cover other.test"));
 }
+
+/// Issue 10 (Also): a route `"/api"` also routes `/apiary`, a rate-limit path `"/api*"` also counts it;
+/// `check` warns about both (and still passes), and says nothing about `"/api/"`, `"/favicon.ico"`, exact
+/// rate-limit paths or the built-in limit.
+#[test]
+fn check_warns_about_a_prefix_that_reads_like_a_segment() {
+    let dir = TempDir::new("checkprefix");
+    let pki = Pki::new(dir.path(), &[]);
+    let routes = "[[route]]\npath = \"/api\"\nupstream = \"app\"\n\n[[route]]\npath = \"/static/\"\nupstream = \"app\"\n\n[[route]]\npath = \"/favicon.ico\"\nupstream = \"app\"\n";
+    let limit = "[[rate_limit]]\nname = \"api\"\npaths = [\"/api/login\", \"/api/token*\", \"/api/v2/*\"]\nrate = \"10/minute\"\n";
+    let text = config(&pki, "127.0.0.1:8000", &format!("{routes}\n{limit}"));
+    let path = dir.write("p.toml", &text);
+    let out = portcullis(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings[0].contains(": route[1].path: \"/api\" is a plain prefix")
+            && warnings[0].contains("\"/api/\""),
+        "{stderr}"
+    );
+    assert!(
+        warnings[1].contains(": rate_limit[0].paths[1]: \"/api/token*\" also counts")
+            && warnings[1].contains("\"/api/token/*\""),
+        "{stderr}"
+    );
+
+    // The segment forms, and no [[rate_limit]] (the built-in one): no warning.
+    let text = config(
+        &pki,
+        "127.0.0.1:8000",
+        &routes.replace("\"/api\"", "\"/api/\""),
+    );
+    let path = dir.write("q.toml", &text);
+    let out = portcullis(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// Review of issue 10: the harness took any line containing "ready" for the readiness line, so a start that
+/// failed with "Address already in use" counted as started. A port in use fails the start, and is not ready.
+#[test]
+fn a_start_that_fails_on_a_port_in_use_is_not_taken_for_ready() {
+    let dir = TempDir::new("inuse");
+    let pki = Pki::new(dir.path(), &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = config(&pki, "127.0.0.1:8000", "").replacen(
+        "https = [\"127.0.0.1:0\"]",
+        &format!("https = [\"127.0.0.1:{port}\"]"),
+        1,
+    );
+    let mut p = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(
+        p.output().contains("already in use"),
+        "the start did not fail as this test expects:\n{}",
+        p.output()
+    );
+    assert!(
+        !p.ready,
+        "a failed start was taken for ready:\n{}",
+        p.output()
+    );
+    assert!(!p.wait().success());
+}

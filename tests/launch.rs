@@ -63,7 +63,7 @@ impl Launched {
     pub fn wait_ready(&mut self) -> bool {
         self.ready = self
             .wait_for(
-                |line| line.ends_with(" ready") || line == "<eof>",
+                |line| portcullis_tests::is_ready_line(line) || line == "<eof>",
                 Duration::from_secs(30),
             )
             .is_some_and(|line| line != "<eof>");

@@ -244,4 +244,10 @@ fn check_reports_a_key_the_service_user_cannot_read() {
     std::os::unix::fs::chown(&pki.key, Some(uid), Some(gid)).unwrap();
     let (code, text) = check(&path);
     assert_eq!(code, 0, "{text}");
+
+    // The config is read once, as root, before the drop (SIGHUP does not re-read it): root's own 0600 file
+    // is fine.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
 }

@@ -8,26 +8,14 @@ use std::process::Command;
 use std::sync::Arc;
 
 use portcullis_tests::client::{get_on, insecure_config, provider};
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config, openssl};
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, config, openssl, s_client};
 use rustls::crypto::aws_lc_rs::kx_group;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 /// Runs `openssl s_client` against `addr` with `args`; true when the handshake completed.
 fn openssl_handshake(addr: std::net::SocketAddr, args: &[&str]) -> bool {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl is needed for these tests (Debian package openssl)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(addr, args);
     // A completed handshake prints the negotiated cipher; a refused one prints "Cipher is (NONE)" or nothing.
     text.contains("Cipher is ") && !text.contains("Cipher is (NONE)")
 }
@@ -57,28 +45,122 @@ async fn tls_1_2_and_1_3_only() {
     }
 }
 
+/// `openssl s_server -www` with a certificate and key and every suite enabled (`ALL:@SECLEVEL=0`), on a
+/// port of its choosing: the control for a refused suite. A suite it negotiates is one a server with that
+/// certificate can choose, so Portcullis refusing it says something about Portcullis. Killed on drop.
+struct AnySuiteServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl AnySuiteServer {
+    fn start(cert: &std::path::Path, key: &std::path::Path) -> AnySuiteServer {
+        use std::io::BufRead;
+        let mut child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-www",
+                "-accept",
+                "127.0.0.1:0",
+                "-cipher",
+                "ALL:@SECLEVEL=0",
+                "-cert",
+            ])
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Readiness: its "ACCEPT 127.0.0.1:PORT" line (bounded: 10 s).
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok);
+            let addr = lines.find_map(|l| l.strip_prefix("ACCEPT ").and_then(|a| a.parse().ok()));
+            let _ = tx.send(addr);
+            for _ in lines {}
+        });
+        let mut server = AnySuiteServer {
+            child,
+            addr: ([127, 0, 0, 1], 0).into(),
+        };
+        server.addr = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .expect("openssl s_server did not start");
+        server
+    }
+}
+
+impl Drop for AnySuiteServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// TLS 1.2 suites: ECDHE + AEAD only, with an ECDSA and with an RSA certificate. Each refused suite is
+/// first negotiated with the same certificate by a server that allows every suite: the suites an RSA
+/// certificate needs (static RSA, DHE-RSA) are tried against an RSA one, where they can be chosen at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_1_2_offers_only_ecdhe_with_aead() {
     let s = Setup::new("", "").await;
-    assert!(openssl_handshake(
-        s.https(),
-        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]
-    ));
-    assert!(openssl_handshake(
-        s.https(),
-        &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"]
-    ));
-    for weak in [
-        "ECDHE-ECDSA-AES128-SHA",
-        "ECDHE-ECDSA-AES256-SHA384",
-        "AES128-GCM-SHA256",
-        "AES128-SHA",
-        "DHE-RSA-AES128-GCM-SHA256",
-    ] {
-        assert!(
-            !openssl_handshake(s.https(), &["-tls1_2", "-cipher", weak]),
-            "{weak} was accepted"
-        );
+    let dir = TempDir::new("rsa-suites");
+    rsa_key(&dir, "rsa.key");
+    let rsa_pki = self_signed(&dir, "rsa.key");
+    let rsa = Portcullis::run(
+        &dir.write("p.toml", &config(&rsa_pki, "127.0.0.1:9", "")),
+        &[],
+    );
+    assert!(rsa.ready, "{}", rsa.output());
+    let servers = [
+        (
+            s.https(),
+            &s.pki,
+            [
+                "ECDHE-ECDSA-AES128-GCM-SHA256",
+                "ECDHE-ECDSA-CHACHA20-POLY1305",
+            ],
+            &["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"][..],
+        ),
+        (
+            rsa.https_addr(),
+            &rsa_pki,
+            ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"],
+            &[
+                "ECDHE-RSA-AES128-SHA",
+                "ECDHE-RSA-AES256-SHA384",
+                "AES128-GCM-SHA256",
+                "AES128-SHA",
+                "DHE-RSA-AES128-GCM-SHA256",
+            ][..],
+        ),
+    ];
+    for (addr, pki, good, weak) in servers {
+        for suite in good {
+            assert!(
+                openssl_handshake(addr, &["-tls1_2", "-cipher", suite]),
+                "{suite} was refused"
+            );
+        }
+        let control = AnySuiteServer::start(&pki.cert, &pki.key);
+        for suite in weak {
+            let offer = format!("{suite}:@SECLEVEL=0");
+            assert!(
+                openssl_handshake(control.addr, &["-tls1_2", "-cipher", &offer]),
+                "{suite} cannot be negotiated with this certificate at all: refusing it proves nothing"
+            );
+            assert!(
+                !openssl_handshake(addr, &["-tls1_2", "-cipher", &offer]),
+                "{suite} was accepted"
+            );
+        }
     }
 }
 
@@ -174,14 +256,24 @@ fn root(pki: &Pki) -> Arc<rustls::RootCertStore> {
     Arc::new(roots)
 }
 
-/// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.
-async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
-    let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
-    assert!(
-        text.starts_with(header),
-        "{key} is not in the expected format: {}",
-        &text[..40.min(text.len())]
+/// A 2048-bit RSA key made by openssl, PKCS#8 PEM, at `dir/name`.
+fn rsa_key(dir: &TempDir, name: &str) {
+    openssl(
+        dir.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            name,
+        ],
     );
+}
+
+/// A self-signed certificate for localhost made by openssl with the key file `key` in `dir` (`cert.pem`).
+fn self_signed(dir: &TempDir, key: &str) -> Pki {
     openssl(
         dir.path(),
         &[
@@ -199,11 +291,22 @@ async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
             "subjectAltName=DNS:localhost",
         ],
     );
-    let pki = Pki {
+    Pki {
         ca_pem: String::new(),
         cert: dir.path().join("cert.pem"),
         key: dir.path().join(key),
-    };
+    }
+}
+
+/// Serves a certificate made by openssl with the given key file, and checks the client sees exactly it.
+async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
+    let text = std::fs::read_to_string(dir.path().join(key)).unwrap();
+    assert!(
+        text.starts_with(header),
+        "{key} is not in the expected format: {}",
+        &text[..40.min(text.len())]
+    );
+    let pki = self_signed(dir, key);
     let p = Portcullis::run(&dir.write("p.toml", &config(&pki, "127.0.0.1:9", "")), &[]);
     assert!(p.ready, "{}", p.output());
     let tcp = tokio::net::TcpStream::connect(p.https_addr())
@@ -220,18 +323,7 @@ async fn serves_key_file(dir: &TempDir, key: &str, header: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsa_keys_in_pkcs1_and_pkcs8() {
     let dir = TempDir::new("rsa");
-    openssl(
-        dir.path(),
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "pkcs8.pem",
-        ],
-    );
+    rsa_key(&dir, "pkcs8.pem");
     serves_key_file(&dir, "pkcs8.pem", "-----BEGIN PRIVATE KEY-----").await;
     openssl(
         dir.path(),

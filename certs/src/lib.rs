@@ -169,6 +169,23 @@ impl Sites {
         }
     }
 
+    /// Swaps in `next` only while site `site` still serves `expected` (the same `Arc`, compare-and-swap):
+    /// a task that read the certificate, worked on it and built a successor from it (an OCSP staple) never
+    /// puts back a certificate that a reload or an ACME renewal replaced meanwhile. False when it was
+    /// replaced (then nothing changed) or there is no such site.
+    pub fn replace(
+        &self,
+        site: usize,
+        expected: &Arc<CertifiedKey>,
+        next: Arc<CertifiedKey>,
+    ) -> bool {
+        let Some(c) = self.certs.get(site) else {
+            return false;
+        };
+        let previous = c.compare_and_swap(expected, next);
+        Arc::ptr_eq(&previous, expected)
+    }
+
     pub fn current(&self, site: usize) -> Option<Arc<CertifiedKey>> {
         self.certs.get(site).map(ArcSwap::load_full)
     }
@@ -327,6 +344,28 @@ mod tests {
             &sites.current(1).unwrap(),
             &sites.current(0).unwrap()
         ));
+    }
+
+    /// Issue 10 item 6: a task that read the certificate and built a successor from it (OCSP stapling)
+    /// must not put the old leaf back over a reload that landed in between.
+    #[test]
+    fn replace_never_undoes_a_swap_made_since_the_read() {
+        let old = self_signed(&["a.test".into()]).unwrap();
+        let new = self_signed(&["a.test".into()]).unwrap();
+        let sites = Sites::new(vec![(vec!["a.test".into()], old.clone())], 0, false);
+        let read = sites.current(0).unwrap();
+        let mut stapled = (*read).clone();
+        stapled.ocsp = Some(vec![1, 2, 3]);
+        let stapled = Arc::new(stapled);
+        // The reload lands after the read, before the stapler swaps.
+        sites.swap(0, new.clone());
+        assert!(!sites.replace(0, &read, stapled.clone()));
+        assert!(Arc::ptr_eq(&sites.current(0).unwrap(), &new));
+        // Unchanged since the read: the successor goes in.
+        let read = sites.current(0).unwrap();
+        assert!(sites.replace(0, &read, stapled.clone()));
+        assert!(Arc::ptr_eq(&sites.current(0).unwrap(), &stapled));
+        assert!(!sites.replace(7, &read, stapled));
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub mod defaults {
         "/admin/login/",
         "/accounts/password_reset/",
         "/accounts/password/reset/",
-        "/api/token*",
+        "/api/token",
+        "/api/token/*",
         "/api-token-auth/",
         "/o/token/",
         "/dj-rest-auth/login/",
@@ -231,6 +232,13 @@ pub enum TlsVersion {
     Tls12,
     /// TLS 1.3 only: Mozilla "modern".
     Tls13,
+}
+
+/// Whether a plain prefix reads like a path segment it does not stop at: not `/`, no trailing `/`, no `.` in
+/// its last segment. `"/api"` also matches `"/apiary"`; `"/api/"`, `"/favicon.ico"` and `"/"` are fine.
+pub(crate) fn segment_like_prefix(prefix: &str) -> bool {
+    let last = prefix.rsplit('/').next().unwrap_or_default();
+    !last.is_empty() && !last.contains('.')
 }
 
 #[derive(Debug, Clone)]
@@ -1175,6 +1183,17 @@ impl Checker<'_> {
                 );
                 continue;
             }
+            if segment_like_prefix(path) {
+                self.warning(
+                    r.path.span(),
+                    format!("{key}[{i}].path"),
+                    format!(
+                        "{path:?} is a plain prefix: it also routes every path that starts with it, like {:?}; \
+                         write \"{path}/\" to route only {path}/ and below",
+                        format!("{path}-old")
+                    ),
+                );
+            }
             let max_body = self.size(&format!("{key}[{i}].max_body"), r.max_body, default_body);
             // BTreeMap order is the order of Checker::upstreams' output.
             match ups.keys().position(|k| k == r.upstream.get_ref()) {
@@ -1616,6 +1635,40 @@ servers = ["127.0.0.1:8000"]
                 .any(|l| l.contains("route[0].upstream: no [upstream.nope]"))
         );
         assert!(p.iter().any(|l| l.contains("upstream.app.servers[0]")));
+    }
+
+    /// Issue 10 (Also): `"/api"` also routes `/apiary`; `check` says so for a prefix that reads like a segment.
+    #[test]
+    fn a_route_that_reads_like_a_segment_but_is_a_plain_prefix_warns() {
+        let text = format!(
+            "{EXAMPLE}[[route]]\npath = \"/api\"\nupstream = \"app\"\n[[route]]\npath = \"/static/\"\nupstream = \"app\"\n[[route]]\npath = \"/favicon.ico\"\nupstream = \"app\"\n[[route]]\npath = \"/v1.2\"\nupstream = \"app\"\n[[site]]\nnames = [\"b.test\"]\ntls = {{ self_signed = true }}\n[[site.route]]\npath = \"/admin\"\nupstream = \"app\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains(":19:8:")
+                && w[0].contains(": route[1].path: ")
+                && w[0].contains("\"/api/\""),
+            "{w:?}"
+        );
+        assert!(w[1].contains(": site[0].route[0].path: "), "{w:?}");
+        // Still a plain prefix: the warning changes nothing about how it routes.
+        assert!(
+            c.sites[0]
+                .route("/apiary")
+                .is_some_and(|r| r.path == "/api")
+        );
+        assert!(segment_like_prefix("/api/v1"));
+        for fine in [
+            "/",
+            "/api/",
+            "/favicon.ico",
+            "/.well-known/",
+            "/static/app.js",
+        ] {
+            assert!(!segment_like_prefix(fine), "{fine}");
+        }
     }
 
     #[test]

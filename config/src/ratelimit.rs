@@ -219,7 +219,7 @@ impl Checker<'_> {
             self.problem(
                 span,
                 key,
-                "is empty: list at least one path (\"/login\", or a prefix \"/api/token*\")",
+                "is empty: list at least one path (\"/login\", or a prefix \"/api/token/*\")",
             );
         }
         let mut out = Vec::with_capacity(paths.len());
@@ -233,6 +233,19 @@ impl Checker<'_> {
                     format!("{text:?}: a path starts with '/'; '*' may only end it (a prefix)"),
                 );
                 continue;
+            }
+            if let Some(prefix) = text.strip_suffix('*')
+                && crate::segment_like_prefix(prefix)
+            {
+                self.warning(
+                    p.span(),
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{text:?} also counts every path that starts with {prefix:?}, like {:?}: write \
+                         \"{prefix}/*\" (and \"{prefix}\" for the path itself) to count only {prefix} and below",
+                        format!("{prefix}-old")
+                    ),
+                );
             }
             out.push(path_match(text));
         }
@@ -300,10 +313,24 @@ mod tests {
 
     const BASE: &str = "[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:8000\"]\n";
 
+    /// The `[[rate_limit]]` block docs/RATE_LIMIT.md shows as the built-in limit.
+    fn documented_builtin() -> &'static str {
+        let doc = include_str!("../../docs/RATE_LIMIT.md");
+        let section = &doc[doc.find("## The built-in `auth` limit").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let len = section[start..].find("```").unwrap();
+        &section[start..start + len]
+    }
+
+    /// No `[[rate_limit]]`: the built-in limit, which is what docs/RATE_LIMIT.md says it is (written in the
+    /// file, that block parses to the same limit, with no warning); users are told to copy it.
     #[test]
     fn no_rate_limit_means_the_builtin_auth_limit() {
         let c = parse(BASE).unwrap();
-        assert_eq!(c.rate_limits, [builtin()]);
+        let documented = parse(&format!("{BASE}\n{}", documented_builtin())).unwrap();
+        assert_eq!(documented.rate_limits.len(), 1);
+        assert_eq!(c.rate_limits, documented.rate_limits);
+        assert!(documented.warnings.is_empty(), "{:?}", documented.warnings);
         let auth = &c.rate_limits[0];
         assert_eq!(auth.name, "auth");
         assert_eq!(auth.methods, ["POST"]);
@@ -317,7 +344,31 @@ mod tests {
         assert_eq!(auth.burst, 5);
         assert!(auth.paths.iter().any(|p| p.matches("/accounts/login/")));
         assert!(auth.paths.iter().any(|p| p.matches("/api/token/refresh/")));
+        assert!(auth.paths.iter().any(|p| p.matches("/api/token")));
         assert!(!auth.paths.iter().any(|p| p.matches("/")));
+    }
+
+    /// Issue 10 (Also): a `*` right after a segment (`"/api*"`) also counts `/apiary`; `check` says so. Exact
+    /// paths match one path only and never warn; the built-in paths do not warn.
+    #[test]
+    fn a_star_after_a_segment_warns_and_exact_paths_do_not() {
+        let text = format!(
+            "{BASE}\n[[rate_limit]]\nname = \"x\"\npaths = [\"/login\", \"/api*\", \"/api/*\", \"/robots.txt*\", \"/*\"]\nrate = \"1/s\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(":11:20:")
+                && w[0].contains(": rate_limit[0].paths[1]: ")
+                && w[0].contains("\"/api/*\""),
+            "{w:?}"
+        );
+        assert!(c.rate_limits[0].paths[1].matches("/apiary"));
+        for p in defaults::AUTH_PATHS {
+            let warns = p.strip_suffix('*').is_some_and(crate::segment_like_prefix);
+            assert!(!warns, "built-in {p}");
+        }
     }
 
     #[test]
@@ -325,7 +376,7 @@ mod tests {
         let off = parse(&format!("rate_limit = []\n{BASE}")).unwrap();
         assert!(off.rate_limits.is_empty());
         let text = format!(
-            "{BASE}\n[[rate_limit]]\nname = \"login\"\npaths = [\"/login\", \"/api/token*\"]\nmethods = [\"post\", \"PUT\"]\nrate = \"30/hour\"\nburst = 3\nper_account = {{ field = \"username\", rate = \"5/minute\" }}\nexempt = [\"10.0.0.0/8\"]\nipv6_prefix = 56\nmax_keys = 1000\n"
+            "{BASE}\n[[rate_limit]]\nname = \"login\"\npaths = [\"/login\", \"/api/token/*\"]\nmethods = [\"post\", \"PUT\"]\nrate = \"30/hour\"\nburst = 3\nper_account = {{ field = \"username\", rate = \"5/minute\" }}\nexempt = [\"10.0.0.0/8\"]\nipv6_prefix = 56\nmax_keys = 1000\n"
         );
         let c = parse(&text).unwrap();
         assert_eq!(c.rate_limits.len(), 1);
@@ -335,7 +386,7 @@ mod tests {
             l.paths,
             [
                 PathMatch::Exact("/login".into()),
-                PathMatch::Prefix("/api/token".into())
+                PathMatch::Prefix("/api/token/".into())
             ]
         );
         assert_eq!(l.methods, ["POST", "PUT"]);

@@ -12,7 +12,6 @@ pub fn ready() {
 }
 
 /// `RELOADING=1`, with the `MONOTONIC_USEC` systemd 253 and later require; follow it with [`ready`].
-#[allow(dead_code)] // reason: the reload issue (SIGHUP / file change) calls it; no reload exists yet
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[

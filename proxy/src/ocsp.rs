@@ -2,7 +2,8 @@
 //! have `portcullis_certs::ocsp::check` verify the answer, and swap in the same certificate with the
 //! response stapled. Refreshed half way through the response's validity; on failure retried with backoff
 //! while the last good response keeps being stapled until it expires. A certificate without a responder is
-//! served without a staple, and without a warning.
+//! served without a staple, and without a warning. Every swap here is a compare-and-swap against the
+//! certificate it was built from: a reload or an ACME renewal that lands meanwhile always wins.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -52,8 +53,10 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                 && current.ocsp.is_none()
             {
                 let stapled = ocsp::staple(&current, checked.der.clone());
-                sites.swap(site, stapled.clone());
-                ours = Some(stapled);
+                // Refused: replaced again since the read; the next look sees the new one.
+                if sites.replace(site, &current, stapled.clone()) {
+                    ours = Some(stapled);
+                }
             } else if replaced && current.ocsp.is_some() {
                 ours = Some(current.clone());
             }
@@ -69,14 +72,17 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                         .and_then(|der| ocsp::check(&q, &der, SystemTime::now()))
                     {
                         Ok(checked) => {
-                            let Some(latest) = sites.current(site) else {
-                                return;
-                            };
-                            if latest.cert.first().map(|c| c.as_ref()) == Some(leaf.as_slice()) {
-                                let stapled = ocsp::staple(&latest, checked.der.clone());
-                                sites.swap(site, stapled.clone());
-                                ours = Some(stapled);
-                                tracing::info!(site, responder = %q.url, "OCSP response stapled");
+                            match staple_if_current(&sites, site, &leaf, &checked.der) {
+                                Some(stapled) => {
+                                    ours = Some(stapled);
+                                    tracing::info!(site, responder = %q.url, "OCSP response stapled");
+                                }
+                                // The next look fetches for the new certificate (or staples this
+                                // response back if it is the same leaf).
+                                None => tracing::info!(
+                                    site,
+                                    "certificate replaced during the OCSP fetch; the response is not stapled"
+                                ),
                             }
                             next = checked.refresh_at(SystemTime::now());
                             good = Some((leaf, checked));
@@ -95,9 +101,10 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                                 let mut bare = (*latest).clone();
                                 bare.ocsp = None;
                                 let bare = Arc::new(bare);
-                                sites.swap(site, bare.clone());
-                                ours = Some(bare);
-                                good = None;
+                                if sites.replace(site, &latest, bare.clone()) {
+                                    ours = Some(bare);
+                                    good = None;
+                                }
                             }
                         }
                     },
@@ -114,6 +121,25 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
             () = tokio::time::sleep(LOOK) => {}
         }
     }
+}
+
+/// Staples `response` onto site `site`'s certificate if it still has the leaf the response is for. The
+/// certificate is read once and the stapled copy swapped in only if it is still the one read
+/// (`Sites::replace`): a reload or renewal between the read and the swap wins. None: not stapled.
+fn staple_if_current(
+    sites: &Sites,
+    site: usize,
+    leaf: &[u8],
+    response: &[u8],
+) -> Option<Arc<CertifiedKey>> {
+    let latest = sites.current(site)?;
+    if latest.cert.first().map(|c| c.as_ref()) != Some(leaf) {
+        return None;
+    }
+    let stapled = ocsp::staple(&latest, response.to_vec());
+    sites
+        .replace(site, &latest, stapled.clone())
+        .then_some(stapled)
 }
 
 async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, q: &Query) -> Result<Vec<u8>, String> {
@@ -137,4 +163,30 @@ async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, q: &Query) -> Result
     .map_err(|_| "timed out reading the response".to_owned())?
     .map_err(|e| e.to_string())?;
     Ok(body.to_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+    use super::*;
+
+    /// Issue 10 item 6: a response fetched for the old leaf is never stapled onto (or swapped in over) the
+    /// certificate a reload put in meanwhile; for the current leaf it is.
+    #[test]
+    fn a_response_for_a_replaced_leaf_keeps_the_new_certificate() {
+        let old = portcullis_certs::self_signed(&["a.test".into()]).unwrap();
+        let new = portcullis_certs::self_signed(&["a.test".into()]).unwrap();
+        let sites = Sites::new(vec![(vec!["a.test".into()], old.clone())], 0, false);
+        let old_leaf = old.cert[0].to_vec();
+        sites.swap(0, new.clone());
+        assert!(staple_if_current(&sites, 0, &old_leaf, b"response").is_none());
+        assert!(Arc::ptr_eq(&sites.current(0).unwrap(), &new));
+
+        let stapled = staple_if_current(&sites, 0, &new.cert[0], b"response").unwrap();
+        let served = sites.current(0).unwrap();
+        assert!(Arc::ptr_eq(&served, &stapled));
+        assert_eq!(served.cert, new.cert);
+        assert_eq!(served.ocsp.as_deref(), Some(&b"response"[..]));
+    }
 }

@@ -167,6 +167,28 @@ pub async fn read_all<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads until the peer closes the connection (EOF, or an error such as a reset), for at most `limit` (a
+/// safety net): what arrived before the close, or `None` if the connection was still open at `limit`.
+/// Unlike [`read_all`], a connection that stays open and silent is not mistaken for a closed one.
+pub async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> Option<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Reads until `needle` has been seen (or EOF / 5 s of silence).
 pub async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str) -> String {
     let mut out = Vec::new();

@@ -33,6 +33,17 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// The proxy's readiness line, exactly: `tracing::info!("ready")` in `portcullis` (proxy/src/main.rs), as
+/// the text format writes it (`TIMESTAMP  INFO portcullis: ready`) or the JSON one (`"message":"ready"`,
+/// target `portcullis`). Not any line that says "ready" somewhere: "Address already in use" is a failure.
+pub fn is_ready_line(line: &str) -> bool {
+    line.ends_with(" INFO portcullis: ready")
+        || (line.starts_with('{')
+            && line.contains("\"level\":\"INFO\"")
+            && line.contains("\"message\":\"ready\"")
+            && line.contains("\"target\":\"portcullis\""))
+}
+
 /// Whether this test process runs as root (uid 0), read from /proc.
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -81,6 +92,24 @@ pub fn hex(bytes: &[u8]) -> String {
 /// SHA-256 of `bytes`, as the `/sha256` endpoint of the recording upstream reports it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
+}
+
+/// Runs `openssl s_client -connect ADDR -servername localhost ARGS` with no input; its standard output (a
+/// completed handshake names its cipher; `-status` adds the stapled OCSP response).
+pub fn s_client(addr: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is needed (Debian package openssl)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A temporary folder, removed on drop.
@@ -197,7 +226,7 @@ impl Portcullis {
         Portcullis::start_with_log(&args, rust_log)
     }
 
-    /// Starts the binary with `args` and waits until it logs "ready" or exits.
+    /// Starts the binary with `args` and waits until it logs its readiness line ([`is_ready_line`]) or exits.
     pub fn start(args: &[&str]) -> Portcullis {
         let log = std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into());
         Portcullis::start_with_log(args, &log)
@@ -236,7 +265,7 @@ impl Portcullis {
         };
         p.ready = p
             .wait_for_log(
-                |l| l.contains("ready") || l == "<eof>",
+                |l| is_ready_line(l) || l == "<eof>",
                 Duration::from_secs(30),
             )
             .is_some_and(|l| l != "<eof>");

@@ -1,7 +1,8 @@
-//! Can the service user still reach what it needs after the drop? Certificates, keys and the config are
-//! read again on reload, when root is long gone: every file the process needs is listed in [`needed`], and
-//! [`problems`] checks it against the service user's ids with the owner/group/other mode bits (POSIX ACLs
-//! are not read), along with every directory above it. A private key must not be open to other users.
+//! Can the service user still reach what it needs after the drop? Certificates and keys are read again on
+//! reload, when root is long gone (the config is not: it is read once, before the drop). Every file the
+//! process needs is listed in [`needed`], and [`problems`] checks it against the service user's ids with the
+//! owner/group/other mode bits (POSIX ACLs are not read), along with every directory above it. A private
+//! key must not be open to other users.
 
 use std::fmt;
 use std::fs::Metadata;
@@ -55,15 +56,6 @@ impl fmt::Display for Problem {
 /// certificates, client CA files, ...).
 pub fn needed(config: &Config) -> Vec<Needed> {
     let mut out = Vec::new();
-    // `<demo>` and other in-memory configs have no file to reload from.
-    if config.source.is_file() {
-        out.push(Needed {
-            path: config.source.clone(),
-            what: "config file (read again on reload)",
-            access: Access::Read,
-            secret: false,
-        });
-    }
     for site in &config.sites {
         let CertSource::Files { cert, key } = &site.tls else {
             continue;
