@@ -27,6 +27,22 @@ fn expected(body: &[u8]) -> String {
     format!("sha256={} len={}", sha256_hex(body), body.len())
 }
 
+/// Writes `bytes` (a whole `/sha256` request) on a new HTTP/1.1 connection in one write: the app must
+/// answer 200 with the digest of `body`.
+async fn send_expecting(s: &Setup, bytes: &[u8], body: &[u8]) {
+    let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
+    tls.write_all(bytes).await.unwrap();
+    let (status, head, got) = read_response(&mut tls).await;
+    let n = body.len();
+    assert_eq!(
+        status,
+        200,
+        "{n} bytes: {head}{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(String::from_utf8_lossy(&got), expected(body), "{n} bytes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_bodies_with_content_length_reach_the_app_byte_for_byte() {
     let s = Setup::new("", BIG_BODIES).await;
@@ -41,16 +57,7 @@ async fn binary_bodies_with_content_length_reach_the_app_byte_for_byte() {
         )
         .into_bytes();
         bytes.extend_from_slice(&body);
-        let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
-        tls.write_all(&bytes).await.unwrap();
-        let (status, head, got) = read_response(&mut tls).await;
-        assert_eq!(
-            status,
-            200,
-            "{n} bytes: {head}{}",
-            String::from_utf8_lossy(&got)
-        );
-        assert_eq!(String::from_utf8_lossy(&got), expected(&body), "{n} bytes");
+        send_expecting(&s, &bytes, &body).await;
     }
 }
 
@@ -79,16 +86,7 @@ async fn binary_bodies_in_chunks_full_of_crlf_reach_the_app_byte_for_byte() {
             size = (size * 3 + 1) % 70_000 + 1;
         }
         bytes.extend_from_slice(b"0\r\n\r\n");
-        let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
-        tls.write_all(&bytes).await.unwrap();
-        let (status, head, got) = read_response(&mut tls).await;
-        assert_eq!(
-            status,
-            200,
-            "{n} bytes: {head}{}",
-            String::from_utf8_lossy(&got)
-        );
-        assert_eq!(String::from_utf8_lossy(&got), expected(&body), "{n} bytes");
+        send_expecting(&s, &bytes, &body).await;
     }
 }
 

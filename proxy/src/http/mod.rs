@@ -8,6 +8,7 @@ pub mod head;
 pub mod headers;
 pub mod hop;
 pub mod host;
+mod io;
 pub mod pages;
 pub mod proxy;
 pub mod proxyproto;
