@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use portcullis_certs::Loaded;
 use portcullis_certs::acme::{
-    self, ACME_TLS_ALPN, Account, Ari, Retry, SiteStore, Store, schedule,
+    self, ACME_TLS_ALPN, Account, Ari, Challenges, Retry, SiteStore, Store, schedule,
 };
 use portcullis_certs::inspect::format_time;
 use portcullis_config::{AcmeChallenge, CertSource, Config};
@@ -29,7 +29,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::body::Body;
 use crate::shutdown::Shutdown;
-use crate::state::State;
+use crate::state::Shared;
 
 const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// One whole attempt (lock, self-check, account, order, download) gives up after this.
@@ -49,9 +49,9 @@ const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// HTTP-01 (RFC 8555 section 8.3): the key authorization for a pending token, as `text/plain`. `None`
 /// for every other request (which the caller redirects as usual).
-pub fn http01<B>(state: &State, req: &Request<B>) -> Option<Response<Body>> {
+pub fn http01<B>(challenges: &Challenges, req: &Request<B>) -> Option<Response<Body>> {
     let token = req.uri().path().strip_prefix(CHALLENGE_PREFIX)?;
-    let answer = state.challenges.http01(token)?;
+    let answer = challenges.http01(token)?;
     let mut res = Response::new(Body::full(answer));
     *res.status_mut() = StatusCode::OK;
     res.headers_mut()
@@ -63,12 +63,15 @@ pub fn http01<B>(state: &State, req: &Request<B>) -> Option<Response<Body>> {
 
 /// TLS-ALPN-01 (RFC 8737): the config that answers this handshake, when it offers `acme-tls/1` for a name
 /// with a pending validation.
-pub fn tls_alpn01(state: &State, hello: &ClientHello<'_>) -> Option<Arc<rustls::ServerConfig>> {
+pub fn tls_alpn01(
+    challenges: &Challenges,
+    hello: &ClientHello<'_>,
+) -> Option<Arc<rustls::ServerConfig>> {
     let offered = hello.alpn()?.any(|p| p == ACME_TLS_ALPN);
     if !offered {
         return None;
     }
-    state.challenges.tls_alpn01(hello.server_name()?)
+    challenges.tls_alpn01(hello.server_name()?)
 }
 
 /// The certificate an ACME site serves at start: the stored one when it is usable, else the configured
@@ -131,11 +134,12 @@ pub fn report_site(config: &Config, site: &portcullis_config::Site) -> Vec<Strin
 }
 
 /// Runs every ACME site's task until shutdown. SIGHUP asks every site that waits on a retry to try now.
-pub async fn run(state: Arc<State>, mut shutdown: Shutdown) {
-    let Some(settings) = state.config.acme.clone() else {
+pub async fn run(state: Arc<Shared>, mut shutdown: Shutdown) {
+    let snap = state.snapshot();
+    let Some(settings) = snap.config.acme.clone() else {
         return;
     };
-    let sites: Vec<(usize, Vec<String>)> = state
+    let sites: Vec<(usize, Vec<String>)> = snap
         .config
         .sites
         .iter()
@@ -181,7 +185,7 @@ pub async fn run(state: Arc<State>, mut shutdown: Shutdown) {
 struct Ctx {
     settings: portcullis_config::Acme,
     store: Store,
-    state: Arc<State>,
+    state: Arc<Shared>,
     /// Loaded or created on first use; cleared when the CA no longer knows it.
     account: Mutex<Option<Account>>,
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod acme;
+mod admission;
 mod body;
 mod cli;
 mod demo;
@@ -30,8 +31,8 @@ use portcullis_config::{CertSource, Config, LogFormat};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::http::proxy::Listener;
-use crate::state::State;
+use crate::http::pipeline::Listener;
+use crate::state::Shared;
 
 /// sysexits.h EX_USAGE: the config (or the command line) is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -382,7 +383,7 @@ async fn serve(
         .find(|(k, _)| *k == Listener::Https)
         .and_then(|(_, l)| l.local_addr().ok())
         .map_or(443, |a| a.port());
-    let state = Arc::new(State::new(config, tls, sites, https_port));
+    let state = Arc::new(Shared::new(config, tls, sites, https_port));
     let (trigger, shutdown) = shutdown::Trigger::new();
     let mut accepting = Vec::new();
     for (kind, l) in listeners {

@@ -1,24 +1,46 @@
-//! `State`: everything a connection needs, built once from the config at start and shared by `Arc`.
-//! Built here, read everywhere; nothing in it is mutated on the request path except the admission counters
-//! (per connection, not per request), the refusal log's counters (atomics, per refusal) and the upstream
-//! pool's own internals.
+//! What the proxy runs on, in two lifetimes. [`Shared`] lives as long as the process: connection
+//! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), limiter
+//! stores, the log's refusal budget, and the live [`Snapshot`]. A [`Snapshot`] is everything built from one
+//! checked `Config`: routes and their actions, security headers, canned refusals, guard settings, redirect
+//! names, upstream groups, the rustls config. It lives in an `ArcSwap`: a connection takes one when it
+//! starts (its TLS config, guard and limits), a request takes one when it starts and uses it to its end.
+//! What must outlive a snapshot is found by a stable key (a server by its address), never by position.
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use portcullis_config::Config;
 
+use crate::admission::Admission;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
-use crate::http::server::Admission;
 use crate::ratelimit::RateLimits;
 use crate::telemetry::Refusals;
-use crate::upstream::Upstreams;
+use crate::upstream::{Groups, Servers};
 
-pub struct State {
+/// Process-lifetime state, shared by every connection and task through one `Arc`.
+pub struct Shared {
+    pub admission: Arc<Admission>,
+    /// Each site's certificate and names (SNI and Host pick the site).
+    pub sites: Arc<portcullis_certs::Sites>,
+    /// ACME challenge responses being validated (HTTP-01 on :80, TLS-ALPN-01 on :443); the ACME task fills it.
+    pub challenges: Arc<portcullis_certs::acme::Challenges>,
+    /// Every upstream server by address: the keep-alive pool and each server's own state.
+    pub servers: Arc<Servers>,
+    /// `[[rate_limit]]` (or the built-in `auth` limit) and their stores; the purge task holds the other `Arc`.
+    pub rate_limits: Arc<RateLimits>,
+    /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
+    pub refusals: Arc<Refusals>,
+    live: ArcSwap<Snapshot>,
+}
+
+/// Everything derived from one checked config; immutable once built.
+pub struct Snapshot {
     pub config: Config,
     pub tls: Arc<rustls::ServerConfig>,
-    pub upstreams: Upstreams,
+    /// The config's upstream groups, each naming its servers in [`Shared::servers`].
+    pub upstreams: Groups,
     pub headers: SecurityHeaders,
     /// `""` when HTTPS is on 443, else `":PORT"`: what a redirect appends to the host.
     pub redirect_port: String,
@@ -27,27 +49,50 @@ pub struct State {
     /// The guard's own refusals, with the security headers (HSTS only in the HTTPS set).
     pub canned_https: Arc<Canned>,
     pub canned_http: Arc<Canned>,
-    pub admission: Arc<Admission>,
-    /// `[[rate_limit]]` (or the built-in `auth` limit); its purge task holds the other `Arc`.
-    pub rate_limits: Arc<RateLimits>,
-    /// Each site's certificate and names (SNI and Host pick the site).
-    pub sites: Arc<portcullis_certs::Sites>,
-    /// ACME challenge responses being validated (HTTP-01 on :80, TLS-ALPN-01 on :443); the ACME task fills it.
-    pub challenges: Arc<portcullis_certs::acme::Challenges>,
-    /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
-    pub refusals: Arc<Refusals>,
     /// Hosts a plain-HTTP redirect may point at: every site's names, or any host (empty) when the default
     /// site has none.
     pub redirect_names: Vec<String>,
 }
 
-impl State {
+impl Shared {
+    /// The process state and its first snapshot, from the config it started with.
     pub fn new(
         config: Config,
         tls: Arc<rustls::ServerConfig>,
         sites: Arc<portcullis_certs::Sites>,
         https_port: u16,
-    ) -> State {
+    ) -> Shared {
+        let l = &config.limits;
+        let refusals = Arc::new(Refusals::default());
+        let servers = Arc::new(Servers::new(&config));
+        let admission = Arc::new(Admission::new(l.connections, l.connections_per_ip));
+        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits, refusals.clone()));
+        let snapshot = Snapshot::new(config, tls, &servers, &refusals, https_port);
+        Shared {
+            admission,
+            sites,
+            challenges: Arc::default(),
+            servers,
+            rate_limits,
+            refusals,
+            live: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    /// The snapshot in force now; keep it for the whole connection or request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+}
+
+impl Snapshot {
+    fn new(
+        config: Config,
+        tls: Arc<rustls::ServerConfig>,
+        servers: &Servers,
+        refusals: &Arc<Refusals>,
+        https_port: u16,
+    ) -> Snapshot {
         let catch_all = config.sites.first().is_some_and(|s| s.names.is_empty());
         let redirect_names = if catch_all {
             Vec::new()
@@ -60,7 +105,6 @@ impl State {
         };
         let headers = SecurityHeaders::new(&config.headers);
         let l = &config.limits;
-        let refusals = Arc::new(Refusals::default());
         let guard = Arc::new(Settings {
             limits: Limits {
                 head_bytes: usize::try_from(l.header_bytes).unwrap_or(usize::MAX),
@@ -71,16 +115,11 @@ impl State {
             body_timeout: config.timeouts.client_body,
             refusals: refusals.clone(),
         });
-        State {
-            upstreams: Upstreams::new(&config),
+        Snapshot {
+            upstreams: Groups::new(&config, servers),
             canned_https: Arc::new(Canned::new(&headers, true)),
             canned_http: Arc::new(Canned::new(&headers, false)),
-            admission: Arc::new(Admission::new(l.connections, l.connections_per_ip)),
-            rate_limits: Arc::new(RateLimits::new(&config.rate_limits, refusals.clone())),
-            refusals,
             headers,
-            sites,
-            challenges: Arc::default(),
             redirect_names,
             redirect_port: if https_port == 443 {
                 String::new()

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::head::{Limits, Reject};
 use super::pages;
 use crate::body::Body;
-use crate::state::State;
+use crate::state::{Shared, Snapshot};
 use crate::telemetry::{Refusals, refused};
 
 /// RFC 9113 §6.5.2: SETTINGS_MAX_HEADER_LIST_SIZE counts each field as name + value + 32 octets.
@@ -47,15 +47,20 @@ pub fn header_list_size(limits: &Limits) -> u32 {
 
 /// For an HTTP/2 request over a limit (see [`check`]): the refusal (414 or 431, our page, the security
 /// headers), logged like the guard's.
-pub fn refusal<B>(state: &State, peer: IpAddr, req: &Request<B>) -> Option<Response<Body>> {
+pub fn refusal<B>(
+    shared: &Shared,
+    snap: &Snapshot,
+    peer: IpAddr,
+    req: &Request<B>,
+) -> Option<Response<Body>> {
     if req.version() != Version::HTTP_2 {
         return None;
     }
-    let r = check(req, &state.guard.limits).err()?;
-    refused!(state.refusals, Request => info!(target: "access", client = %peer, status = r.status(), reason = r.reason(), "request refused"));
+    let r = check(req, &snap.guard.limits).err()?;
+    refused!(shared.refusals, Request => info!(target: "access", client = %peer, status = r.status(), reason = r.reason(), "request refused"));
     let mut res =
         pages::status(StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST));
-    state.headers.apply(res.headers_mut(), true);
+    snap.headers.apply(res.headers_mut(), true);
     Some(res)
 }
 

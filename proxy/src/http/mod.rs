@@ -1,6 +1,9 @@
-//! Everything HTTP: connections (`server`), the proxying handler (`proxy`), upgraded connections (`tunnel`),
-//! the plain-HTTP redirect (`redirect`), and the header rules they share.
+//! Everything HTTP: connections (`server`, with the HTTP/1.1 `guard` and its `head` rules, the HTTP/2 `h2`
+//! limits), one request's phases (`pipeline`: site, route, `filters`, the route's `action`, response
+//! headers), upgraded connections (`tunnel`), the plain-HTTP `redirect`, and the header rules they share.
 
+pub mod action;
+pub mod filters;
 pub mod forwarded;
 pub mod guard;
 pub mod h2;
@@ -10,7 +13,7 @@ pub mod hop;
 pub mod host;
 mod io;
 pub mod pages;
-pub mod proxy;
+pub mod pipeline;
 pub mod proxyproto;
 pub mod redirect;
 pub mod server;

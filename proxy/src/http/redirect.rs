@@ -7,14 +7,14 @@ use http::{Request, Response, StatusCode};
 
 use crate::body::Body;
 use crate::http::{host, pages};
-use crate::state::State;
+use crate::state::{Shared, Snapshot};
 
-pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
+pub fn handle<B>(shared: &Shared, snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     // ACME HTTP-01: a pending token is answered here, before any redirect.
-    if let Some(res) = crate::acme::http01(state, req) {
+    if let Some(res) = crate::acme::http01(&shared.challenges, req) {
         return res;
     }
-    let names = &state.redirect_names;
+    let names = &snap.redirect_names;
     let requested = host::requested(req);
     let target = match requested.as_ref().and_then(host::name) {
         Some(h) if names.is_empty() || host::allowed(names, h) => h.to_ascii_lowercase(),
@@ -26,7 +26,7 @@ pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
         _ => return pages::status(StatusCode::BAD_REQUEST),
     };
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = format!("https://{target}{}{pq}", state.redirect_port);
+    let location = format!("https://{target}{}{pq}", snap.redirect_port);
     match HeaderValue::from_str(&location) {
         Ok(v) => pages::redirect(v),
         Err(_) => pages::status(StatusCode::BAD_REQUEST),

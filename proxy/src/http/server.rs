@@ -4,13 +4,12 @@
 //! caps and shutdown. What happens to a request is `proxy`'s; what a connection may cost is here, and an
 //! upgraded request's tunnel takes the connection's [`Lease`] with it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,89 +22,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::admission::Ticket;
 use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::h2;
-use crate::http::proxy::{self, Listener};
+use crate::http::pipeline::{self, Listener};
 use crate::http::proxyproto;
 use crate::shutdown::Shutdown;
-use crate::state::State;
+use crate::state::{Shared, Snapshot};
 
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connection caps: in total, and per client address while the proxy is under pressure. Taken once per
-/// connection (a tunnel keeps its connection's), never per request.
-///
-/// The per-address cap applies only once more than half of the total cap is in use: below that, one
-/// address (an office or a carrier's CGNAT behind one IP) may open as many connections as it needs; past
-/// it, an address that already holds `max_per_ip` gets no more, so that the other half stays for everyone
-/// else. nginx and HAProxy have no per-address cap by default.
-#[derive(Debug)]
-pub struct Admission {
-    total: AtomicU64,
-    max_total: u64,
-    /// Past this many open connections the per-address cap applies.
-    pressure: u64,
-    per_ip: Mutex<HashMap<IpAddr, u64>>,
-    max_per_ip: u64,
-}
-
-/// A connection's place; given back on drop.
-pub struct Ticket {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl Admission {
-    pub fn new(max_total: u64, max_per_ip: u64) -> Admission {
-        Admission {
-            total: AtomicU64::new(0),
-            max_total,
-            pressure: max_total / 2,
-            per_ip: Mutex::new(HashMap::new()),
-            max_per_ip,
-        }
-    }
-
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
-        let ip = ip.to_canonical();
-        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
-        if total > self.max_total {
-            self.total.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        // A poisoned lock only means another connection task panicked mid-update: the counts are still usable.
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = per_ip.entry(ip).or_insert(0);
-        if total > self.pressure && *n >= self.max_per_ip {
-            drop(per_ip);
-            self.total.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        *n += 1;
-        Some(Ticket {
-            admission: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.admission.total.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = self
-            .admission
-            .per_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
 
 /// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), and the
 /// connection's place in the caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
@@ -121,7 +47,7 @@ pub struct Lease {
 pub async fn accept(
     listener: TcpListener,
     kind: Listener,
-    state: Arc<State>,
+    shared: Arc<Shared>,
     mut shutdown: Shutdown,
 ) {
     // The port clients connected to (the listener's; with port 0, the one the kernel picked).
@@ -139,11 +65,13 @@ pub async fn accept(
             },
             () = shutdown.begun() => break,
         };
-        let state = state.clone();
+        let shared = shared.clone();
         let shutdown = shutdown.clone();
         let port = port.clone();
         tokio::spawn(async move {
-            let Some((stream, peer, ticket)) = admit(stream, peer, &state).await else {
+            // The connection keeps the snapshot it started with (TLS config, guard, limits, timeouts).
+            let snap = shared.snapshot();
+            let Some((stream, peer, ticket)) = admit(stream, peer, &shared, &snap).await else {
                 return;
             };
             let lease = Lease {
@@ -152,8 +80,8 @@ pub async fn accept(
                 _ticket: Arc::new(ticket),
             };
             match kind {
-                Listener::Https => https(stream, peer, state, lease).await,
-                Listener::Http => http(stream, peer, state, lease).await,
+                Listener::Https => https(stream, peer, shared, snap, lease).await,
+                Listener::Http => http(stream, peer, shared, snap, lease).await,
             }
         });
     }
@@ -164,30 +92,31 @@ pub async fn accept(
 async fn admit(
     mut stream: TcpStream,
     mut peer: SocketAddr,
-    state: &Arc<State>,
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
 ) -> Option<(TcpStream, SocketAddr, Ticket)> {
-    if state.config.listen.proxy_protocol {
-        if !state
+    if snap.config.listen.proxy_protocol {
+        if !snap
             .config
             .trusted_proxies
             .iter()
             .any(|c| c.contains(peer.ip()))
         {
-            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer"));
+            crate::telemetry::refused!(shared.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: PROXY protocol from an untrusted peer"));
             return None;
         }
-        match proxyproto::read(&mut stream, peer, state.config.timeouts.client_header).await {
+        match proxyproto::read(&mut stream, peer, snap.config.timeouts.client_header).await {
             Ok(source) => peer = source,
             Err(e) => {
-                crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header"));
+                crate::telemetry::refused!(shared.refusals, Connection => info!(target: "access", client = %peer.ip(), error = %e, "connection refused: bad PROXY header"));
                 return None;
             }
         }
     }
-    match state.admission.admit(peer.ip()) {
+    match shared.admission.admit(peer.ip()) {
         Some(ticket) => Some((stream, peer, ticket)),
         None => {
-            crate::telemetry::refused!(state.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached"));
+            crate::telemetry::refused!(shared.refusals, Connection => info!(target: "access", client = %peer.ip(), "connection refused: connection limit reached"));
             None
         }
     }
@@ -219,22 +148,23 @@ impl Conn {
 /// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
 /// that the future type stays concrete (and `Send`) without boxing every request.
 macro_rules! service {
-    ($state:expr, $conn:expr, $kind:expr, $sni:expr, $ip:expr) => {{
-        let state = $state.clone();
+    ($shared:expr, $snap:expr, $conn:expr, $kind:expr, $sni:expr, $ip:expr) => {{
+        let shared = $shared.clone();
         let conn = $conn.clone();
+        let max_requests = $snap.config.limits.max_requests_per_connection;
         let (kind, sni, ip) = ($kind, $sni, $ip);
         service_fn(move |req| {
-            let state = state.clone();
+            let shared = shared.clone();
             let conn = conn.clone();
             async move {
                 let asks_upgrade = UpgradeGate::asks(&req);
-                let mut res = proxy::serve(&state, kind, sni, ip, &conn.lease, req).await?;
+                let mut res = pipeline::serve(&shared, kind, sni, ip, &conn.lease, req).await?;
                 if asks_upgrade {
                     conn.gate
                         .decide(res.status() == http::StatusCode::SWITCHING_PROTOCOLS);
                 }
                 let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= state.config.limits.max_requests_per_connection {
+                if n >= max_requests {
                     res.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                     conn.close.notify_one();
@@ -245,13 +175,19 @@ macro_rules! service {
     }};
 }
 
-async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
+async fn https(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    lease: Lease,
+) {
     let _ = stream.set_nodelay(true);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
-        if let Some(config) = crate::acme::tls_alpn01(&state, &start.client_hello()) {
+        if let Some(config) = crate::acme::tls_alpn01(&shared.challenges, &start.client_hello()) {
             let mut tls = start.into_stream(config).await?;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
             return Ok(None);
@@ -260,9 +196,9 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Le
         let sni = start
             .client_hello()
             .server_name()
-            .and_then(|n| state.sites.site_for(n));
+            .and_then(|n| shared.sites.site_for(n));
         start
-            .into_stream(state.tls.clone())
+            .into_stream(snap.tls.clone())
             .await
             .map(|tls| Some((tls, sni)))
     })
@@ -282,17 +218,17 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Le
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
     let conn = Conn::new(lease);
-    let svc = service!(state, conn, Listener::Https, sni, peer.ip());
-    let idle = state.config.timeouts.client_idle;
-    let limits = &state.config.limits;
+    let svc = service!(shared, snap, conn, Listener::Https, sni, peer.ip());
+    let idle = snap.config.timeouts.client_idle;
+    let limits = &snap.config.limits;
     if h2 {
-        let timeout = state.config.timeouts.client_header;
-        let watch = h2::Watch::new(tls, timeout, peer.ip(), state.refusals.clone());
+        let timeout = snap.config.timeouts.client_header;
+        let watch = h2::Watch::new(tls, timeout, peer.ip(), shared.refusals.clone());
         let io = Tracked {
             inner: TokioIo::new(watch),
             conn: conn.clone(),
         };
-        let max_list = h2::header_list_size(&state.guard.limits);
+        let max_list = h2::header_list_size(&snap.guard.limits);
         let c = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(u32::try_from(limits.h2_max_streams).unwrap_or(u32::MAX))
@@ -307,8 +243,8 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Le
     } else {
         let guard = Guard::new(
             tls,
-            state.guard.clone(),
-            state.canned_https.clone(),
+            snap.guard.clone(),
+            snap.canned_https.clone(),
             peer.ip(),
             conn.gate.clone(),
         );
@@ -316,21 +252,27 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Le
             inner: TokioIo::new(guard),
             conn: conn.clone(),
         };
-        let c = http1_builder(&state)
+        let c = http1_builder(&snap)
             .serve_connection(io, svc)
             .with_upgrades();
         drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
     }
 }
 
-async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lease) {
+async fn http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    lease: Lease,
+) {
     let _ = stream.set_nodelay(true);
     let shutdown = lease.shutdown.clone();
     let conn = Conn::new(lease);
     let guard = Guard::new(
         stream,
-        state.guard.clone(),
-        state.canned_http.clone(),
+        snap.guard.clone(),
+        snap.canned_http.clone(),
         peer.ip(),
         conn.gate.clone(),
     );
@@ -338,14 +280,14 @@ async fn http(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Lea
         inner: TokioIo::new(guard),
         conn: conn.clone(),
     };
-    let svc = service!(state, conn, Listener::Http, None, peer.ip());
-    let idle = state.config.timeouts.client_idle;
-    let c = http1_builder(&state).serve_connection(io, svc);
+    let svc = service!(shared, snap, conn, Listener::Http, None, peer.ip());
+    let idle = snap.config.timeouts.client_idle;
+    let c = http1_builder(&snap).serve_connection(io, svc);
     drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
 }
 
-fn http1_builder(state: &State) -> http1::Builder {
-    let limits = &state.config.limits;
+fn http1_builder(snap: &Snapshot) -> http1::Builder {
+    let limits = &snap.config.limits;
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         // The guard has already held each head to our limits; hyper's own are a second line, set wider.
@@ -466,38 +408,5 @@ impl<T: Write + Unpin> Write for Tracked<T> {
             this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn one_address_may_exceed_its_cap_until_half_of_the_total_is_in_use() {
-        let a = Arc::new(Admission::new(10, 2));
-        // Below half of the total cap, an office behind one address is not refused.
-        let office: Vec<Ticket> = (0..5).map(|_| a.admit(ip("192.0.2.1")).unwrap()).collect();
-        // Past half, an address already at its cap gets no more, and others still get theirs.
-        assert!(a.admit(ip("192.0.2.1")).is_none());
-        let b1 = a.admit(ip("192.0.2.2")).unwrap();
-        let _b2 = a.admit(ip("192.0.2.2")).unwrap();
-        assert!(a.admit(ip("192.0.2.2")).is_none());
-        // IPv4-mapped IPv6 is the same client.
-        assert!(a.admit(ip("::ffff:192.0.2.2")).is_none());
-        let _c: Vec<Ticket> = (3..6)
-            .map(|n| a.admit(ip(&format!("192.0.2.{n}"))).unwrap())
-            .collect();
-        // The total cap holds whoever asks.
-        assert!(a.admit(ip("192.0.2.9")).is_none());
-        drop(b1);
-        let _d = a.admit(ip("192.0.2.9")).unwrap();
-        drop(office);
-        assert_eq!(a.total.load(Ordering::Relaxed), 5);
-        assert!(!a.per_ip.lock().unwrap().contains_key(&ip("192.0.2.1")));
     }
 }

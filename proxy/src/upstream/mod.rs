@@ -1,32 +1,45 @@
-//! Upstreams: the named groups of gunicorn-style servers from the config, one keep-alive pool over all of
-//! them (hyper-util's client with our TCP/unix connector), and the choice of server (round robin for now).
-//! What goes into a request and comes out of a response is `http::proxy`'s business, not this module's.
+//! Upstreams: the app servers and the groups the config makes of them. [`Servers`] lives as long as the
+//! process: every server by address (its pool key and its own state, `server.rs`) and the keep-alive pool
+//! over all of them (hyper-util's client with our TCP/unix connector, `connect.rs`). [`Groups`] belongs to
+//! one config snapshot: each group names its servers and its balancing policy (`balance.rs`). [`forward`]
+//! is the one way a request goes upstream: it picks a server, sends, and says what happened as a typed
+//! [`Failure`]. What goes into a request and comes out of a response is `http`'s business, not this one's.
 
+mod balance;
 mod connect;
+mod server;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::uri::Authority;
-use http::{Request, Response};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_config::{Config, ServerAddr};
 
 use crate::body::Body;
+use balance::RoundRobin;
 use connect::Connector;
+pub use server::Server;
 
-/// Why an upstream gave no response.
+/// Why a request got no response from its upstream, and whose fault that was.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Refused, reset, socket missing, closed before answering: the upstream's fault (502).
-    #[error("upstream unavailable: {0}")]
-    Unavailable(String),
-    /// No response (or no connection) within the configured time: the upstream's fault (504).
-    #[error("upstream timed out")]
+pub enum Failure {
+    /// No connection could be made (refused, unreachable, socket missing): nothing reached the app (502).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection broke, or the app closed it, before a response head: the app may have seen the
+    /// request (502).
+    #[error("no response: {0}")]
+    Reset(String),
+    /// No connection, or no response head, within the configured time (504).
+    #[error("timed out")]
     Timeout,
+    /// The group has no server to try (502).
+    #[error("no server available")]
+    NoServer,
     /// The client's body went past the route's limit while being forwarded (the client's fault: 413).
     #[error("request body too large")]
     BodyTooLarge,
@@ -35,45 +48,25 @@ pub enum Error {
     BodyTimeout,
 }
 
-#[derive(Debug)]
-pub struct Group {
-    pub name: Arc<str>,
-    /// Pool keys (`sN`) of this group's servers.
-    servers: Vec<Authority>,
-    next: AtomicUsize,
-}
-
-/// Every upstream group and the pool they share.
-pub struct Upstreams {
+/// Every upstream server the proxy knows, by address, and the pool they share. Servers are only ever added:
+/// a server's pool key (its position) stays the same for the life of the process.
+pub struct Servers {
     client: Client<Connector, Body>,
-    groups: Vec<Group>,
+    /// In the order they were first named; a few per group, searched only when a config is loaded.
+    list: Vec<Arc<Server>>,
     response_timeout: Duration,
 }
 
-impl Upstreams {
-    pub fn new(config: &Config) -> Upstreams {
-        let mut all: Vec<ServerAddr> = Vec::new();
-        let groups = config
-            .upstreams
-            .iter()
-            .map(|u| Group {
-                name: Arc::from(u.name.as_str()),
-                servers: u
-                    .servers
-                    .iter()
-                    .map(|s| {
-                        let n = all.iter().position(|a| a == s).unwrap_or_else(|| {
-                            all.push(s.clone());
-                            all.len() - 1
-                        });
-                        Authority::try_from(format!("s{n}"))
-                            .unwrap_or_else(|_| Authority::from_static("s0"))
-                    })
-                    .collect(),
-                next: AtomicUsize::new(0),
-            })
-            .collect();
-        let connector = Connector::new(all.into(), config.timeouts.upstream_connect);
+impl Servers {
+    pub fn new(config: &Config) -> Servers {
+        let mut list: Vec<Arc<Server>> = Vec::new();
+        for addr in config.upstreams.iter().flat_map(|u| &u.servers) {
+            if !list.iter().any(|s| &s.addr == addr) {
+                list.push(Arc::new(Server::new(addr.clone(), list.len())));
+            }
+        }
+        let addrs: Arc<[ServerAddr]> = list.iter().map(|s| s.addr.clone()).collect();
+        let connector = Connector::new(addrs, config.timeouts.upstream_connect);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -86,41 +79,97 @@ impl Upstreams {
             .http1_max_buf_size(64 * 1024)
             .set_host(false)
             .build(connector);
-        Upstreams {
+        Servers {
             client,
-            groups,
+            list,
             response_timeout: config.timeouts.upstream_response,
         }
+    }
+
+    fn get(&self, addr: &ServerAddr) -> Option<Arc<Server>> {
+        self.list.iter().find(|s| &s.addr == addr).cloned()
+    }
+}
+
+/// One config's upstream groups, in config order (routes name them by index).
+pub struct Groups {
+    groups: Vec<Group>,
+}
+
+/// A named group of servers and how a request picks one of them.
+pub struct Group {
+    pub name: Arc<str>,
+    servers: Vec<Arc<Server>>,
+    balance: RoundRobin,
+}
+
+impl Groups {
+    pub fn new(config: &Config, servers: &Servers) -> Groups {
+        let groups = config
+            .upstreams
+            .iter()
+            .map(|u| Group {
+                name: Arc::from(u.name.as_str()),
+                servers: u.servers.iter().filter_map(|a| servers.get(a)).collect(),
+                balance: RoundRobin::default(),
+            })
+            .collect();
+        Groups { groups }
     }
 
     pub fn group(&self, i: usize) -> &Group {
         &self.groups[i]
     }
+}
 
-    /// The next server of `group` (round robin), as the authority the request URI must carry.
-    pub fn pick(&self, group: usize) -> &Authority {
-        let g = &self.groups[group];
-        let i = g.next.fetch_add(1, Ordering::Relaxed) % g.servers.len();
-        &g.servers[i]
-    }
-
-    /// Sends a request whose URI is `http://sN/path` and waits for the response head.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, Error> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(Error::Timeout),
+/// Sends `req` (its URI is the client's path and query; the authority is ours to choose) to a server of
+/// `group`, and waits for the response head.
+pub async fn forward(
+    servers: &Servers,
+    group: &Group,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, Failure> {
+    let server = group
+        .balance
+        .pick(&group.servers)
+        .ok_or(Failure::NoServer)?;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(server.key.clone());
+    parts.path_and_query = Some(pq);
+    // Scheme, authority and an origin-form path always make a valid absolute URI.
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Failure::Connect(e.to_string()))?;
+    let in_flight = server.start();
+    let result =
+        match tokio::time::timeout(servers.response_timeout, servers.client.request(req)).await {
+            Err(_) => Err(Failure::Timeout),
             Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => {
-                if caused_by::<crate::body::TooLarge>(&e) {
-                    Err(Error::BodyTooLarge)
-                } else if caused_by::<crate::body::Stalled>(&e) {
-                    Err(Error::BodyTimeout)
-                } else if timed_out(&e) {
-                    Err(Error::Timeout)
-                } else {
-                    Err(Error::Unavailable(describe(&e)))
-                }
-            }
-        }
+            Ok(Err(e)) => Err(classify(&e)),
+        };
+    if let Err(f) = &result {
+        tracing::debug!(server = %server.addr, in_flight = server.in_flight(), error = %f, "upstream request failed");
+    }
+    drop(in_flight);
+    result
+}
+
+/// What a client error means for the request.
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    if caused_by::<crate::body::TooLarge>(e) {
+        Failure::BodyTooLarge
+    } else if caused_by::<crate::body::Stalled>(e) {
+        Failure::BodyTimeout
+    } else if timed_out(e) {
+        Failure::Timeout
+    } else if e.is_connect() {
+        Failure::Connect(describe(e))
+    } else {
+        Failure::Reset(describe(e))
     }
 }
 

@@ -1,0 +1,171 @@
+//! The upstream action: the request rewritten for the app (forwarding headers, no hop-by-hop fields,
+//! HTTP/1.1), sent through `upstream::forward`, and the response rewritten for the client (no hop-by-hop
+//! fields, no version banners). A typed failure becomes our own page (502, 504, 413, 408) with no
+//! upstream detail. WebSocket upgrades (the only upgrade forwarded) become a byte tunnel once both sides agree.
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use portcullis_config::Route;
+
+use crate::body::Body;
+use crate::http::filters::{Admitted, too_large};
+use crate::http::pipeline::Ctx;
+use crate::http::{forwarded, hop, pages, tunnel};
+use crate::telemetry::{Access, refused};
+use crate::upstream::{self, Failure};
+
+pub async fn run(
+    ctx: &Ctx<'_>,
+    route: &Route,
+    group: usize,
+    requested: Option<HeaderValue>,
+    admitted: Admitted,
+    mut req: Request<Incoming>,
+    access: Option<&mut Access>,
+) -> Response<Body> {
+    let group = ctx.snap.upstreams.group(group);
+    if let Some(a) = access {
+        a.upstream = Some(group.name.clone());
+    }
+    let h1 = req.version() != Version::HTTP_2;
+
+    // WebSocket over HTTP/1.1: keep the client's half of the upgrade before the request moves. No other
+    // protocol is forwarded as an upgrade: `h2c` is never valid over TLS (RFC 9113 §3.1), and an upstream that
+    // switched to it (or to anything else) would open a tunnel past every per-request rule. Such a request
+    // goes upstream as a plain request, its `Upgrade` dropped with the other hop-by-hop fields.
+    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
+        req.headers()
+            .get(header::UPGRADE)
+            .filter(|proto| proto.as_bytes().eq_ignore_ascii_case(b"websocket"))
+            .cloned()
+            .map(|proto| (proto, hyper::upgrade::on(&mut req)))
+    } else {
+        None
+    };
+
+    let (mut parts, body) = req.into_parts();
+    hop::strip(&mut parts.headers);
+    // We answer `Expect: 100-continue` ourselves (hyper sends 100 when the body is first read).
+    parts.headers.remove(header::EXPECT);
+    if !h1 {
+        join_cookies(&mut parts.headers);
+    }
+    forwarded::set(
+        &mut parts.headers,
+        ctx.peer,
+        ctx.client,
+        requested.as_ref(),
+        &ctx.lease.port,
+        &ctx.snap.config.trusted_proxies,
+    );
+    match &requested {
+        Some(h) => {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        None => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    if let Some((proto, _)) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    parts.version = Version::HTTP_11;
+    // A declared length was checked by the filters (and hyper holds the client to it); anything else is
+    // counted. HTTP/2 bodies are also held to `client_body` here (the guard does it for HTTP/1.1).
+    let body = if let Some(whole) = admitted.buffered {
+        Body::full(whole)
+    } else if !h1 {
+        let left = if admitted.declared.is_some() {
+            u64::MAX
+        } else {
+            route.max_body
+        };
+        Body::watched(body, left, ctx.snap.config.timeouts.client_body)
+    } else if admitted.declared.is_some() {
+        Body::Stream(body)
+    } else {
+        Body::Limited {
+            inner: body,
+            left: route.max_body,
+        }
+    };
+
+    let upstream_req = Request::from_parts(parts, body);
+    let mut res = match upstream::forward(&ctx.shared.servers, group, upstream_req).await {
+        Ok(res) => res,
+        Err(Failure::Timeout) => {
+            tracing::warn!(upstream = %group.name, "upstream timed out");
+            return pages::status(StatusCode::GATEWAY_TIMEOUT);
+        }
+        Err(Failure::BodyTooLarge) => return too_large(h1),
+        Err(Failure::BodyTimeout) => {
+            refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, "request body timed out"));
+            return pages::status(StatusCode::REQUEST_TIMEOUT);
+        }
+        Err(e @ (Failure::Connect(_) | Failure::Reset(_) | Failure::NoServer)) => {
+            tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
+            return pages::status(StatusCode::BAD_GATEWAY);
+        }
+    };
+
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((_, client_side)) = upgrade else {
+            // The app switched protocols without being asked: nothing sane to forward.
+            return pages::status(StatusCode::BAD_GATEWAY);
+        };
+        let upstream_side = hyper::upgrade::on(&mut res);
+        let (mut parts, _) = res.into_parts();
+        let proto = parts.headers.get(header::UPGRADE).cloned();
+        tokio::spawn(tunnel::run(
+            client_side,
+            upstream_side,
+            ctx.snap.config.timeouts.tunnel_idle,
+            ctx.lease.clone(),
+        ));
+        hop::strip(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = proto {
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        crate::http::headers::strip_banners(&mut parts.headers);
+        return Response::from_parts(parts, Body::Empty);
+    }
+    let (mut parts, body) = res.into_parts();
+    hop::strip(&mut parts.headers);
+    crate::http::headers::strip_banners(&mut parts.headers);
+    Response::from_parts(parts, Body::Stream(body))
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined by "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}

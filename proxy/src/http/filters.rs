@@ -1,0 +1,58 @@
+//! Request filters: what is decided about a request before its route's action runs. Each either lets it
+//! through or answers for it; the request reaches no upstream in that case. Today: the declared body
+//! length against the route's `max_body` (413), then the rate limits (429).
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use portcullis_config::Route;
+
+use crate::body::Body;
+use crate::http::pages;
+use crate::http::pipeline::Ctx;
+
+/// What the filters learnt about a request they let through.
+pub struct Admitted {
+    /// The body's declared length, already within the route's limit.
+    pub declared: Option<u64>,
+    /// The whole body, when a filter had to read it (a per_account rate limit); it is forwarded as is.
+    pub buffered: Option<Bytes>,
+}
+
+/// Runs the request filters in order; `Err` is the answer for a request they stop.
+pub async fn request(
+    ctx: &Ctx<'_>,
+    route: &Route,
+    req: &mut Request<Incoming>,
+) -> Result<Admitted, Response<Body>> {
+    let h1 = req.version() != Version::HTTP_2;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_body) {
+        return Err(too_large(h1));
+    }
+    // Rate limits: only requests a limit counts take a lock; a per_account limit reads the (small) body.
+    let mut buffered = None;
+    let limits = &ctx.shared.rate_limits;
+    if limits.applies(req.method(), req.uri().path()) {
+        let body_timeout = ctx.snap.config.timeouts.client_body;
+        buffered = limits
+            .check(ctx.client, req, route.max_body, body_timeout)
+            .await?;
+    }
+    Ok(Admitted { declared, buffered })
+}
+
+/// 413; on HTTP/1.1 the connection closes after it, since the unread body is still on the wire.
+pub fn too_large(h1: bool) -> Response<Body> {
+    let mut res = pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+    if h1 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}

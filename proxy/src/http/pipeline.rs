@@ -1,0 +1,127 @@
+//! One request, in phases: site (the Host, held to the SNI) -> route (longest prefix within the site) ->
+//! request filters (`filters`: body limit, rate limits) -> the route's action (`action`) -> response filters
+//! (security headers, on every response, ours or the app's) -> access log (when the body ends). Each request
+//! takes the live config snapshot when it starts and keeps it to its end. Plain HTTP goes to `redirect`.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::Body;
+use crate::http::server::Lease;
+use crate::http::{action, filters, forwarded, h2, host, pages, redirect};
+use crate::state::{Shared, Snapshot};
+use crate::telemetry::{Access, Logged};
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Https,
+    /// Plain HTTP: redirects only.
+    Http,
+}
+
+/// What every phase of one request may read: the process state, the request's snapshot, who asked, and
+/// what its connection lends it.
+pub struct Ctx<'a> {
+    pub shared: &'a Shared,
+    pub snap: &'a Snapshot,
+    /// The connection's peer address.
+    pub peer: IpAddr,
+    /// The client as far as we trust it (the peer, or the right-most untrusted hop from a trusted proxy).
+    pub client: IpAddr,
+    /// The listener's port, the connection's place in the caps and its shutdown handle.
+    pub lease: &'a Lease,
+}
+
+/// Serves one request: the response always carries the security headers, and is logged when done.
+/// `sni` is the site the TLS handshake named (None without SNI, or when it named no site).
+pub async fn serve(
+    shared: &Shared,
+    listener: Listener,
+    sni: Option<usize>,
+    peer: IpAddr,
+    lease: &Lease,
+    req: Request<Incoming>,
+) -> Result<Response<Logged>, Infallible> {
+    let start = Instant::now();
+    let snap = shared.snapshot();
+    // HTTP/2 is held to the limits the guard holds HTTP/1.1 heads to; refused alike (no access line).
+    if let Some(res) = h2::refusal(shared, &snap, peer, &req) {
+        return Ok(res.map(|b| Logged::new(b, None)));
+    }
+    let client = forwarded::client_addr(req.headers(), peer, &snap.config.trusted_proxies);
+    let mut access = snap.config.log.access.then(|| {
+        Box::new(Access {
+            start,
+            client,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            status: StatusCode::OK,
+            upstream: None,
+            bytes: 0,
+        })
+    });
+    let ctx = Ctx {
+        shared,
+        snap: &snap,
+        peer,
+        client,
+        lease,
+    };
+    let mut res = match listener {
+        Listener::Https => https(&ctx, sni, req, access.as_deref_mut()).await,
+        Listener::Http => redirect::handle(shared, &snap, &req),
+    };
+    // Response filters.
+    snap.headers
+        .apply(res.headers_mut(), listener == Listener::Https);
+    if let Some(a) = access.as_deref_mut() {
+        a.status = res.status();
+    }
+    Ok(res.map(|b| Logged::new(b, access)))
+}
+
+async fn https(
+    ctx: &Ctx<'_>,
+    sni: Option<usize>,
+    mut req: Request<Incoming>,
+    access: Option<&mut Access>,
+) -> Response<Body> {
+    let requested = host::requested(&req);
+    let Some(site) = site_for(ctx, sni, requested.as_ref()) else {
+        return pages::status(StatusCode::MISDIRECTED_REQUEST);
+    };
+    let Some(route) = ctx.snap.config.sites[site].route(req.uri().path()) else {
+        return pages::status(StatusCode::NOT_FOUND);
+    };
+    let admitted = match filters::request(ctx, route, &mut req).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    action::run(ctx, route, requested, admitted, req, access).await
+}
+
+/// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,
+/// RFC 9110 §15.5.20); a Host no site names goes to a default site without names (a catch-all), if any.
+fn site_for(ctx: &Ctx<'_>, sni: Option<usize>, requested: Option<&HeaderValue>) -> Option<usize> {
+    match requested
+        .and_then(host::name)
+        .and_then(|h| ctx.shared.sites.site_for(h))
+    {
+        Some(by_host) => (sni.is_none() || sni == Some(by_host)).then_some(by_host),
+        None => {
+            let catch_all = ctx
+                .snap
+                .config
+                .sites
+                .first()
+                .is_some_and(|s| s.names.is_empty());
+            (catch_all && sni.is_none_or(|s| s == 0)).then_some(0)
+        }
+    }
+}
