@@ -9,8 +9,8 @@ use hyper::body::Incoming;
 use portcullis_config::Route;
 
 use crate::body::Body;
+use crate::http::ctx::Ctx;
 use crate::http::pages;
-use crate::http::pipeline::Ctx;
 
 /// What the filters learnt about a request they let through.
 pub struct Admitted {

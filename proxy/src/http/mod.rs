@@ -3,6 +3,7 @@
 //! headers), upgraded connections (`tunnel`), the plain-HTTP `redirect`, and the header rules they share.
 
 pub mod action;
+pub mod ctx;
 pub mod filters;
 pub mod forwarded;
 pub mod guard;

@@ -12,9 +12,9 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::Body;
-use crate::http::server::Lease;
+use crate::http::ctx::{Ctx, Lease};
 use crate::http::{action, filters, forwarded, h2, host, pages, redirect};
-use crate::state::{Shared, Snapshot};
+use crate::state::Shared;
 use crate::telemetry::{Access, Logged};
 
 /// Which listener a request came in on.
@@ -23,19 +23,6 @@ pub enum Listener {
     Https,
     /// Plain HTTP: redirects only.
     Http,
-}
-
-/// What every phase of one request may read: the process state, the request's snapshot, who asked, and
-/// what its connection lends it.
-pub struct Ctx<'a> {
-    pub shared: &'a Shared,
-    pub snap: &'a Snapshot,
-    /// The connection's peer address.
-    pub peer: IpAddr,
-    /// The client as far as we trust it (the peer, or the right-most untrusted hop from a trusted proxy).
-    pub client: IpAddr,
-    /// The listener's port, the connection's place in the caps and its shutdown handle.
-    pub lease: &'a Lease,
 }
 
 /// Serves one request: the response always carries the security headers, and is logged when done.

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::admission::Ticket;
+use crate::http::ctx::Lease;
 use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::h2;
 use crate::http::pipeline::{self, Listener};
@@ -32,16 +33,6 @@ use crate::state::{Shared, Snapshot};
 
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), and the
-/// connection's place in the caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
-/// that it counts against the caps and the drain waits for it after hyper's connection has ended.
-#[derive(Clone)]
-pub struct Lease {
-    pub port: HeaderValue,
-    pub shutdown: Shutdown,
-    _ticket: Arc<Ticket>,
-}
 
 /// Accepts connections until shutdown begins; each is served on its own task.
 pub async fn accept(
@@ -74,11 +65,7 @@ pub async fn accept(
             let Some((stream, peer, ticket)) = admit(stream, peer, &shared, &snap).await else {
                 return;
             };
-            let lease = Lease {
-                port,
-                shutdown,
-                _ticket: Arc::new(ticket),
-            };
+            let lease = Lease::new(port, shutdown, ticket);
             match kind {
                 Listener::Https => https(stream, peer, shared, snap, lease).await,
                 Listener::Http => http(stream, peer, shared, snap, lease).await,

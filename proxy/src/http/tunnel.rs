@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::http::server::Lease;
+use crate::http::ctx::Lease;
 
 /// Closing a tunnel (TLS close_notify to the client, FIN to the app) may take this long at most.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);

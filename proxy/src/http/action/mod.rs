@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 use portcullis_config::Route;
 
 use crate::body::Body;
+use crate::http::ctx::Ctx;
 use crate::http::filters::Admitted;
-use crate::http::pipeline::Ctx;
 use crate::telemetry::Access;
 
 /// Runs `route`'s action. `requested` is the Host (or `:authority`) the client asked for.

@@ -9,8 +9,8 @@ use hyper::body::Incoming;
 use portcullis_config::Route;
 
 use crate::body::Body;
+use crate::http::ctx::Ctx;
 use crate::http::filters::{Admitted, too_large};
-use crate::http::pipeline::Ctx;
 use crate::http::{forwarded, hop, pages, tunnel};
 use crate::telemetry::{Access, refused};
 use crate::upstream::{self, Failure};
