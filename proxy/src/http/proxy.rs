@@ -83,7 +83,7 @@ async fn proxy(
     let Some(route) = state.config.sites[site].route(req.uri().path()) else {
         return pages::status(StatusCode::NOT_FOUND);
     };
-    let group = route.upstream;
+    let portcullis_config::Action::Upstream(group) = route.action;
     let h1 = req.version() != Version::HTTP_2;
     let max_body = route.max_body;
     let declared = req
