@@ -56,44 +56,41 @@ impl Checker<'_> {
         }
     }
 
-    fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-        (line, col)
-    }
-
+    /// Something that works but deserves a second look: `check` prints it; it does not fail the load.
     pub(crate) fn warning(
         &mut self,
         span: Range<usize>,
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
-        let (line, col) = self.line_col(span.start);
-        self.warnings.push(Problem {
-            file: self.path.to_owned(),
-            line,
-            col,
-            key: key.into(),
-            message: message.into(),
-        });
+        let w = self.locate(span, key.into(), message.into());
+        self.warnings.push(w);
     }
 
+    /// Something wrong: the load fails, with every problem found.
     pub(crate) fn problem(
         &mut self,
         span: Range<usize>,
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
-        let (line, col) = self.line_col(span.start);
-        self.problems.push(Problem {
+        let p = self.locate(span, key.into(), message.into());
+        self.problems.push(p);
+    }
+
+    /// `FILE:LINE:COL` of where `span` starts (line and column count from 1).
+    fn locate(&self, span: Range<usize>, key: String, message: String) -> Problem {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        Problem {
             file: self.path.to_owned(),
             line,
             col,
-            key: key.into(),
-            message: message.into(),
-        });
+            key,
+            message,
+        }
     }
 
     /// A file that is not valid TOML, or does not fit the mirror in `file.rs` (unknown key, wrong type).
