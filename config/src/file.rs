@@ -1,6 +1,7 @@
 //! The TOML file as written: serde structs that mirror it key for key (`deny_unknown_fields`), with spans
-//! kept so that every later check can name the file, line and column. No defaults and no checks live here;
-//! those are in `lib.rs`, which turns a `File` into a `Config`.
+//! kept so that every later check can name the file, line and column. No defaults and no checks live here:
+//! the defaults are in `defaults.rs`, the checks in each section's checker (`lib.rs` runs them in order),
+//! which turn a `File` into a `Config` (`model.rs`).
 
 use std::collections::BTreeMap;
 

@@ -1,77 +1,23 @@
-//! `[[rate_limit]]`: the checked types and their check. No `[[rate_limit]]` at all means the built-in `auth`
-//! limit ([`defaults::AUTH_PATHS`], POST, 10/minute, burst 5); `rate_limit = []` means none; any list the
-//! user writes replaces the built-in one. The limiter itself (governor, per client key) is the proxy's.
+//! `[[rate_limit]]`: its check, and the rate syntax (`"10/minute"`); the checked types are in `model.rs`.
+//! No `[[rate_limit]]` at all means the built-in `auth` limit ([`defaults::AUTH_PATHS`], POST, 10/minute,
+//! burst 5); `rate_limit = []` means none; any list the user writes replaces the built-in one. The limiter
+//! itself (governor, per client key) is the proxy's.
 
 use std::time::Duration;
 
+use crate::check::Checker;
+use crate::cidr::Cidr;
+use crate::defaults;
 use crate::file::{self, S};
-use crate::{Checker, Cidr, defaults};
-
-/// One named rate limit, checked: which requests it counts, and how many it lets through per client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateLimit {
-    pub name: String,
-    pub paths: Vec<PathMatch>,
-    /// Upper-case method names; a request with any other method is not counted.
-    pub methods: Vec<String>,
-    /// Sustained rate per client key.
-    pub rate: Rate,
-    /// Requests a fresh client may make at once, before the sustained rate applies.
-    pub burst: u32,
-    /// Also limit per submitted account name, across all client addresses.
-    pub per_account: Option<PerAccount>,
-    /// Clients (after `trusted_proxies`) this limit never counts.
-    pub exempt: Vec<Cidr>,
-    /// IPv6 clients are keyed by this prefix of their address (one host usually holds a whole /64).
-    pub ipv6_prefix: u8,
-    /// Most client keys (and, separately, account keys) remembered; past it the nearest-to-fresh go first.
-    pub max_keys: u64,
-}
-
-/// A path pattern: exact, or a prefix (written with a trailing `*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    Exact(String),
-    Prefix(String),
-}
-
-impl PathMatch {
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            PathMatch::Exact(p) => path == p,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-        }
-    }
-}
-
-/// A sustained rate: `count` requests per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
-
-impl Rate {
-    /// The time one request's credit takes to come back.
-    pub fn interval(&self) -> Duration {
-        self.per / self.count.max(1)
-    }
-}
-
-/// The account field read from login bodies (form, multipart or JSON), with its own rate and burst.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PerAccount {
-    pub field: String,
-    pub rate: Rate,
-    pub burst: u32,
-}
+use crate::model::{PathMatch, PerAccount, Rate, RateLimit};
+use crate::routes::segment_like_prefix;
 
 /// The limit that applies when the config has no `[[rate_limit]]`.
 pub fn builtin() -> RateLimit {
     RateLimit {
         name: defaults::AUTH_LIMIT_NAME.to_owned(),
         paths: defaults::AUTH_PATHS.iter().map(|p| path_match(p)).collect(),
-        methods: vec!["POST".to_owned()],
+        methods: default_methods(),
         rate: Rate {
             count: defaults::AUTH_RATE.0,
             per: defaults::AUTH_RATE.1,
@@ -82,6 +28,13 @@ pub fn builtin() -> RateLimit {
         ipv6_prefix: defaults::RATE_LIMIT_IPV6_PREFIX,
         max_keys: defaults::RATE_LIMIT_MAX_KEYS,
     }
+}
+
+fn default_methods() -> Vec<String> {
+    defaults::RATE_LIMIT_METHODS
+        .iter()
+        .map(|m| (*m).to_owned())
+        .collect()
 }
 
 fn path_match(p: &str) -> PathMatch {
@@ -235,7 +188,7 @@ impl Checker<'_> {
                 continue;
             }
             if let Some(prefix) = text.strip_suffix('*')
-                && crate::segment_like_prefix(prefix)
+                && segment_like_prefix(prefix)
             {
                 self.warning(
                     p.span(),
@@ -254,7 +207,7 @@ impl Checker<'_> {
 
     fn rate_limit_methods(&mut self, key: &str, methods: Option<S<Vec<S<String>>>>) -> Vec<String> {
         let Some(methods) = methods else {
-            return vec!["POST".to_owned()];
+            return default_methods();
         };
         let span = methods.span();
         let methods = methods.into_inner();
@@ -309,7 +262,7 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{parse, problems};
+    use crate::testing::{parse, problems};
 
     const BASE: &str = "[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:8000\"]\n";
 
@@ -366,7 +319,7 @@ mod tests {
         );
         assert!(c.rate_limits[0].paths[1].matches("/apiary"));
         for p in defaults::AUTH_PATHS {
-            let warns = p.strip_suffix('*').is_some_and(crate::segment_like_prefix);
+            let warns = p.strip_suffix('*').is_some_and(segment_like_prefix);
             assert!(!warns, "built-in {p}");
         }
     }

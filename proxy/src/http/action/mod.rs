@@ -7,7 +7,7 @@ mod upstream;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use portcullis_config::Route;
+use portcullis_config::{Action, Route};
 
 use crate::body::Body;
 use crate::http::ctx::Ctx;
@@ -23,5 +23,9 @@ pub async fn run(
     req: Request<Incoming>,
     access: Option<&mut Access>,
 ) -> Response<Body> {
-    upstream::run(ctx, route, route.upstream, requested, admitted, req, access).await
+    match route.action {
+        Action::Upstream(group) => {
+            upstream::run(ctx, route, group, requested, admitted, req, access).await
+        }
+    }
 }

@@ -1,0 +1,77 @@
+//! The hardened defaults, in one place (docs/CONFIG.md repeats them for users). Every checker takes its
+//! default from here; nothing else in the crate spells a default value.
+
+use std::time::Duration;
+
+use crate::model::{LogFormat, TlsVersion};
+
+pub const HTTPS: &[&str] = &["0.0.0.0:443", "[::]:443"];
+pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
+/// TLS 1.2 and 1.3 (Mozilla "intermediate").
+pub const TLS_MIN_VERSION: TlsVersion = TlsVersion::Tls12;
+pub const HSTS: &str = "max-age=63072000; includeSubDomains";
+pub const X_FRAME_OPTIONS: &str = "DENY";
+pub const X_CONTENT_TYPE_OPTIONS: &str = "nosniff";
+/// Not `no-referrer`: Django's CSRF check rejects HTTPS POSTs without a same-origin Referer.
+pub const REFERRER_POLICY: &str = "strict-origin-when-cross-origin";
+pub const UPSTREAM_CONNECT: Duration = Duration::from_secs(5);
+/// As nginx's `proxy_read_timeout`; gunicorn kills a worker after 30 s by default.
+pub const UPSTREAM_RESPONSE: Duration = Duration::from_secs(60);
+pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+/// An upgraded connection (WebSocket) with no byte either way for this long is closed. Apps ping
+/// every 20-60 s to keep a socket open (Socket.IO 25 s, Django Channels and browsers' proxies ~60 s);
+/// nginx's `proxy_read_timeout` (60 s) cuts quieter apps, so the default is generous.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
+/// A request head must arrive whole within this (slowloris).
+pub const CLIENT_HEADER: Duration = Duration::from_secs(10);
+/// A request body that stops moving for this long is cut off.
+pub const CLIENT_BODY: Duration = Duration::from_secs(60);
+/// Request line + header lines (nginx: 4 x 8 KiB large buffers).
+pub const HEADER_BYTES: u64 = 32 * 1024;
+pub const HEADERS: u64 = 100;
+pub const URI_BYTES: u64 = 8 * 1024;
+/// Request bodies; raise it per route for upload endpoints (nginx's 1 MiB breaks too many apps).
+pub const BODY: u64 = 10 * 1024 * 1024;
+pub const MAX_REQUESTS_PER_CONNECTION: u64 = 10_000;
+pub const CONNECTIONS: u64 = 10_000;
+pub const CONNECTIONS_PER_IP: u64 = 256;
+pub const H2_MAX_STREAMS: u64 = 128;
+pub const SHUTDOWN: Duration = Duration::from_secs(30);
+/// One access line per request, as text, at `info`.
+pub const LOG_ACCESS: bool = true;
+pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+pub const LOG_LEVEL: &str = "info";
+/// The built-in rate limit (no `[[rate_limit]]` in the file): POSTs to the usual Django/Flask login,
+/// password-reset and token endpoints, per client.
+pub const AUTH_LIMIT_NAME: &str = "auth";
+pub const AUTH_PATHS: &[&str] = &[
+    "/login",
+    "/login/",
+    "/auth/login",
+    "/auth/login/",
+    "/accounts/login/",
+    "/admin/login/",
+    "/accounts/password_reset/",
+    "/accounts/password/reset/",
+    "/api/token",
+    "/api/token/*",
+    "/api-token-auth/",
+    "/o/token/",
+    "/dj-rest-auth/login/",
+];
+/// 10 per minute sustained.
+pub const AUTH_RATE: (u32, Duration) = (10, Duration::from_secs(60));
+pub const AUTH_BURST: u32 = 5;
+/// The methods a `[[rate_limit]]` (and the built-in one) counts when it names none.
+pub const RATE_LIMIT_METHODS: &[&str] = &["POST"];
+/// One host usually holds a whole /64.
+pub const RATE_LIMIT_IPV6_PREFIX: u8 = 64;
+/// Per limit (and again for its accounts): about 5 MiB at the measured ~50 bytes per key.
+pub const RATE_LIMIT_MAX_KEYS: u64 = 100_000;
+/// `[acme] directory`: Let's Encrypt production; `"letsencrypt-staging"` names its staging twin.
+pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const ACME_DIRECTORY_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+/// Account key, certificates and keys (folders 0700, files 0600); systemd's `StateDirectory=`.
+pub const ACME_STATE_DIR: &str = "/var/lib/portcullis/acme";
+/// Prove each name reaches this instance before ordering: no failed authorization spent on a misconfiguration.
+pub const ACME_SELF_CHECK: bool = true;

@@ -1,0 +1,296 @@
+//! The checked configuration the proxy runs on: [`Config`] and every type it holds. Only types and the
+//! small methods that read them live here; how each one is checked from the file is in that section's
+//! checker (`listen.rs`, `sites.rs`, `routes.rs`, ...), and its defaults in `defaults.rs`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cidr::Cidr;
+use crate::error::Problem;
+
+/// The checked configuration the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and relative paths); `<demo>` for the embedded default.
+    pub source: PathBuf,
+    /// Every site: the top-level `names` + `[tls]` + `[[route]]` form is the first (the default), then each
+    /// `[[site]]` in order. Each has its own names, certificate and routes.
+    pub sites: Vec<Site>,
+    /// Refuse handshakes whose SNI names no site (default: serve the default site's certificate).
+    pub strict_sni: bool,
+    pub listen: Listen,
+    pub tls: Tls,
+    pub upstreams: Vec<Upstream>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub headers: SecurityHeaders,
+    pub timeouts: Timeouts,
+    pub log: Log,
+    pub process: Process,
+    pub limits: Limits,
+    /// `[[rate_limit]]`, or the built-in `auth` limit when the file has none.
+    pub rate_limits: Vec<RateLimit>,
+    /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
+    pub acme: Option<Acme>,
+    /// Things that work but deserve a second look (`check` prints them; they do not fail it).
+    pub warnings: Vec<Problem>,
+}
+
+/// Bounds on what one client or request may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub header_bytes: u64,
+    pub headers: u64,
+    pub uri_bytes: u64,
+    /// Default request body limit (413); routes may override it.
+    pub body: u64,
+    pub max_requests_per_connection: u64,
+    pub connections: u64,
+    pub connections_per_ip: u64,
+    pub h2_max_streams: u64,
+}
+
+/// Who the process becomes after binding its listeners (see the privilege-drop step in `main`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    /// The unprivileged user to switch to; required when started as root.
+    pub user: Option<String>,
+    /// Its group; `None` means the user's primary group.
+    pub group: Option<String>,
+}
+
+/// One site: the host names it answers, its certificate, its routes (longest prefix first).
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Lower-case; empty only for a default site that answers any host.
+    pub names: Vec<String>,
+    pub tls: CertSource,
+    pub routes: Vec<Route>,
+}
+
+impl Site {
+    /// The route a request path takes: longest matching prefix.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.path))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub https: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+    /// Every connection starts with a PROXY protocol v1/v2 header, accepted only from `trusted_proxies`.
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Generated at start for the configured names (rcgen), kept in memory only.
+    SelfSigned,
+    /// Obtained and renewed from the `[acme]` CA. Until the first one exists, `files` (cert, key) are served
+    /// when given, else a self-signed certificate.
+    Acme {
+        files: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+/// `[acme]`: where certificates for `acme = true` sites come from, and where they are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// Contact for the account (`mailto:`); optional.
+    pub email: Option<String>,
+    /// The CA's directory URL (https).
+    pub directory: String,
+    pub state_dir: PathBuf,
+    pub challenge: AcmeChallenge,
+    /// A PEM root trusted for the CA's API (Pebble, step-ca); `None`: the system's roots.
+    pub ca_root: Option<PathBuf>,
+    pub eab: Option<Eab>,
+    /// Renew when this much validity is left; `None`: the CA's ARI window, else two thirds into the lifetime.
+    pub renew_before: Option<Duration>,
+    /// Before ordering, check that each name resolves to this instance and that it answers the challenge.
+    pub self_check: bool,
+    /// The port the CA validates on: `None` is the RFC's (80 for HTTP-01, 443 for TLS-ALPN-01). Only a test
+    /// CA (Pebble's `httpPort`/`tlsPort`) uses others; the self-check probes it.
+    pub validation_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8555 section 8.3: the :80 listener answers `/.well-known/acme-challenge/<token>`.
+    Http01,
+    /// RFC 8737: the :443 listener answers `acme-tls/1` handshakes.
+    TlsAlpn01,
+}
+
+/// External account binding (RFC 8555 section 7.3.4): the key id and the base64url HMAC key the CA gave.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: String,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &"<secret>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3: Mozilla "intermediate".
+    Tls12,
+    /// TLS 1.3 only: Mozilla "modern".
+    Tls13,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    /// What the route does with the requests it takes.
+    pub action: Action,
+    /// Request body limit for this route (413 past it).
+    pub max_body: u64,
+}
+
+/// What a route does with a request. Today every route forwards to an upstream group; later issues add
+/// `Static` (files from a folder), `Maintenance` (a canned page) and `Redirect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Forward to this upstream group: an index into [`Config::upstreams`].
+    Upstream(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub servers: Vec<ServerAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => write!(f, "{a}"),
+            ServerAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One security header: the value, and whether it replaces the app's own value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRule {
+    pub value: String,
+    pub force: bool,
+}
+
+/// `None` means the header is turned off.
+#[derive(Debug, Clone)]
+pub struct SecurityHeaders {
+    pub strict_transport_security: Option<HeaderRule>,
+    pub x_frame_options: Option<HeaderRule>,
+    pub x_content_type_options: Option<HeaderRule>,
+    pub referrer_policy: Option<HeaderRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub client_idle: Duration,
+    /// An upgraded connection (a tunnel) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
+    pub client_header: Duration,
+    pub client_body: Duration,
+    pub shutdown: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub access: bool,
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// One named rate limit, checked: which requests it counts, and how many it lets through per client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub name: String,
+    pub paths: Vec<PathMatch>,
+    /// Upper-case method names; a request with any other method is not counted.
+    pub methods: Vec<String>,
+    /// Sustained rate per client key.
+    pub rate: Rate,
+    /// Requests a fresh client may make at once, before the sustained rate applies.
+    pub burst: u32,
+    /// Also limit per submitted account name, across all client addresses.
+    pub per_account: Option<PerAccount>,
+    /// Clients (after `trusted_proxies`) this limit never counts.
+    pub exempt: Vec<Cidr>,
+    /// IPv6 clients are keyed by this prefix of their address (one host usually holds a whole /64).
+    pub ipv6_prefix: u8,
+    /// Most client keys (and, separately, account keys) remembered; past it the nearest-to-fresh go first.
+    pub max_keys: u64,
+}
+
+/// A path pattern: exact, or a prefix (written with a trailing `*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// A sustained rate: `count` requests per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The time one request's credit takes to come back.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count.max(1)
+    }
+}
+
+/// The account field read from login bodies (form, multipart or JSON), with its own rate and burst.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerAccount {
+    pub field: String,
+    pub rate: Rate,
+    pub burst: u32,
+}
