@@ -10,7 +10,7 @@ mod cli;
 mod demo;
 mod http;
 mod listen;
-mod notify;
+mod sdnotify;
 mod ocsp;
 mod privdrop;
 mod ratelimit;
@@ -412,9 +412,9 @@ async fn serve(
         shutdown.clone(),
         |reloading| {
             if reloading {
-                notify::reloading();
+                sdnotify::reloading();
             } else {
-                notify::ready();
+                sdnotify::ready();
             }
         },
     ));
@@ -422,18 +422,18 @@ async fn serve(
     tokio::spawn(acme::run(state.clone(), shutdown.clone()));
     drop(shutdown);
     tokio::spawn(ratelimit::purge(state.rate_limits.clone()));
-    if let Some(interval) = notify::watchdog_interval() {
-        tokio::spawn(notify::watchdog(interval));
+    if let Some(interval) = sdnotify::watchdog_interval() {
+        tokio::spawn(sdnotify::watchdog(interval));
     }
     tracing::info!("ready");
-    notify::ready();
+    sdnotify::ready();
 
     tokio::select! {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
     let deadline = trigger.begin(grace);
-    notify::stopping();
+    sdnotify::stopping();
     // The accept loops end at once; after them, no listener is open.
     for a in accepting {
         let _ = a.await;
