@@ -1,6 +1,7 @@
-//! sd_notify(3) (named so, not `notify`, which is the file-watching crate `reload` uses): tells systemd (`Type=notify`) that we are ready, reloading or stopping, and pings its
+//! sd_notify(3): tells systemd (`Type=notify`) that we are ready, reloading or stopping, and pings its
 //! watchdog. Without `NOTIFY_SOCKET` in the environment every call does nothing. A failed notification is
-//! logged, never fatal: serving matters more than telling.
+//! logged, never fatal: serving matters more than telling. (Not to be confused with the `notify` crate,
+//! which watches certificate files for `reload`.)
 
 use std::time::Duration;
 
