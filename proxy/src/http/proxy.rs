@@ -104,7 +104,7 @@ async fn proxy(
             .await
         {
             Ok(body) => buffered = body,
-            Err(refused) => return refused,
+            Err(refused) => return pages::rate_limited(refused),
         }
     }
     if let Some(a) = access {

@@ -5,14 +5,15 @@
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 
+use crate::acme;
 use crate::body::Body;
 use crate::http::{host, pages};
 use crate::state::State;
 
 pub fn handle<B>(state: &State, req: &Request<B>) -> Response<Body> {
     // ACME HTTP-01: a pending token is answered here, before any redirect.
-    if let Some(res) = crate::acme::http01(state, req) {
-        return res;
+    if let Some(answer) = acme::http01::answer(&state.challenges, req.uri().path()) {
+        return pages::acme_http01(answer);
     }
     let names = &state.redirect_names;
     let requested = host::requested(req);

@@ -251,7 +251,9 @@ async fn https(stream: TcpStream, peer: SocketAddr, state: Arc<State>, lease: Le
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
-        if let Some(config) = crate::acme::tls_alpn01(&state, &start.client_hello()) {
+        if let Some(config) =
+            crate::acme::tls_alpn01::answer(&state.challenges, &start.client_hello())
+        {
             let mut tls = start.into_stream(config).await?;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
             return Ok(None);
