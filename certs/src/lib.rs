@@ -1,6 +1,7 @@
 //! Portcullis certificates: the one TLS crypto provider (aws-lc-rs, explicit suites and groups), PEM loading
-//! with the key checked against the leaf, self-signed bootstrap (rcgen), and [`CertStore`], the
-//! `ResolvesServerCert` over an `ArcSwap` that hot reloads swap without touching a listener.
+//! with the key checked against the leaf, self-signed bootstrap (rcgen), and [`Sites`], the
+//! `ResolvesServerCert` that picks a site by SNI, each site's certificate in an `ArcSwap` that hot reloads
+//! swap without touching a listener.
 //! No sockets and no HTTP here.
 
 #![forbid(unsafe_code)]
@@ -287,36 +288,6 @@ pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, Error> {
     Ok(Arc::new(ck))
 }
 
-/// The certificate being served, swappable at any time: a reload stores a new one and every handshake after
-/// that sees it, while established connections keep theirs.
-#[derive(Debug)]
-pub struct CertStore {
-    current: ArcSwap<CertifiedKey>,
-}
-
-impl CertStore {
-    pub fn new(initial: Arc<CertifiedKey>) -> CertStore {
-        CertStore {
-            current: ArcSwap::new(initial),
-        }
-    }
-
-    /// Serves `next` from the next handshake on.
-    pub fn swap(&self, next: Arc<CertifiedKey>) {
-        self.current.store(next);
-    }
-
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
-    }
-}
-
-impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,10 +343,10 @@ mod tests {
     fn self_signed_is_valid_and_swappable() {
         let a = self_signed(&["example.test".into()]).unwrap();
         let b = self_signed(&[]).unwrap();
-        let store = CertStore::new(a.clone());
-        assert!(Arc::ptr_eq(&store.current(), &a));
-        store.swap(b.clone());
-        assert!(Arc::ptr_eq(&store.current(), &b));
+        let store = Sites::new(vec![(vec!["example.test".into()], a.clone())], 0, false);
+        assert!(Arc::ptr_eq(&store.current(0).unwrap(), &a));
+        store.swap(0, b.clone());
+        assert!(Arc::ptr_eq(&store.current(0).unwrap(), &b));
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! The command line (a contract: `run`, `check`, `demo`, `--version`, `--help`).
+//! The command line (a contract: `run`, `check`, `demo`, `--version`, `--help`) and its exit codes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// sysexits.h EX_USAGE: the config (or the command line) is wrong.
+pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(

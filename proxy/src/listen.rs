@@ -31,16 +31,19 @@ pub enum Error {
     },
 }
 
-/// Raises the soft open-file limit to the hard one and returns it. Each client connection takes a
-/// descriptor, and its upstream connection another; systemd starts services with a soft limit of 1024
-/// (hard 524288) and asks those that need more to raise it themselves, which needs no privilege.
-pub fn raise_open_file_limit() -> nix::Result<u64> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+/// Raises the soft open-file limit to the hard one, and warns when that still leaves fewer than two
+/// descriptors per connection `[limits] connections` allows (each client connection takes one, and its
+/// upstream connection another). systemd starts services with a soft limit of 1024 (hard 524288) and asks
+/// those that need more to raise it themselves, which needs no privilege.
+pub fn raise_open_file_limit(connections: u64) {
+    match raise_to_hard() {
+        Ok(n) if n < connections.saturating_mul(2) => tracing::warn!(
+            "the open-file limit ({n}) is below two per connection for [limits] connections = {connections}: \
+             connections past it fail at accept; raise LimitNOFILE (systemd) or ulimit -n"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
-    Ok(hard)
 }
 
 /// Adopts systemd's sockets when `LISTEN_PID` names this process, else binds `[listen]`.
@@ -62,6 +65,15 @@ pub fn bind(listen: &Listen) -> Result<Bound, Error> {
         https: all(&listen.https)?,
         http: all(&listen.http)?,
     })
+}
+
+fn raise_to_hard() -> nix::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
 }
 
 fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -16,6 +16,7 @@ use portcullis_config::{CertSource, Config};
 use tokio::sync::mpsc;
 
 use crate::shutdown::Shutdown;
+use crate::signals::Reloads;
 
 /// Warn when a certificate has less than this left.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -198,11 +199,11 @@ impl Reloader {
     }
 }
 
-/// Runs until shutdown: file events, the poll, SIGHUP, retries while a key is awaited, and
-/// the daily expiry check. `on_hup` wraps a SIGHUP reload (systemd's RELOADING=1 / READY=1).
+/// Runs until shutdown: file events, the poll, SIGHUP (as `reloads`, from `signals`), retries while a key
+/// is awaited, and the daily expiry check. `on_hup` wraps a SIGHUP reload (systemd's RELOADING=1 / READY=1).
 pub async fn run(
     reloader: Arc<Reloader>,
-    mut hup: tokio::signal::unix::Signal,
+    mut reloads: Reloads,
     mut shutdown: Shutdown,
     on_hup: impl Fn(bool),
 ) {
@@ -221,7 +222,7 @@ pub async fn run(
     loop {
         let force = tokio::select! {
             () = shutdown.begun() => return,
-            Some(()) = hup.recv() => true,
+            () = reloads.requested() => true,
             Some(()) = events.recv() => false,
             _ = poll.tick(), if !reloader.is_empty() => false,
             () = tokio::time::sleep(MISMATCH_RETRY), if waiting => false,

@@ -42,7 +42,8 @@ pub async fn request(
         let body_timeout = ctx.snap.config.timeouts.client_body;
         buffered = limits
             .check(ctx.client, req, route.max_body, body_timeout)
-            .await?;
+            .await
+            .map_err(pages::rate_limited)?;
     }
     Ok(Admitted { declared, buffered })
 }

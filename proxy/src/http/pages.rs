@@ -1,10 +1,13 @@
-//! The small HTML pages Portcullis answers with itself (redirects, 4xx, 502, 504). They name no internal
-//! address and carry no upstream error text; the security headers are added by the caller like on any response.
+//! What Portcullis answers with itself: the small HTML pages (redirects, 4xx, 502, 504), a rate limit's
+//! refusal rendered from its decision (`429` with `Retry-After`), and the ACME HTTP-01 answer. They name no
+//! internal address and carry no upstream error text; the security headers are added by the caller like on
+//! any response.
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::Body;
+use crate::ratelimit::Refused;
 
 /// A status page: `<h1>502 Bad Gateway</h1>` and a sentence, nothing else.
 pub fn status(code: StatusCode) -> Response<Body> {
@@ -16,7 +19,6 @@ pub fn status(code: StatusCode) -> Response<Body> {
         421 => "This server does not serve that host name on this connection.",
         429 => "Too many requests. Please wait a moment before trying again.",
         502 => "The application is not answering. Please try again in a moment.",
-        503 => "The service is temporarily unavailable. Please try again in a moment.",
         504 => "The application took too long to answer. Please try again in a moment.",
         _ => "",
     };
@@ -36,11 +38,23 @@ pub fn status(code: StatusCode) -> Response<Body> {
     res
 }
 
-/// A `429` (RFC 6585 §4) with `Retry-After` in whole seconds (RFC 9110 §10.2.3): when a retry will pass.
-pub fn too_many_requests(retry_after_secs: u64) -> Response<Body> {
-    let mut res = status(StatusCode::TOO_MANY_REQUESTS);
+/// What a rate limit refused: `429` with `Retry-After`, or the status an unreadable body earned.
+pub fn rate_limited(refused: Refused) -> Response<Body> {
+    match refused {
+        Refused::Limited { retry_after } => too_many_requests(retry_after),
+        Refused::Body(code) => status(code),
+    }
+}
+
+/// The answer to an ACME HTTP-01 validation (RFC 8555 §8.3): the key authorization as `text/plain`, never
+/// cached.
+pub fn acme_http01(key_authorization: String) -> Response<Body> {
+    let mut res = Response::new(Body::full(key_authorization));
+    *res.status_mut() = StatusCode::OK;
     res.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
@@ -55,5 +69,13 @@ pub fn redirect(location: HeaderValue) -> Response<Body> {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     res.headers_mut().insert(header::LOCATION, location);
+    res
+}
+
+/// A `429` (RFC 6585 §4) with `Retry-After` in whole seconds (RFC 9110 §10.2.3): when a retry will pass.
+fn too_many_requests(retry_after_secs: u64) -> Response<Body> {
+    let mut res = status(StatusCode::TOO_MANY_REQUESTS);
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
     res
 }

@@ -5,14 +5,15 @@
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 
+use crate::acme;
 use crate::body::Body;
 use crate::http::{host, pages};
 use crate::state::{Shared, Snapshot};
 
 pub fn handle<B>(shared: &Shared, snap: &Snapshot, req: &Request<B>) -> Response<Body> {
     // ACME HTTP-01: a pending token is answered here, before any redirect.
-    if let Some(res) = crate::acme::http01(&shared.challenges, req) {
-        return res;
+    if let Some(answer) = acme::http01::answer(&shared.challenges, req.uri().path()) {
+        return pages::acme_http01(answer);
     }
     let names = &snap.redirect_names;
     let requested = host::requested(req);

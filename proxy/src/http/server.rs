@@ -174,7 +174,9 @@ async fn https(
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
-        if let Some(config) = crate::acme::tls_alpn01(&shared.challenges, &start.client_hello()) {
+        if let Some(config) =
+            crate::acme::tls_alpn01::answer(&shared.challenges, &start.client_hello())
+        {
             let mut tls = start.into_stream(config).await?;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
             return Ok(None);

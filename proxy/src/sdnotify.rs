@@ -1,10 +1,13 @@
 //! sd_notify(3): tells systemd (`Type=notify`) that we are ready, reloading or stopping, and pings its
 //! watchdog. Without `NOTIFY_SOCKET` in the environment every call does nothing. A failed notification is
-//! logged, never fatal: serving matters more than telling.
+//! logged, never fatal: serving matters more than telling. (Not to be confused with the `notify` crate,
+//! which watches certificate files for `reload`.)
 
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+
+use crate::shutdown::Shutdown;
 
 /// `READY=1`: every listener accepts. Also sent after a reload, following [`reloading`].
 pub fn ready() {
@@ -36,11 +39,19 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
 }
 
-/// Pings the watchdog at half its interval, forever: a wedged runtime stops the pings and systemd restarts
-/// the service. Spawn it on the runtime.
-pub async fn watchdog(interval: Duration) {
+/// Pings the watchdog at half its interval until the process exits: a wedged runtime stops the pings and
+/// systemd restarts the service. When shutdown begins it lets go of its `shutdown` (the drain does not wait
+/// for it) and keeps pinging through the drain, which may last longer than the watchdog's interval.
+pub async fn watchdog(interval: Duration, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => send(&[NotifyState::Watchdog]),
+            () = shutdown.begun() => break,
+        }
+    }
+    drop(shutdown);
     loop {
         tick.tick().await;
         send(&[NotifyState::Watchdog]);

@@ -1,0 +1,346 @@
+//! One task per `acme = true` site: order a certificate when there is none, renew at the CA's ARI window
+//! (RFC 9773) or two thirds of the lifetime (`schedule`), swap each new one in through `Sites` exactly as a
+//! file reload does, and back off on failure (persisted across restarts). Each attempt takes the site's lock
+//! in `state_dir`, runs the self-check and loads the account, then orders. A reload request (SIGHUP) makes a
+//! site waiting on a retry try at once.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use portcullis_certs::acme::{self, Ari, Challenges, Retry, SiteStore, Store, schedule};
+use portcullis_certs::inspect::format_time;
+use portcullis_certs::{Loaded, Sites};
+use portcullis_config::{AcmeChallenge, CertSource, Config};
+
+use super::account::AccountSlot;
+use super::failure::{Failure, LOCK_POLL, LOCK_WAIT, blocking, describe};
+use super::self_check;
+use crate::shutdown::Shutdown;
+use crate::signals::Reloads;
+
+/// One whole attempt (lock, self-check, account, order, download) gives up after this.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Sleeps are cut into pieces this long, so that a changed wall clock (suspend, NTP) is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// ARI is asked again at the CA's Retry-After, within these bounds.
+const ARI_MIN: Duration = Duration::from_secs(60);
+const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Starts one task per `acme = true` site of `config` (none without `[acme]`). Each swaps its certificates
+/// into `sites`, puts the answers to its validations in `challenges` (where the listeners find them), runs
+/// until `shutdown` begins, and takes `reloads` as "retry now".
+pub fn spawn(
+    config: &Config,
+    sites: Arc<Sites>,
+    challenges: Arc<Challenges>,
+    reloads: &Reloads,
+    shutdown: &Shutdown,
+) {
+    let Some(settings) = config.acme.clone() else {
+        return;
+    };
+    let ordered: Vec<(usize, Vec<String>)> = config
+        .sites
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s.tls, CertSource::Acme { .. }))
+        .map(|(i, s)| (i, s.names.clone()))
+        .collect();
+    if ordered.is_empty() {
+        return;
+    }
+    let ctx = Arc::new(Ctx {
+        store: Store::new(&settings),
+        settings,
+        sites,
+        challenges,
+        account: AccountSlot::default(),
+    });
+    for (site, names) in ordered {
+        tokio::spawn(site_task(
+            ctx.clone(),
+            site,
+            names,
+            shutdown.clone(),
+            reloads.clone(),
+        ));
+    }
+}
+
+/// What every site's task shares: the settings, the store, where certificates and challenge answers go, and
+/// the one account.
+struct Ctx {
+    settings: portcullis_config::Acme,
+    store: Store,
+    sites: Arc<Sites>,
+    challenges: Arc<Challenges>,
+    account: AccountSlot,
+}
+
+/// One site: order when there is no certificate, renew when due, back off on failure, until shutdown.
+async fn site_task(
+    ctx: Arc<Ctx>,
+    site: usize,
+    names: Vec<String>,
+    mut shutdown: Shutdown,
+    mut reloads: Reloads,
+) {
+    let store = ctx.store.site(&names);
+    // What the self-check's connections hold (`shutdown` itself is waited on below).
+    let probes = shutdown.clone();
+    let mut current = {
+        let s = store.clone();
+        match blocking(move || s.load()).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(
+                    site,
+                    "stored ACME certificate unusable, ordering a new one: {e}"
+                );
+                None
+            }
+        }
+    };
+    // Another instance sharing state_dir may have stored a certificate since `bootstrap` chose what to
+    // serve: serve what is stored now, so the schedule below and the certificate served agree.
+    if let Some(c) = &current
+        && ctx
+            .sites
+            .current(site)
+            .is_none_or(|served| served.cert.first() != c.key.cert.first())
+    {
+        ctx.sites.swap(site, c.key.clone());
+        tracing::info!(site, serial = %c.info.serial, "serving the stored ACME certificate");
+    }
+    let mut retry = {
+        let s = store.clone();
+        blocking(move || Ok(s.retry())).await.ok().flatten()
+    };
+    if let Some(r) = &retry {
+        tracing::warn!(
+            site,
+            failures = r.failures,
+            "ACME: earlier attempts failed ({}); next attempt at {} (SIGHUP retries now)",
+            r.error,
+            format_time(r.next_attempt())
+        );
+    }
+    if let Some(c) = &current
+        && schedule::renew_before_ignored(&c.info, ctx.settings.renew_before)
+    {
+        tracing::warn!(
+            site,
+            "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead"
+        );
+    }
+    // The CA's window for the current certificate and the point picked in it; when to ask again (`None`:
+    // never, the CA has no ARI).
+    let mut ari: Option<(Ari, SystemTime)> = None;
+    let mut ari_next = Some(SystemTime::now());
+    let mut planned: Option<SystemTime> = None;
+    loop {
+        let now = SystemTime::now();
+        if let Some(c) = &current
+            && ari_next.is_some_and(|t| now >= t)
+        {
+            ari_next = Some(now + ARI_MAX);
+            match ask_ari(&ctx, c).await {
+                Ok(Some(a)) => {
+                    let point = schedule::in_window(a.start, a.end, schedule::unit_random());
+                    ari_next = Some(now + a.retry_after.clamp(ARI_MIN, ARI_MAX));
+                    ari = Some((a, point));
+                }
+                // No ARI at this CA: two thirds (or renew_before) it is, for good.
+                Ok(None) => ari_next = None,
+                Err(e) => tracing::debug!(
+                    site,
+                    "ACME renewal info unavailable, using the certificate's lifetime: {}",
+                    describe(&e)
+                ),
+            }
+        }
+        let due = match &current {
+            None => now,
+            Some(c) => ari.as_ref().map_or_else(
+                || schedule::renewal_time(&c.info, ctx.settings.renew_before),
+                |(_, p)| *p,
+            ),
+        };
+        let when = retry.as_ref().map_or(due, |r| due.max(r.next_attempt()));
+        if when > now {
+            if planned != Some(when) {
+                planned = Some(when);
+                let reason = if retry.is_some() { "retry" } else { "renewal" };
+                tracing::info!(site, at = %format_time(when), reason, "next ACME attempt scheduled");
+            }
+            let wake = ari_next
+                .map_or(when, |a| when.min(a))
+                .duration_since(now)
+                .unwrap_or_default()
+                .min(MAX_SLEEP);
+            let forced = tokio::select! {
+                () = tokio::time::sleep(wake) => false,
+                () = reloads.requested() => true,
+                () = shutdown.begun() => return,
+            };
+            if !forced && SystemTime::now() < when {
+                continue;
+            }
+        }
+        planned = None;
+        let replaces = ari.as_ref().map(|(a, _)| a.id.clone());
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&ctx, site, &names, &store, current.as_ref(), replaces, &probes)) => {
+                r.unwrap_or(Err(Failure::Timeout(ATTEMPT_TIMEOUT)))
+            }
+            () = shutdown.begun() => return,
+        };
+        // A reload request (SIGHUP) during the attempt asked for what just happened: it does not start another.
+        reloads.seen();
+        match outcome {
+            Ok(loaded) => {
+                ctx.sites.swap(site, loaded.key.clone());
+                tracing::info!(
+                    site,
+                    names = ?names,
+                    serial = %loaded.info.serial,
+                    issuer = %loaded.info.issuer,
+                    not_after = %format_time(loaded.info.not_after),
+                    "ACME certificate installed"
+                );
+                if schedule::renew_before_ignored(&loaded.info, ctx.settings.renew_before) {
+                    tracing::warn!(
+                        site,
+                        "acme.renew_before is not shorter than the certificate's lifetime: renewing at two thirds instead"
+                    );
+                }
+                current = Some(loaded);
+                ari = None;
+                ari_next = Some(SystemTime::now());
+                if retry.take().is_some() {
+                    let s = store.clone();
+                    let _ = blocking(move || {
+                        s.clear_retry();
+                        Ok(())
+                    })
+                    .await;
+                }
+            }
+            Err(e) => {
+                let failures = retry.as_ref().map_or(0, |r| r.failures).saturating_add(1);
+                let delay = schedule::retry_delay(failures, schedule::unit_random());
+                let next = SystemTime::now() + delay;
+                tracing::warn!(
+                    site,
+                    names = ?names,
+                    failures,
+                    "ACME attempt failed, retrying in {}s (at {}): {}",
+                    delay.as_secs(),
+                    format_time(next),
+                    describe(&e)
+                );
+                let r = Retry {
+                    failures,
+                    next_attempt: next.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    error: describe(&e),
+                };
+                let (s, saved) = (store.clone(), r.clone());
+                if let Err(e) = blocking(move || s.save_retry(&saved)).await {
+                    tracing::warn!(site, "cannot record the ACME failure in state_dir: {e}");
+                }
+                retry = Some(r);
+            }
+        }
+    }
+}
+
+/// One attempt: state_dir writable, this site's lock (or another instance's fresh certificate),
+/// the self-check and the account (together), the order, the files.
+async fn attempt(
+    ctx: &Ctx,
+    site: usize,
+    names: &[String],
+    store: &SiteStore,
+    current: Option<&Loaded>,
+    replaces: Option<acme::CertificateId>,
+    shutdown: &Shutdown,
+) -> Result<Loaded, Failure> {
+    let root = ctx.store.clone();
+    blocking(move || root.prepare()).await?;
+    let _lock = lock(site, store).await?;
+    // Another instance sharing state_dir may have just renewed these names: take its certificate.
+    let s = store.clone();
+    if let Ok(Some(stored)) = blocking(move || s.load()).await
+        && current.is_none_or(|c| c.info.serial != stored.info.serial)
+        && SystemTime::now() < schedule::renewal_time(&stored.info, ctx.settings.renew_before)
+    {
+        tracing::info!(
+            site,
+            "another instance stored a newer certificate for these names: using it"
+        );
+        return Ok(stored);
+    }
+    let check = async {
+        if ctx.settings.self_check {
+            self_check::run(&ctx.settings, &ctx.challenges, names, shutdown).await
+        } else {
+            Ok(())
+        }
+    };
+    let (checked, account) = tokio::join!(check, ctx.account.get(&ctx.settings, &ctx.store));
+    checked?;
+    let account = account?;
+    let kind = match ctx.settings.challenge {
+        AcmeChallenge::Http01 => "http-01",
+        AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+    };
+    tracing::info!(site, names = ?names, challenge = kind, "ACME order");
+    let issued = match acme::obtain(
+        &account,
+        names,
+        ctx.settings.challenge,
+        &ctx.challenges,
+        replaces,
+    )
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            ctx.account.forget_if_unknown(&ctx.store, &e).await;
+            return Err(e.into());
+        }
+    };
+    let s = store.clone();
+    blocking(move || s.save(&issued.chain_pem, &issued.key_pem)).await
+}
+
+/// This site's lock file, waiting (bounded) while another instance orders the same names.
+async fn lock(site: usize, store: &SiteStore) -> Result<acme::Lock, Failure> {
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        let s = store.clone();
+        if let Some(l) = blocking(move || s.lock()).await? {
+            return Ok(l);
+        }
+        if !said {
+            said = true;
+            tracing::info!(
+                site,
+                "another instance is ordering these names (state_dir lock): waiting for it"
+            );
+        }
+        if started.elapsed() >= LOCK_WAIT {
+            return Err(Failure::Locked(LOCK_WAIT));
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+}
+
+async fn ask_ari(ctx: &Ctx, current: &Loaded) -> Result<Option<Ari>, Failure> {
+    let Some(leaf) = current.key.cert.first() else {
+        return Ok(None);
+    };
+    let account = ctx.account.get(&ctx.settings, &ctx.store).await?;
+    Ok(acme::ari(&account, leaf.as_ref()).await?)
+}

@@ -1,0 +1,164 @@
+//! `portcullis check`: the report on a config without serving it. The config's problems (exit 64), then per
+//! site what its certificate is (names, issuer, expiry, key, chain order) or, for ACME, what is stored and
+//! when it renews, then whether the service user can still read every file after the privilege drop.
+//! Nothing here binds a socket or starts a runtime.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use portcullis_certs::inspect::{Info, format_time};
+use portcullis_config::{CertSource, Config, Site};
+
+use crate::{cli, privdrop};
+
+/// `portcullis check`: the config, then the certificates it names, then whether the service user can still
+/// read them after dropping privileges (and whether the private key is closed to other users).
+pub fn run(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(cli::EXIT_CONFIG);
+        }
+    };
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut bad = false;
+    for (i, site) in config.sites.iter().enumerate() {
+        bad |= !report_site(path, i, site);
+        for line in acme_report(&config, site) {
+            println!("  acme         {line}");
+        }
+    }
+    if bad {
+        return ExitCode::from(cli::EXIT_CONFIG);
+    }
+    let who = match privdrop::service_identity(&config.process) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(cli::EXIT_CONFIG);
+        }
+    };
+    if who.uid.is_root() {
+        eprintln!(
+            "{}: note: no [process] user, so file access was checked for {who}; started as root, `run` \
+             refuses to serve without one",
+            path.display()
+        );
+    }
+    let problems = privdrop::access::problems(&config, &who);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    if !problems.is_empty() {
+        return ExitCode::from(cli::EXIT_CONFIG);
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+/// Prints what `check` knows about one site's certificate; false when it would not be served.
+fn report_site(path: &Path, i: usize, site: &Site) -> bool {
+    let names = if site.names.is_empty() {
+        "any host".to_owned()
+    } else {
+        site.names.join(", ")
+    };
+    println!("site {i}: {names}");
+    let CertSource::Files { cert, key } = &site.tls else {
+        // ACME sites: `acme_report` says what is stored and when it renews.
+        if !matches!(site.tls, CertSource::Acme { .. }) {
+            println!("  certificate  self-signed, generated at start (ECDSA P-256)");
+        }
+        return true;
+    };
+    println!("  certificate  {}", cert.display());
+    let info = match portcullis_certs::read_chain(cert)
+        .map_err(|e| e.to_string())
+        .and_then(|c| Info::read(&c))
+    {
+        Ok(info) => info,
+        Err(e) => {
+            eprintln!("{}: site {i}: tls: {e}", path.display());
+            return false;
+        }
+    };
+    let mut ok = true;
+    let now = std::time::SystemTime::now();
+    let missing = info.uncovered(&site.names);
+    println!(
+        "  names        {} (covers the site: {})",
+        info.names.join(", "),
+        if missing.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO, missing {}", missing.join(", "))
+        }
+    );
+    println!("  subject      {}", info.subject);
+    println!("  issuer       {}", info.issuer);
+    let days = info.remaining(now).as_secs() / 86_400;
+    println!(
+        "  expires      {} ({})",
+        format_time(info.not_after),
+        if info.expired(now) {
+            "EXPIRED".to_owned()
+        } else {
+            format!("in {days} days")
+        }
+    );
+    let fits = portcullis_certs::load_files(cert, key);
+    println!(
+        "  key          {} {}, matches the certificate: {}",
+        key.display(),
+        info.key_type,
+        if fits.is_ok() { "yes" } else { "NO" }
+    );
+    println!(
+        "  chain        {} certificate(s), in order: {}",
+        info.chain_len,
+        if info.chain_in_order { "yes" } else { "NO" }
+    );
+    if let Err(e) = fits {
+        eprintln!("{}: site {i}: tls: {e}", path.display());
+        ok = false;
+    }
+    if info.expired(now) {
+        eprintln!(
+            "{}: site {i}: tls: {} expired on {}",
+            path.display(),
+            cert.display(),
+            format_time(info.not_after)
+        );
+        ok = false;
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "{}: site {i}: tls: {} does not cover {}",
+            path.display(),
+            cert.display(),
+            missing.join(", ")
+        );
+        ok = false;
+    }
+    if !info.chain_in_order {
+        eprintln!(
+            "warning: {}: site {i}: {} is not in order (leaf first, each certificate followed by its issuer)",
+            path.display(),
+            cert.display()
+        );
+    }
+    ok
+}
+
+/// For an ACME site: the account, the stored certificate's expiry and the next renewal.
+fn acme_report(config: &Config, site: &Site) -> Vec<String> {
+    match (&config.acme, &site.tls) {
+        (Some(settings), CertSource::Acme { .. }) => {
+            portcullis_certs::acme::report(settings, &site.names)
+        }
+        _ => Vec::new(),
+    }
+}

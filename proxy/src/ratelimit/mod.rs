@@ -1,0 +1,232 @@
+//! Rate limits on the request path (`[[rate_limit]]`, or the built-in `auth` limit), a filter that returns a
+//! decision: [`RateLimits::check`] lets a request through or says why not ([`Refused`]); the HTTP layer
+//! renders the answer (`http::pages::rate_limited`). The parts:
+//! - `policy`: which requests a limit counts (method, path, exemptions), the key a client is counted
+//!   under, and the refusal (its log line, `Retry-After`);
+//! - `account`: the bounded body read and the account names found in a form or JSON body;
+//! - `store`: the keyed GCRA state behind [`Store`], today governor's in this process (`Memory`), with its
+//!   memory bound (a timer purge plus a key cap).
+
+mod account;
+mod policy;
+mod store;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use http::{Method, Request};
+use hyper::body::Incoming;
+use portcullis_config::RateLimit;
+
+pub use self::policy::{Limit, Refused};
+pub use self::store::{Memory, Store};
+use crate::shutdown::Shutdown;
+use crate::telemetry::{Refusals, refused};
+
+/// How often keys whose state is indistinguishable from a fresh one are dropped.
+pub const PURGE_EVERY: Duration = Duration::from_secs(10);
+
+/// Every configured limit, built once at start, over one kind of store (today's: [`Memory`]).
+pub struct RateLimits<S = Memory> {
+    limits: Vec<Limit<S>>,
+    /// The log's budget for `rate limited` lines (one per refused request otherwise).
+    refusals: Arc<Refusals>,
+}
+
+impl RateLimits {
+    /// The limits, counted in this process's memory.
+    pub fn new(config: &[RateLimit], refusals: Arc<Refusals>) -> RateLimits {
+        RateLimits::with_store(config, refusals, Memory::new)
+    }
+}
+
+impl<S: Store> RateLimits<S> {
+    /// The limits, each counted in the store `store` makes for it.
+    pub fn with_store(
+        config: &[RateLimit],
+        refusals: Arc<Refusals>,
+        store: impl Fn(&RateLimit) -> S,
+    ) -> RateLimits<S> {
+        RateLimits {
+            limits: config.iter().map(|c| Limit::new(c, store(c))).collect(),
+            refusals,
+        }
+    }
+
+    /// Whether any limit counts this request. Reads only values built at start: no lock, no allocation
+    /// (unless the path holds `%` escapes or `//` and a limit counts its method).
+    pub fn applies(&self, method: &Method, path: &str) -> bool {
+        self.limits.iter().any(|l| l.matches(method, path))
+    }
+
+    /// Counts the request against every limit that matches it. `Ok(Some(body))`: a `per_account` limit read
+    /// the whole body, which must be forwarded as it is; `Err`: answer with that refusal instead.
+    pub async fn check(
+        &self,
+        client: IpAddr,
+        req: &mut Request<Incoming>,
+        max_body: u64,
+        body_timeout: Duration,
+    ) -> Result<Option<Bytes>, Refused> {
+        // Only requests some limit counts come here: this small allocation is theirs alone.
+        let matching: Vec<&Limit<S>> = self
+            .limits
+            .iter()
+            .filter(|l| l.matches(req.method(), req.uri().path()) && !l.exempts(client))
+            .collect();
+        for limit in &matching {
+            if let Err(wait) = limit.store.count_client(limit.client_key(client)).await {
+                return Err(limit.refuse(client, None, wait, &self.refusals));
+            }
+        }
+        if !matching.iter().any(|l| l.account_field.is_some()) {
+            return Ok(None);
+        }
+        let bound = u64::try_from(account::MAX_BODY).map_or(max_body, |m| m.min(max_body));
+        let body = match account::read_bounded(req.body_mut(), bound, body_timeout).await {
+            Ok(b) => b,
+            Err(code) => {
+                refused!(self.refusals, Body => info!(client = %client, status = code.as_u16(), "rate limit: request body refused before reading the account"));
+                return Err(Refused::Body(code));
+            }
+        };
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        for limit in &matching {
+            let Some(field) = &limit.account_field else {
+                continue;
+            };
+            let names = account::account_names(content_type, &body, field);
+            for name in &names {
+                if let Err(wait) = limit.store.count_account(name).await {
+                    return Err(limit.refuse(client, Some(name), wait, &self.refusals));
+                }
+            }
+        }
+        Ok(Some(body))
+    }
+
+    /// Drops every key whose limiter state is as good as fresh.
+    pub fn purge(&self) {
+        for l in &self.limits {
+            l.store.purge();
+            let (clients, accounts) = l.store.keys();
+            tracing::debug!(
+                limit = %l.name,
+                clients,
+                accounts,
+                rejected = l.rejected(),
+                "rate limit keys after purge"
+            );
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+}
+
+/// The purge timer: every [`PURGE_EVERY`], until shutdown begins.
+pub async fn purge<S: Store>(limits: Arc<RateLimits<S>>, mut shutdown: Shutdown) {
+    if limits.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => limits.purge(),
+            () = shutdown.begun() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use portcullis_config::{PathMatch, Rate};
+
+    use super::store::{Elapsed, Keyed};
+    use super::*;
+
+    fn rate(count: u32, secs: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn paths_match_exactly_or_by_prefix_and_escapes_do_not_hide_them() {
+        let limits = RateLimits::new(
+            &[portcullis_config::RateLimit {
+                name: "t".into(),
+                paths: vec![
+                    PathMatch::Exact("/login".into()),
+                    PathMatch::Prefix("/api/token".into()),
+                ],
+                methods: vec!["POST".into()],
+                rate: rate(1, 1),
+                burst: 1,
+                per_account: None,
+                exempt: vec![],
+                ipv6_prefix: 64,
+                max_keys: 1000,
+            }],
+            Arc::default(),
+        );
+        assert!(limits.applies(&Method::POST, "/login"));
+        assert!(!limits.applies(&Method::GET, "/login"));
+        assert!(!limits.applies(&Method::POST, "/login/"));
+        assert!(!limits.applies(&Method::POST, "/"));
+        assert!(limits.applies(&Method::POST, "/api/token/refresh/"));
+        assert!(limits.applies(&Method::POST, "/log%69n"));
+        assert!(limits.applies(&Method::POST, "//login"));
+        assert!(limits.applies(&Method::POST, "/api%2Ftoken"));
+    }
+
+    /// Not a check: what a limit costs a request it does not match, and one it does (run with
+    /// `cargo test --release -p portcullis -- --ignored --nocapture cost_per_request`).
+    #[test]
+    #[ignore]
+    fn cost_per_request() {
+        // The demo config has no [[rate_limit]]: the built-in `auth` limit.
+        let any = "127.0.0.1:1".parse().unwrap();
+        let limits = RateLimits::new(
+            &crate::demo::config(any, any).unwrap().rate_limits,
+            Arc::default(),
+        );
+        let n = 10_000_000u32;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(limits.applies(
+                std::hint::black_box(&Method::GET),
+                std::hint::black_box("/"),
+            ));
+        }
+        let unmatched = t.elapsed() / n;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(limits.applies(
+                std::hint::black_box(&Method::POST),
+                std::hint::black_box("/accounts/login/"),
+            ));
+        }
+        let matched = t.elapsed() / n;
+        let k: Keyed<u128> = Keyed::new(rate(1_000_000, 1), 1_000_000, 100_000, Elapsed::new());
+        let t = Instant::now();
+        for i in 0..n {
+            let _ = std::hint::black_box(k.check(&u128::from(i % 1000)));
+        }
+        let check = t.elapsed() / n;
+        println!(
+            "applies(GET /): {unmatched:?}; applies(POST /accounts/login/): {matched:?}; limiter check: {check:?}"
+        );
+    }
+}

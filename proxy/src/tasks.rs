@@ -1,0 +1,109 @@
+//! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
+//! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
+//! changes and SIGHUP), ACME, the rate-limit purge and the systemd watchdog. `main` awaits the accept loops
+//! when shutdown begins (after them no listener is open); the others end on their own then.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::http::pipeline::Listener;
+use crate::reload::Reloader;
+use crate::shutdown::Shutdown;
+use crate::signals::Signals;
+use crate::state::Shared;
+use crate::{acme, http, listen, ocsp, ratelimit, reload, sdnotify};
+
+/// The bound sockets, registered with the runtime, each with what it serves.
+pub struct Listeners(Vec<(Listener, TcpListener)>);
+
+impl Listeners {
+    /// Registers every bound socket with the runtime (HTTPS ones first, each list in its order).
+    pub fn register(bound: listen::Bound) -> io::Result<Listeners> {
+        let mut listeners = Vec::new();
+        for (kind, list) in [(Listener::Https, bound.https), (Listener::Http, bound.http)] {
+            for l in list {
+                listeners.push((kind, TcpListener::from_std(l)?));
+            }
+        }
+        Ok(Listeners(listeners))
+    }
+
+    /// The port HTTPS is served on (the first HTTPS listener's, 443 without one): what a redirect names.
+    pub fn https_port(&self) -> u16 {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == Listener::Https)
+            .and_then(|(_, l)| l.local_addr().ok())
+            .map_or(443, |a| a.port())
+    }
+}
+
+/// Starts every task; `shutdown` is handed out and dropped here, so that the drain waits only for them.
+/// Returns the accept loops.
+pub fn spawn(
+    state: &Arc<Shared>,
+    listeners: Listeners,
+    reloader: Arc<Reloader>,
+    signals: &Signals,
+    shutdown: Shutdown,
+) -> Vec<JoinHandle<()>> {
+    let accepting = accept(state, listeners, &shutdown);
+    // OCSP: each site whose certificate names a responder gets its response stapled and refreshed.
+    for site in 0..state.sites.len() {
+        tokio::spawn(ocsp::run(state.sites.clone(), site, shutdown.clone()));
+    }
+    // Certificates: file changes and SIGHUP reload them; systemd hears RELOADING=1 / READY=1 around SIGHUP.
+    tokio::spawn(reload::run(
+        reloader,
+        signals.reloads(),
+        shutdown.clone(),
+        |reloading| {
+            if reloading {
+                sdnotify::reloading();
+            } else {
+                sdnotify::ready();
+            }
+        },
+    ));
+    // ACME: each `acme = true` site gets its certificate ordered, renewed and swapped in.
+    acme::spawn(
+        &state.snapshot().config,
+        state.sites.clone(),
+        state.challenges.clone(),
+        &signals.reloads(),
+        &shutdown,
+    );
+    tokio::spawn(ratelimit::purge(
+        state.rate_limits.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(interval) = sdnotify::watchdog_interval() {
+        tokio::spawn(sdnotify::watchdog(interval, shutdown));
+    }
+    accepting
+}
+
+/// One accept loop per listener, each logging `listening on SCHEME://ADDR` first.
+fn accept(state: &Arc<Shared>, listeners: Listeners, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+    let mut accepting = Vec::new();
+    for (kind, l) in listeners.0 {
+        if let Ok(addr) = l.local_addr() {
+            let scheme = if kind == Listener::Https {
+                "https"
+            } else {
+                "http"
+            };
+            tracing::info!("listening on {scheme}://{addr}");
+        }
+        accepting.push(tokio::spawn(http::server::accept(
+            l,
+            kind,
+            state.clone(),
+            shutdown.clone(),
+        )));
+    }
+    accepting
+}
