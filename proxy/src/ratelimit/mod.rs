@@ -150,17 +150,11 @@ pub async fn purge<S: Store>(limits: Arc<RateLimits<S>>, mut shutdown: Shutdown)
 mod tests {
     use std::time::Instant;
 
-    use portcullis_config::{PathMatch, Rate};
+    use portcullis_config::PathMatch;
 
+    use super::store::tests::rate;
     use super::store::{Elapsed, Keyed};
     use super::*;
-
-    fn rate(count: u32, secs: u64) -> Rate {
-        Rate {
-            count,
-            per: Duration::from_secs(secs),
-        }
-    }
 
     #[test]
     fn paths_match_exactly_or_by_prefix_and_escapes_do_not_hide_them() {

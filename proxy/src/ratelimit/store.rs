@@ -287,13 +287,14 @@ impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Counted<K> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
     use crate::ratelimit::policy::whole_seconds_up;
 
-    fn rate(count: u32, secs: u64) -> Rate {
+    /// `count` per `secs` seconds (shared with the module's other tests).
+    pub(in crate::ratelimit) fn rate(count: u32, secs: u64) -> Rate {
         Rate {
             count,
             per: Duration::from_secs(secs),
