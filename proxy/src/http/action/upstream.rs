@@ -11,6 +11,7 @@ use portcullis_config::Route;
 use crate::body::Body;
 use crate::http::ctx::Ctx;
 use crate::http::filters::{Admitted, too_large};
+use crate::http::guard::UpgradeGate;
 use crate::http::{forwarded, hop, pages, tunnel};
 use crate::telemetry::{Access, refused};
 use crate::upstream::{self, Failure};
@@ -34,7 +35,8 @@ pub async fn run(
     // protocol is forwarded as an upgrade: `h2c` is never valid over TLS (RFC 9113 §3.1), and an upstream that
     // switched to it (or to anything else) would open a tunnel past every per-request rule. Such a request
     // goes upstream as a plain request, its `Upgrade` dropped with the other hop-by-hop fields.
-    let upgrade = if req.version() == Version::HTTP_11 && wants_upgrade(&req) {
+    // The same rule the guard waits on (`UpgradeGate::asks`), so the two never disagree on what an upgrade is.
+    let upgrade = if UpgradeGate::asks(&req) {
         req.headers()
             .get(header::UPGRADE)
             .filter(|proto| proto.as_bytes().eq_ignore_ascii_case(b"websocket"))
@@ -140,17 +142,6 @@ pub async fn run(
     hop::strip(&mut parts.headers);
     crate::http::headers::strip_banners(&mut parts.headers);
     Response::from_parts(parts, Body::Stream(body))
-}
-
-fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined by "; " (RFC 9113 §8.2.3).
