@@ -169,6 +169,7 @@ async fn plain_http_redirects_to_https_keeping_path_query_and_port() {
     tcp.write_all(b"GET /a/b?c=d&e=f HTTP/1.1\r\nHost: app.test:8080\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
+    tcp.flush().await.unwrap();
     let text = read_all(&mut tcp).await;
     assert!(text.starts_with("HTTP/1.1 301"), "{text}");
     let lower = text.to_ascii_lowercase();
@@ -225,6 +226,7 @@ async fn names_restrict_hosts_421_on_https_400_on_http_and_redirects_never_point
         )
         .await
         .unwrap();
+        tcp.flush().await.unwrap();
         let text = read_all(&mut tcp).await;
         assert!(
             text.starts_with(&format!("HTTP/1.1 {want}")),
@@ -340,9 +342,11 @@ async fn expect_100_continue_gets_continue_then_the_body_flows() {
     tls.write_all(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
+    tls.flush().await.unwrap();
     let interim = read_until(&mut tls, "\r\n\r\n").await;
     assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
     tls.write_all(b"hello world").await.unwrap();
+    tls.flush().await.unwrap();
     let text = read_until(&mut tls, "received 11 bytes").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let r = s.upstream.last();
@@ -359,12 +363,14 @@ async fn websocket_upgrade_passes_through() {
     )
     .await
     .unwrap();
+    tls.flush().await.unwrap();
     let head = read_until(&mut tls, "\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");
     assert!(lower.contains("connection: upgrade"), "{head}");
     tls.write_all(b"ping through the tunnel").await.unwrap();
+    tls.flush().await.unwrap();
     let echoed = read_until(&mut tls, "ping through the tunnel").await;
     assert!(echoed.contains("ping through the tunnel"), "{echoed:?}");
     let r = s.upstream.last();
@@ -471,6 +477,7 @@ async fn idle_keep_alive_connections_are_closed_after_client_idle() {
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
+    tls.flush().await.unwrap();
     let first = read_until(&mut tls, "\r\n\r\n").await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     // Say nothing more: the server closes the connection (read_all returns at EOF; its own 5 s silence

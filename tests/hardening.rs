@@ -331,6 +331,7 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
+    tls.flush().await.unwrap();
     // Trickle a header line every 200 ms; the head never completes. Bounded: at most 5 s of trickling.
     let mut answer = String::new();
     for i in 0..25 {
@@ -457,6 +458,7 @@ async fn a_connection_serves_at_most_max_requests() {
     tls.write_all(&[&req[..], &req[..], &req[..], &req[..]].concat())
         .await
         .unwrap();
+    tls.flush().await.unwrap();
     let all = read_all(&mut tls).await;
     assert_eq!(all.matches("HTTP/1.1 200").count(), 3, "{all}");
     assert!(
@@ -608,6 +610,7 @@ async fn tls_after(
 ) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut tcp = tokio::net::TcpStream::connect(s.https()).await.unwrap();
     tcp.write_all(header).await.unwrap();
+    tcp.flush().await.unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(s.client.config(&[b"http/1.1"])))
         .connect("localhost".try_into().unwrap(), tcp)
         .await

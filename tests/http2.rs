@@ -53,6 +53,7 @@ async fn exchange(s: &Setup, frames: &[u8]) -> Seen {
     let mut bytes = h2raw::preface();
     bytes.extend_from_slice(frames);
     let _ = tls.write_all(&bytes).await;
+    let _ = tls.flush().await;
     h2raw::read_frames(&mut tls, |got| {
         got.iter()
             .any(|f| f.stream == 1 && (f.kind == RST_STREAM || f.flags & END_STREAM != 0))
@@ -224,12 +225,14 @@ async fn http2_body_that_keeps_moving_is_not_cut_off_at_client_body() {
         false,
     ));
     tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
     // 20 bytes, one every 100 ms: 2 s in all, twice client_body, but never idle for it.
     for i in 0..20 {
         let flags = if i == 19 { END_STREAM } else { 0 };
         tls.write_all(&h2raw::frame(DATA, flags, 1, b"y"))
             .await
             .unwrap();
+        tls.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seen = h2raw::read_frames(&mut tls, |got| {
@@ -262,11 +265,13 @@ async fn http2_incomplete_header_block_is_cut_off_at_client_header() {
         let mut bytes = h2raw::preface();
         bytes.extend(h2raw::frame(HEADERS, END_STREAM, 1, &block));
         wr.write_all(&bytes).await?;
+        wr.flush().await?;
         let filler = h2raw::block(&[("x-slow", "s")]);
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_millis(200)).await;
             wr.write_all(&h2raw::frame(CONTINUATION, 0, 1, &filler))
                 .await?;
+            wr.flush().await?;
         }
         let last = h2raw::frame(
             CONTINUATION,

@@ -53,6 +53,7 @@ async fn plain_http_status_line(addr: std::net::SocketAddr) -> String {
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
+    tcp.flush().await.unwrap();
     let mut out = String::new();
     tcp.read_to_string(&mut out).await.unwrap();
     out.lines().next().unwrap_or("").to_owned()

@@ -27,6 +27,7 @@ async fn open_tunnel(s: &Setup, from: IpAddr) -> TlsStream<TcpStream> {
         .await
         .expect("the connection was refused");
     tls.write_all(UPGRADE).await.unwrap();
+    tls.flush().await.unwrap();
     let head = read_until(&mut tls, "\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     echo(&mut tls, "first").await;
@@ -35,6 +36,7 @@ async fn open_tunnel(s: &Setup, from: IpAddr) -> TlsStream<TcpStream> {
 
 async fn echo(tls: &mut TlsStream<TcpStream>, text: &str) {
     tls.write_all(text.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
     let got = read_until(tls, text).await;
     assert!(got.contains(text), "sent {text:?}, got {got:?}");
 }

@@ -28,10 +28,12 @@ async fn upgrade_answered_then_smuggle(
         first.extend_from_slice(SMUGGLE);
     }
     tls.write_all(&first).await.unwrap();
+    tls.flush().await.unwrap();
     let (status, head, _) = read_response(&mut tls).await;
     assert_eq!(status, want, "{head}");
     if !together {
         tls.write_all(SMUGGLE).await.unwrap();
+        tls.flush().await.unwrap();
     }
     let (status, head, _) = read_response(&mut tls).await;
     assert_eq!(
@@ -97,10 +99,12 @@ async fn a_101_still_opens_the_tunnel_with_bytes_sent_right_behind_the_request()
     let mut bytes = format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{WS_HEADERS}\r\n").into_bytes();
     bytes.extend_from_slice(b"\x81\x05early\r\nnot a head\n");
     tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
     let text = read_until(&mut tls, "not a head\n").await;
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.contains("early\r\nnot a head\n"), "{text:?}");
     tls.write_all(b"later").await.unwrap();
+    tls.flush().await.unwrap();
     let echoed = read_until(&mut tls, "later").await;
     assert!(echoed.contains("later"), "{echoed:?}");
 }
@@ -124,6 +128,7 @@ async fn h2c_upgrade_is_forwarded_as_a_plain_request_without_its_settings() {
         tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").as_bytes())
             .await
             .unwrap();
+        tls.flush().await.unwrap();
         let (status, head, _) = read_response(&mut tls).await;
         assert_eq!(status, 200, "{path}: {head}");
         let r = s.upstream.last();
@@ -149,6 +154,7 @@ async fn h2c_upgrade_is_forwarded_as_a_plain_request_without_its_settings() {
         );
         // The connection is still plain HTTP/1.1, checked as ever.
         tls.write_all(SMUGGLE).await.unwrap();
+        tls.flush().await.unwrap();
         let (status, _, _) = read_response(&mut tls).await;
         assert_eq!(status, 400, "{path}");
     }
@@ -164,6 +170,7 @@ async fn an_app_that_switches_to_a_protocol_nobody_asked_for_gets_no_tunnel() {
     )
     .await
     .unwrap();
+    tls.flush().await.unwrap();
     let (status, head, _) = read_response(&mut tls).await;
     assert_eq!(status, 502, "{head}");
     assert!(s.upstream.last().headers.get("upgrade").is_none());

@@ -32,6 +32,7 @@ fn expected(body: &[u8]) -> String {
 async fn send_expecting(s: &Setup, bytes: &[u8], body: &[u8]) {
     let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
     tls.write_all(bytes).await.unwrap();
+    tls.flush().await.unwrap();
     let (status, head, got) = read_response(&mut tls).await;
     let n = body.len();
     assert_eq!(
@@ -125,6 +126,7 @@ async fn a_get_pipelined_after_a_binary_post_gets_its_own_answer() {
     bytes.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: localhost\r\nX-Second: yes\r\n\r\n");
     let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
     tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
     let (status, _, got) = read_response(&mut tls).await;
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8_lossy(&got), expected(&body));
@@ -151,6 +153,7 @@ async fn pretty_printed_json_with_unix_newlines_is_forwarded() {
     bytes.extend_from_slice(json);
     let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
     tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
     let (status, _, got) = read_response(&mut tls).await;
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8_lossy(&got), expected(json));
@@ -167,6 +170,7 @@ async fn chunked_upload_with_expect_100_continue_gets_continue_at_once() {
     )
     .await
     .unwrap();
+    tls.flush().await.unwrap();
     let interim = portcullis_tests::client::read_until(&mut tls, "\r\n\r\n").await;
     assert!(
         interim.starts_with("HTTP/1.1 100 Continue"),
@@ -177,6 +181,7 @@ async fn chunked_upload_with_expect_100_continue_gets_continue_at_once() {
     bytes.extend_from_slice(&body);
     bytes.extend_from_slice(b"\r\n0\r\n\r\n");
     tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
     let (status, _, got) = read_response(&mut tls).await;
     assert_eq!(status, 200);
     assert_eq!(String::from_utf8_lossy(&got), expected(&body));

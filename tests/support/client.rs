@@ -144,6 +144,7 @@ impl Client {
     pub async fn raw(&self, addr: SocketAddr, bytes: &[u8]) -> String {
         let mut tls = self.tls(addr, &[b"http/1.1"]).await;
         tls.write_all(bytes).await.unwrap();
+        tls.flush().await.unwrap();
         read_all(&mut tls).await
     }
 }
