@@ -36,6 +36,22 @@ pub const MAX_REQUESTS_PER_CONNECTION: u64 = 10_000;
 pub const CONNECTIONS: u64 = 10_000;
 pub const CONNECTIONS_PER_IP: u64 = 256;
 pub const H2_MAX_STREAMS: u64 = 128;
+/// 1 KiB/s: a modem's pace; a 1 B/s trickle (the slow-body attack) is cut off after the grace.
+pub const MIN_BODY_RATE: u64 = 1024;
+/// Waiting this long for a body costs nothing; after it the average must hold (mod_reqtimeout's `body=20`).
+pub const MIN_BODY_RATE_GRACE: Duration = Duration::from_secs(10);
+/// Most form posts, JSON bodies and HTML pages fit; larger bodies go to a temporary file
+/// (nginx: 16 KiB `client_body_buffer_size`, 8 x 4 KiB `proxy_buffers`).
+pub const BUFFER_MEMORY_PER_REQUEST: u64 = 64 * 1024;
+/// Every in-memory buffer together: 1,000 requests at their full memory budget.
+pub const BUFFER_MEMORY: u64 = 64 * 1024 * 1024;
+/// Every temporary file together.
+pub const BUFFER_DISK: u64 = 2 * 1024 * 1024 * 1024;
+/// One response's temporary file (nginx's `proxy_max_temp_file_size`).
+pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
+/// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
+pub const BUFFER_REQUESTS: bool = true;
+pub const BUFFER_RESPONSES: bool = true;
 pub const SHUTDOWN: Duration = Duration::from_secs(30);
 /// One access line per request, as text, at `info`.
 pub const LOG_ACCESS: bool = true;
@@ -75,3 +91,17 @@ pub const ACME_DIRECTORY_STAGING: &str = "https://acme-staging-v02.api.letsencry
 pub const ACME_STATE_DIR: &str = "/var/lib/portcullis/acme";
 /// Prove each name reaches this instance before ordering: no failed authorization spent on a misconfiguration.
 pub const ACME_SELF_CHECK: bool = true;
+
+/// `[process] temp_dir`: under systemd's `RuntimeDirectory=` when the unit gives one (a tmpfs: files there
+/// cost memory), else `/var/tmp/portcullis` (on disk; private with the unit's `PrivateTmp=`).
+pub fn temp_dir(runtime_directory: Option<&std::ffi::OsStr>) -> std::path::PathBuf {
+    match runtime_directory {
+        // RUNTIME_DIRECTORY may list several folders, separated by ':'; the first is ours.
+        Some(dirs) if !dirs.is_empty() => {
+            let first = dirs.to_string_lossy();
+            let first = first.split(':').next().unwrap_or_default();
+            std::path::Path::new(first).join("buffers")
+        }
+        _ => std::path::PathBuf::from("/var/tmp/portcullis"),
+    }
+}

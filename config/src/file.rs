@@ -31,6 +31,8 @@ pub struct File {
     pub log: Option<Log>,
     pub process: Option<Process>,
     pub limits: Option<Limits>,
+    /// Request and response buffering budgets.
+    pub buffers: Option<Buffers>,
     /// Absent: the built-in `auth` limit; `[]`: no rate limiting; otherwise these replace it.
     pub rate_limit: Option<Vec<S<RateLimit>>>,
     /// How certificates are obtained for sites with `acme = true`.
@@ -89,6 +91,10 @@ pub struct Route {
     pub upstream: S<String>,
     /// Overrides `limits.body` for this route (upload endpoints).
     pub max_body: Option<S<Size>>,
+    /// Read the whole request body before the app sees the request (default true).
+    pub buffer_requests: Option<S<bool>>,
+    /// Read the app's response as fast as it writes it, whatever the client's pace (default true).
+    pub buffer_responses: Option<S<bool>>,
 }
 
 /// A size: a whole number of bytes, or a string like "10MiB", "512KiB", "1GiB".
@@ -110,6 +116,9 @@ pub struct Limits {
     pub connections: Option<S<u64>>,
     pub connections_per_ip: Option<S<u64>>,
     pub h2_max_streams: Option<S<u64>>,
+    /// "1KiB/s": a request body slower than this on average (after the grace) is cut off; "off" for none.
+    pub min_body_rate: Option<S<String>>,
+    pub min_body_rate_grace: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +171,17 @@ pub struct Log {
 pub struct Process {
     pub user: Option<S<String>>,
     pub group: Option<S<String>>,
+    /// Where buffered bodies spill (unlinked files in a private folder).
+    pub temp_dir: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffers {
+    pub memory_per_request: Option<S<Size>>,
+    pub memory: Option<S<Size>>,
+    pub disk: Option<S<Size>>,
+    pub max_response: Option<S<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,7 +35,7 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, CertSource, Config, Eab, HeaderRule, Limits, Listen, Log,
+    Acme, AcmeChallenge, Action, Buffers, CertSource, Config, Eab, HeaderRule, Limits, Listen, Log,
     LogFormat, PathMatch, PerAccount, Process, Rate, RateLimit, Route, SecurityHeaders, ServerAddr,
     Site, Timeouts, Tls, TlsVersion, Upstream,
 };
@@ -101,6 +101,7 @@ impl Checker<'_> {
         let timeouts = self.timeouts(f.timeouts);
         let log = self.log(f.log);
         let process = self.process(f.process);
+        let buffers = self.buffers(f.buffers);
         let rate_limits = self.rate_limits(f.rate_limit);
         Config {
             source: self.path().to_owned(),
@@ -115,6 +116,7 @@ impl Checker<'_> {
             log,
             process,
             limits,
+            buffers,
             rate_limits,
             acme,
             warnings: Vec::new(),
@@ -128,7 +130,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::defaults;
-    use crate::model::{Process, ServerAddr, TlsVersion};
+    use crate::model::{ServerAddr, TlsVersion};
     use crate::testing::{EXAMPLE, parse, problems};
 
     #[test]
@@ -152,7 +154,7 @@ mod tests {
         assert_eq!(c.timeouts.shutdown, Duration::from_secs(30));
         assert_eq!(c.timeouts.tunnel_idle, Duration::from_secs(600));
         assert!(c.trusted_proxies.is_empty());
-        assert_eq!(c.process, Process::default());
+        assert_eq!((c.process.user, c.process.group), (None, None));
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! `[limits]` and `[timeouts]`: what one client, connection or request may cost, in bytes, counts and time.
-//! Every value is positive; the defaults are in `defaults.rs`.
+//! `[limits]`, `[timeouts]` and `[buffers]`: what one client, connection or request may cost, in bytes,
+//! counts and time, and what buffering may hold. Every value is positive; the defaults are in `defaults.rs`.
 
 use crate::check::Checker;
 use crate::defaults;
 use crate::file;
-use crate::model::{Limits, Timeouts};
+use crate::file::S;
+use crate::model::{Buffers, Limits, Timeouts};
 
 impl Checker<'_> {
     pub(crate) fn limits(&mut self, l: Option<file::Limits>) -> Limits {
@@ -17,6 +18,8 @@ impl Checker<'_> {
             connections: None,
             connections_per_ip: None,
             h2_max_streams: None,
+            min_body_rate: None,
+            min_body_rate_grace: None,
         });
         let limits = Limits {
             header_bytes: self.size(
@@ -43,11 +46,74 @@ impl Checker<'_> {
                 l.h2_max_streams,
                 defaults::H2_MAX_STREAMS,
             ),
+            min_body_rate: self.byte_rate("limits.min_body_rate", l.min_body_rate),
+            min_body_rate_grace: self.duration(
+                "limits.min_body_rate_grace",
+                l.min_body_rate_grace,
+                defaults::MIN_BODY_RATE_GRACE,
+            ),
         };
         if limits.header_bytes < 1024 {
             self.problem(0..0, "limits.header_bytes", "must be at least 1KiB");
         }
         limits
+    }
+
+    /// "1KiB/s" (a size per second) or "off"; the default when absent.
+    fn byte_rate(&mut self, key: &str, s: Option<S<String>>) -> Option<u64> {
+        let Some(s) = s else {
+            return Some(defaults::MIN_BODY_RATE);
+        };
+        let text = s.get_ref().trim();
+        if text == "off" {
+            return None;
+        }
+        let parsed = text
+            .strip_suffix("/s")
+            .ok_or_else(|| "must be a size per second, like \"1KiB/s\", or \"off\"".to_owned())
+            .and_then(|n| crate::size::parse(n.trim()));
+        match parsed {
+            Ok(0) => {
+                self.problem(s.span(), key, "must be more than zero (or \"off\")");
+                Some(defaults::MIN_BODY_RATE)
+            }
+            Ok(n) => Some(n),
+            Err(why) => {
+                self.problem(s.span(), key, why);
+                Some(defaults::MIN_BODY_RATE)
+            }
+        }
+    }
+
+    pub(crate) fn buffers(&mut self, b: Option<file::Buffers>) -> Buffers {
+        let b = b.unwrap_or(file::Buffers {
+            memory_per_request: None,
+            memory: None,
+            disk: None,
+            max_response: None,
+        });
+        let buffers = Buffers {
+            memory_per_request: self.size(
+                "buffers.memory_per_request",
+                b.memory_per_request,
+                defaults::BUFFER_MEMORY_PER_REQUEST,
+            ),
+            memory: self.size("buffers.memory", b.memory, defaults::BUFFER_MEMORY),
+            disk: self.size("buffers.disk", b.disk, defaults::BUFFER_DISK),
+            max_response: self.size(
+                "buffers.max_response",
+                b.max_response,
+                defaults::BUFFER_MAX_RESPONSE,
+            ),
+        };
+        if buffers.memory < buffers.memory_per_request {
+            self.problem(
+                0..0,
+                "buffers.memory",
+                "must be at least buffers.memory_per_request",
+            );
+        }
+        buffers
     }
 
     pub(crate) fn timeouts(&mut self, t: Option<file::Timeouts>) -> Timeouts {
@@ -133,6 +199,36 @@ mod tests {
         let p = problems(&text);
         assert!(p.iter().any(|l| l.contains("timeouts.shutdown")), "{p:?}");
         assert!(p.iter().any(|l| l.contains("tls.min_version")), "{p:?}");
+    }
+
+    #[test]
+    fn min_body_rate_and_buffers() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.limits.min_body_rate, Some(1024));
+        assert_eq!(c.limits.min_body_rate_grace, Duration::from_secs(10));
+        assert_eq!(c.buffers.memory_per_request, 64 * 1024);
+        assert!(c.sites[0].routes[0].buffer_requests && c.sites[0].routes[0].buffer_responses);
+        let c = parse(&format!(
+            "{EXAMPLE}\n[limits]\nmin_body_rate = \"16KiB/s\"\nmin_body_rate_grace = \"2s\"\n[buffers]\nmemory_per_request = \"1MiB\"\nmemory = \"8MiB\"\ndisk = \"1GiB\"\nmax_response = \"10MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.min_body_rate, Some(16 * 1024));
+        assert_eq!(c.limits.min_body_rate_grace, Duration::from_secs(2));
+        assert_eq!(c.buffers.memory_per_request, 1 << 20);
+        assert_eq!(c.buffers.max_response, 10 << 20);
+        let c = parse(&format!("{EXAMPLE}\n[limits]\nmin_body_rate = \"off\"\n")).unwrap();
+        assert_eq!(c.limits.min_body_rate, None);
+        for bad in ["1KiB", "0/s", "fast/s"] {
+            let p = problems(&format!("{EXAMPLE}\n[limits]\nmin_body_rate = \"{bad}\"\n"));
+            assert!(
+                p.iter().any(|l| l.contains("limits.min_body_rate")),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = problems(&format!(
+            "{EXAMPLE}\n[buffers]\nmemory_per_request = \"1MiB\"\nmemory = \"64KiB\"\n"
+        ));
+        assert!(p.iter().any(|l| l.contains("buffers.memory")), "{p:?}");
     }
 
     #[test]

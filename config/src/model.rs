@@ -29,6 +29,7 @@ pub struct Config {
     pub log: Log,
     pub process: Process,
     pub limits: Limits,
+    pub buffers: Buffers,
     /// `[[rate_limit]]`, or the built-in `auth` limit when the file has none.
     pub rate_limits: Vec<RateLimit>,
     /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
@@ -49,15 +50,34 @@ pub struct Limits {
     pub connections: u64,
     pub connections_per_ip: u64,
     pub h2_max_streams: u64,
+    /// A request body must average at least this many bytes per second of waiting for it, once
+    /// `min_body_rate_grace` of waiting has passed (408 otherwise). `None`: no minimum.
+    pub min_body_rate: Option<u64>,
+    pub min_body_rate_grace: Duration,
+}
+
+/// How much request and response buffering may hold, in memory and in temporary files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buffers {
+    /// Each request body, and each response body, is held in memory up to this; beyond it, in a file.
+    pub memory_per_request: u64,
+    /// All buffers in memory together; past it, bodies spill to files sooner.
+    pub memory: u64,
+    /// All temporary files together; past it, uploads that need a file get 503 and responses stream.
+    pub disk: u64,
+    /// One response's temporary file; past it, the rest of the response streams at the client's pace.
+    pub max_response: u64,
 }
 
 /// Who the process becomes after binding its listeners (see the privilege-drop step in `main`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
     /// The unprivileged user to switch to; required when started as root.
     pub user: Option<String>,
     /// Its group; `None` means the user's primary group.
     pub group: Option<String>,
+    /// The private folder (0700) for buffered bodies that outgrow memory; files there are unlinked at creation.
+    pub temp_dir: PathBuf,
 }
 
 /// One site: the host names it answers, its certificate, its routes (longest prefix first).
@@ -164,6 +184,10 @@ pub struct Route {
     pub action: Action,
     /// Request body limit for this route (413 past it).
     pub max_body: u64,
+    /// The app sees a request only once its whole body has arrived.
+    pub buffer_requests: bool,
+    /// The app's response is read as fast as the app writes it, then fed to the client at its pace.
+    pub buffer_responses: bool,
 }
 
 /// What a route does with a request. Today every route forwards to an upstream group; later issues add

@@ -1,15 +1,20 @@
-//! `[process]`: the user and group the process becomes after binding its listeners. The drop itself is
-//! the proxy's (`privdrop`).
+//! `[process]`: the user and group the process becomes after binding its listeners (the drop itself is
+//! the proxy's, `privdrop`), and the private folder for buffered bodies that outgrow memory.
+
+use std::path::PathBuf;
 
 use crate::check::Checker;
+use crate::defaults;
 use crate::file::{self, S};
 use crate::model::Process;
 
 impl Checker<'_> {
     pub(crate) fn process(&mut self, p: Option<file::Process>) -> Process {
-        let Some(p) = p else {
-            return Process::default();
-        };
+        let p = p.unwrap_or(file::Process {
+            user: None,
+            group: None,
+            temp_dir: None,
+        });
         let mut name = |key: &str, v: Option<S<String>>| {
             let v = v?;
             let ok = !v.get_ref().is_empty()
@@ -26,9 +31,26 @@ impl Checker<'_> {
             }
             Some(v.into_inner())
         };
+        let user = name("user", p.user);
+        let group = name("group", p.group);
+        let temp_dir = match p.temp_dir {
+            None => defaults::temp_dir(std::env::var_os("RUNTIME_DIRECTORY").as_deref()),
+            Some(d) => {
+                let path = PathBuf::from(d.get_ref());
+                if !path.is_absolute() {
+                    self.problem(
+                        d.span(),
+                        "process.temp_dir",
+                        format!("{:?} must be an absolute path", d.get_ref()),
+                    );
+                }
+                path
+            }
+        };
         Process {
-            user: name("user", p.user),
-            group: name("group", p.group),
+            user,
+            group,
+            temp_dir,
         }
     }
 }
@@ -42,6 +64,16 @@ mod tests {
         let c = parse(&format!("{EXAMPLE}\n[process]\nuser = \"portcullis\"\n")).unwrap();
         assert_eq!(c.process.user.as_deref(), Some("portcullis"));
         assert_eq!(c.process.group, None);
+        assert!(c.process.temp_dir.is_absolute());
+        let c = parse(&format!(
+            "{EXAMPLE}\n[process]\ntemp_dir = \"/srv/tmp/px\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.process.temp_dir, std::path::Path::new("/srv/tmp/px"));
+        assert!(
+            problems(&format!("{EXAMPLE}\n[process]\ntemp_dir = \"tmp\"\n"))[0]
+                .contains("process.temp_dir")
+        );
         assert!(
             problems(&format!("{EXAMPLE}\n[process]\nuser = \"a b\"\n"))[0]
                 .contains("process.user")

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::check::Checker;
+use crate::defaults;
 use crate::file::{self, S};
 use crate::model::{Action, Route};
 
@@ -54,12 +55,20 @@ impl Checker<'_> {
                 );
             }
             let max_body = self.size(&format!("{key}[{i}].max_body"), r.max_body, default_body);
+            let buffer_requests = r
+                .buffer_requests
+                .map_or(defaults::BUFFER_REQUESTS, S::into_inner);
+            let buffer_responses = r
+                .buffer_responses
+                .map_or(defaults::BUFFER_RESPONSES, S::into_inner);
             // BTreeMap order is the order of Checker::upstreams' output.
             match ups.keys().position(|k| k == r.upstream.get_ref()) {
                 Some(upstream) => out.push(Route {
                     path: path.clone(),
                     action: Action::Upstream(upstream),
                     max_body,
+                    buffer_requests,
+                    buffer_responses,
                 }),
                 None => self.problem(
                     r.upstream.span(),
