@@ -171,10 +171,8 @@ async fn http2_too_many_or_too_large_headers_get_431_and_are_never_forwarded() {
     assert_eq!(s.upstream.requests().len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_body_that_stalls_past_client_body_gets_408_and_the_upstream_request_ends() {
-    let s = Setup::new("", "[timeouts]\nclient_body = \"1s\"\n").await;
-    // 10 of 100 declared bytes, then nothing.
+/// 10 of 100 declared bytes, then nothing: 408 on the stream.
+async fn stall(s: &Setup) {
     let mut frames = header_frames(
         1,
         &h2raw::block(&[
@@ -187,10 +185,42 @@ async fn http2_body_that_stalls_past_client_body_gets_408_and_the_upstream_reque
         false,
     );
     frames.extend(h2raw::frame(DATA, 0, 1, &[b'x'; 10]));
-    let seen = exchange(&s, &frames).await;
+    let seen = exchange(s, &frames).await;
     let (status, body) = answer(&seen);
     assert_eq!(status, Some(408), "{seen:?}");
     assert!(body.contains("408"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_body_that_stalls_past_client_body_gets_408_and_never_reaches_the_app() {
+    let s = Setup::new("", "[timeouts]\nclient_body = \"1s\"\n").await;
+    stall(&s).await;
+    // Buffered (the default): the app never saw any of it.
+    s.proxy
+        .wait_for_log(
+            |l| l.contains("request body timed out"),
+            Duration::from_secs(5),
+        )
+        .expect("no log line for the timeout");
+    assert!(
+        s.upstream.requests().is_empty(),
+        "{:?}",
+        s.upstream.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_body_that_stalls_on_a_streaming_route_gets_408_and_the_upstream_request_ends() {
+    let s = Setup::with(
+        "",
+        "[timeouts]\nclient_body = \"1s\"\n",
+        &[(
+            "upstream = \"app\"\n",
+            "upstream = \"app\"\nbuffer_requests = false\n",
+        )],
+    )
+    .await;
+    stall(&s).await;
     // The upstream got the head and the 10 bytes, then the end of the connection: it is not left waiting.
     // (The recording upstream records a request once its body has ended.)
     let mut recorded = None;

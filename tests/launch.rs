@@ -246,6 +246,11 @@ impl Deployment {
         let (uid, gid) = nobody();
         std::os::unix::fs::chown(&pki.key, Some(uid), Some(gid)).expect("chown the key");
         std::fs::set_permissions(&pki.key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // The config's `[process] temp_dir`, made for the service user as an operator would (a process
+        // started as nobody cannot create it inside this root-owned folder).
+        let buffers = pki.cert.with_file_name("buffers");
+        std::fs::create_dir(&buffers).expect("mkdir buffers");
+        std::os::unix::fs::chown(&buffers, Some(uid), Some(gid)).expect("chown buffers");
         let upstream = Upstream::tcp().await;
         Deployment { dir, pki, upstream }
     }

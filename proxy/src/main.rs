@@ -86,6 +86,11 @@ fn run(
     for p in privdrop::access::problems(&config, plan.identity()) {
         tracing::warn!("{p}");
     }
+    //    The private folder for buffered bodies, made (or checked) now and handed to that user: after the
+    //    drop, the service user may not be able to create it where it belongs.
+    let who = plan.identity();
+    body::prepare(&config.process.temp_dir, who.uid.as_raw(), who.gid.as_raw())
+        .map_err(|e| failed(format_args!("[process] temp_dir: {e}")))?;
 
     // 5. Bind every listener (privileged ports need root or CAP_NET_BIND_SERVICE here), or adopt the
     //    sockets systemd passed (socket activation: no privilege needed at all). Every connection needs a

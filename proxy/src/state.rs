@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use portcullis_config::Config;
 
 use crate::admission::Admission;
+use crate::body::Buffers;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
@@ -30,6 +31,8 @@ pub struct Shared {
     pub servers: Arc<Servers>,
     /// `[[rate_limit]]` (or the built-in `auth` limit) and their stores; the purge task holds the other `Arc`.
     pub rate_limits: Arc<RateLimits>,
+    /// What request and response buffering hold now, against the budgets of the config it started with.
+    pub buffers: Arc<Buffers>,
     /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
     pub refusals: Arc<Refusals>,
     live: ArcSwap<Snapshot>,
@@ -67,6 +70,7 @@ impl Shared {
         let servers = Arc::new(Servers::new(&config));
         let admission = Arc::new(Admission::new(l.connections, l.connections_per_ip));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits, refusals.clone()));
+        let buffers = Arc::new(Buffers::new(&config));
         let snapshot = Snapshot::new(config, tls, &servers, &refusals, https_port);
         Shared {
             admission,
@@ -74,6 +78,7 @@ impl Shared {
             challenges: Arc::default(),
             servers,
             rate_limits,
+            buffers,
             refusals,
             live: ArcSwap::from_pointee(snapshot),
         }

@@ -370,8 +370,18 @@ impl Drop for Portcullis {
     }
 }
 
-/// A config for one upstream, with `extra` TOML appended: HTTPS and HTTP on 127.0.0.1:0.
+/// A config for one upstream, with `extra` TOML appended: HTTPS and HTTP on 127.0.0.1:0, buffered bodies
+/// in a `buffers` folder beside the certificate (the test's own).
 pub fn config(pki: &Pki, upstream: &str, extra: &str) -> String {
+    let temp_dir = format!(
+        "temp_dir = \"{}\"\n",
+        pki.cert.with_file_name("buffers").display()
+    );
+    let extra = if extra.contains("[process]\n") {
+        extra.replacen("[process]\n", &format!("[process]\n{temp_dir}"), 1)
+    } else {
+        format!("{extra}\n[process]\n{temp_dir}")
+    };
     format!(
         r#"[listen]
 https = ["127.0.0.1:0"]

@@ -1,7 +1,8 @@
 //! A recording upstream that plays the app: a hyper HTTP/1.1 server on TCP or a unix socket that records
 //! every request it receives (method, target, headers, body length, which connection) for assertions.
 //!
-//! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes; `/upload` counts the
+//! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes (`?accel=no` adds
+//! `X-Accel-Buffering: no`; [`Upstream::responses_sent`] counts those finished); `/sse` sends two events 2 s apart; `/upload` counts the
 //! body; `/sha256` answers `sha256=HEX len=N` for the body it received; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
 //! fields and its own X-Frame-Options; anything else answers 200 with the request headers as text.
 
@@ -39,6 +40,8 @@ pub struct Recorded {
 struct Shared {
     records: Arc<Mutex<Vec<Recorded>>>,
     conns: Arc<AtomicUsize>,
+    /// `/bytes/N` responses whose last byte the app has handed to its connection.
+    sent: Arc<AtomicUsize>,
 }
 
 pub struct Upstream {
@@ -113,6 +116,11 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.shared.conns.load(Ordering::SeqCst)
     }
+
+    /// How many `/bytes/N` responses the app has finished writing (its last frame taken by its connection).
+    pub fn responses_sent(&self) -> usize {
+        self.shared.sent.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Upstream {
@@ -147,6 +155,7 @@ async fn handle(
     conn: usize,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
     let mut rec = Recorded {
         method: req.method().to_string(),
         target: req.uri().to_string(),
@@ -213,10 +222,43 @@ async fn handle(
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: u64 = n.parse().unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = chunks(n, chunk);
+        let sent = shared.sent.clone();
+        // Counted as sent when its last frame is taken (hyper never polls past a declared length).
+        let mut left = n;
+        let stream = futures_util::StreamExt::map(chunks(n, chunk), move |frame| {
+            if let Ok(f) = &frame {
+                left -= f.data_ref().map_or(0, |d| d.len() as u64);
+                if left == 0 {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            frame
+        });
+        let mut res = Response::builder().header("content-length", n.to_string());
+        if query.contains("accel=no") {
+            res = res.header("x-accel-buffering", "no");
+        }
+        return Ok(res.body(StreamBody::new(stream).boxed()).unwrap());
+    }
+    if path == "/sse" {
+        // Two events 2 s apart: the first must reach the client while the response is still open.
+        let events = futures_util::stream::unfold(0u8, |i| async move {
+            match i {
+                0 => Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"data: one\n\n"))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    Some((Ok(Frame::data(Bytes::from_static(b"data: two\n\n"))), 2))
+                }
+                _ => None,
+            }
+        });
         let res = Response::builder()
-            .header("content-length", n.to_string())
-            .body(StreamBody::new(stream).boxed())
+            .header("content-type", "text/event-stream; charset=utf-8")
+            .header("cache-control", "no-cache")
+            .body(StreamBody::new(events).boxed())
             .unwrap();
         return Ok(res);
     }

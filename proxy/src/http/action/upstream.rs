@@ -5,10 +5,11 @@
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use portcullis_config::Route;
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::http::ctx::Ctx;
 use crate::http::filters::{Admitted, too_large};
 use crate::http::guard::UpgradeGate;
@@ -96,6 +97,23 @@ pub async fn run(
         }
     };
 
+    // Request buffering: the app sees the request once its whole body is here (never for an upgrade, whose
+    // bytes after the head belong to the tunnel). It goes with its exact length, however it came.
+    let body = if route.buffer_requests && upgrade.is_none() && !body.is_end_stream() {
+        match body::collect(&ctx.shared.buffers, body, route.max_body).await {
+            Ok(whole) => {
+                parts.headers.remove(header::TRANSFER_ENCODING);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len));
+                whole.body
+            }
+            Err(refused) => return refused_body(ctx, h1, refused),
+        }
+    } else {
+        body
+    };
+
     let upstream_req = Request::from_parts(parts, body);
     let mut res = match upstream::forward(&ctx.shared.servers, group, upstream_req).await {
         Ok(res) => res,
@@ -141,7 +159,54 @@ pub async fn run(
     let (mut parts, body) = res.into_parts();
     hop::strip(&mut parts.headers);
     crate::http::headers::strip_banners(&mut parts.headers);
-    Response::from_parts(parts, Body::Stream(body))
+    // Response buffering, unless the route, the content type or the app asks for streaming.
+    let stream = body::streaming(&mut parts.headers, route.buffer_responses);
+    match body::feed(
+        &ctx.shared.buffers,
+        Response::from_parts(parts, body),
+        stream,
+    )
+    .await
+    {
+        Ok(res) => res,
+        Err(e) => {
+            tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
+            pages::status(StatusCode::BAD_GATEWAY)
+        }
+    }
+}
+
+/// The answer to a request whose body was not buffered whole; it never reached the app. On HTTP/1.1 the
+/// connection closes after it: what is left of the body is still on the wire.
+fn refused_body(ctx: &Ctx<'_>, h1: bool, why: body::Refused) -> Response<Body> {
+    let status = match why {
+        body::Refused::TooLarge => return too_large(h1),
+        body::Refused::TimedOut => {
+            refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, "request body timed out"));
+            StatusCode::REQUEST_TIMEOUT
+        }
+        // Nobody is left to read an answer; the access log still shows one.
+        body::Refused::Gone => StatusCode::BAD_REQUEST,
+        body::Refused::Full => {
+            let (memory, disk) = ctx.shared.buffers.used();
+            tracing::warn!(
+                memory,
+                disk,
+                "request refused (503): the temporary files of buffered bodies reached [buffers] disk"
+            );
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        body::Refused::Io(e) => {
+            tracing::warn!(error = %e, dir = %ctx.snap.config.process.temp_dir.display(), "request refused (503): cannot write a buffered body to [process] temp_dir");
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    let mut res = pages::status(status);
+    if h1 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
 }
 
 /// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined by "; " (RFC 9113 §8.2.3).

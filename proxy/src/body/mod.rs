@@ -1,5 +1,20 @@
-//! The one response/request body type the proxy hands to hyper: a streamed body from the other side, a small
-//! page of our own, or nothing. An enum, not a `BoxBody`, so no allocation per request for the common case.
+//! The one response/request body type the proxy hands to hyper: a streamed body from the other side, a
+//! buffered one, a small page of our own, or nothing. An enum, not a `BoxBody`, so no allocation per request
+//! for the common case. Buffering, so that slow clients never hold the app's workers (gunicorn's sync workers
+//! serve one request each), lives here too: a body is held in memory up to `[buffers] memory_per_request`,
+//! beyond it in an unlinked temporary file in `[process] temp_dir` (`spool.rs`), within budgets every body
+//! shares (`buffers.rs`). `request.rs` reads a client's whole body before the app sees the request;
+//! `response.rs` reads the app's response as fast as the app writes it and feeds the client at its pace.
+
+mod buffers;
+mod request;
+mod response;
+mod spool;
+
+pub use buffers::{Buffers, prepare};
+pub use request::{Refused, collect};
+pub use response::{feed, streaming};
+pub use spool::Reader;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +40,8 @@ pub enum Body {
         inner: Incoming,
         left: u64,
     },
+    /// A body buffered in memory and a temporary file (`spool.rs`), read at the receiver's pace.
+    Spooled(Reader),
     /// An HTTP/2 request body (the guard watches HTTP/1.1 ones): as `Limited`, and ended with [`Stalled`]
     /// when no frame comes for `idle` while one is awaited. The timer exists only once a frame was awaited.
     Watched {
@@ -73,6 +90,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
+            Body::Spooled(r) => r.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             Body::Limited { inner, left } => limited(Pin::new(inner).poll_frame(cx), left),
             Body::Watched {
                 inner,
@@ -101,6 +119,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
+            Body::Spooled(r) => r.is_end_stream(),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.is_end_stream()
             }
@@ -111,6 +130,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Spooled(r) => r
+                .left()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.size_hint()
             }

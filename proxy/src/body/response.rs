@@ -1,0 +1,123 @@
+//! Response buffering: the app's response is read as fast as the app writes it, so its worker (and its
+//! upstream connection) is free as soon as the response is complete, whatever the client's pace. A body
+//! that fits the per-request memory budget by its declared length is read whole before the head goes out
+//! (one frame to the client, and a broken one is still a clean 502); a larger or unknown one is pumped into
+//! a spool by its own task while the client reads from the spool. Streamed instead, as nginx does: routes
+//! with `buffer_responses = false`, `text/event-stream` (server-sent events), and responses whose app says
+//! `X-Accel-Buffering: no` (the field itself is removed either way).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::Body;
+use super::buffers::Buffers;
+use super::spool;
+
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Why a response was streamed rather than buffered (for the debug log and the tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    Route,
+    EventStream,
+    AppAsked,
+}
+
+/// The app's response body broke off before the declared length (the app died mid-response).
+#[derive(Debug, thiserror::Error)]
+#[error("the app's response broke off: {0}")]
+pub struct BrokeOff(String);
+
+/// Whether `headers` ask for streaming; removes `X-Accel-Buffering`.
+pub fn streaming(headers: &mut HeaderMap, route_buffers: bool) -> Option<Streaming> {
+    let asked = headers
+        .remove(X_ACCEL_BUFFERING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+    if !route_buffers {
+        return Some(Streaming::Route);
+    }
+    if asked {
+        return Some(Streaming::AppAsked);
+    }
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"));
+    sse.then_some(Streaming::EventStream)
+}
+
+/// The response for the client, its body buffered unless `stream` says otherwise.
+pub async fn feed(
+    buffers: &Arc<Buffers>,
+    res: Response<Incoming>,
+    stream: Option<Streaming>,
+) -> Result<Response<Body>, BrokeOff> {
+    let (parts, body) = res.into_parts();
+    if stream.is_some() || body.is_end_stream() {
+        return Ok(Response::from_parts(parts, Body::Stream(body)));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n <= buffers.memory_per_request) {
+        let whole = read_whole(body).await?;
+        return Ok(Response::from_parts(parts, Body::full(whole)));
+    }
+    let (mut writer, reader) = spool::new(buffers.clone(), buffers.max_response);
+    tokio::spawn(async move {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                // The writer's drop tells the reader the body broke off.
+                return;
+            };
+            if let Ok(data) = frame.into_data()
+                && writer.push(data, true).await.is_err()
+            {
+                // The client is gone (or the file failed): dropping the body closes the app's connection.
+                return;
+            }
+        }
+        writer.finish();
+    });
+    Ok(Response::from_parts(
+        parts,
+        Body::Spooled(reader.with_len(declared)),
+    ))
+}
+
+/// A small body of declared length, read whole: usually one frame, kept as it is.
+async fn read_whole(mut body: Incoming) -> Result<Bytes, BrokeOff> {
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BrokeOff(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match (&mut more, first.take()) {
+            (Some(m), _) => m.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(f)) => {
+                let mut m = BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(&f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+        }
+    }
+    Ok(match (more, first) {
+        (Some(m), _) => m.freeze(),
+        (None, Some(f)) => f,
+        (None, None) => Bytes::new(),
+    })
+}
