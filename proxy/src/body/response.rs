@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Response};
 use http_body::Body as _;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -69,12 +70,42 @@ pub async fn feed(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n <= buffers.memory_per_request) {
-        let whole = read_whole(body).await?;
-        return Ok(Response::from_parts(parts, Body::full(whole)));
+        let mut whole = Gathered::default();
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BrokeOff(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                whole.add(data);
+            }
+        }
+        return Ok(Response::from_parts(parts, Body::full(whole.bytes())));
+    }
+    // Unknown length (chunked): what has already arrived is taken without waiting; a small body that is
+    // all there is sent as one frame, with no task and no spool.
+    let mut body = body;
+    let mut early = Gathered::default();
+    if declared.is_none() {
+        loop {
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        early.add(data);
+                    }
+                    if early.len > buffers.memory_per_request {
+                        break;
+                    }
+                }
+                Some(Some(Err(e))) => return Err(BrokeOff(e.to_string())),
+                Some(None) => return Ok(Response::from_parts(parts, Body::full(early.bytes()))),
+                None => break,
+            }
+        }
     }
     let (mut writer, reader) = spool::new(buffers.clone(), buffers.max_response);
     tokio::spawn(async move {
-        let mut body = body;
+        if early.len > 0 && writer.push(early.bytes(), true).await.is_err() {
+            return;
+        }
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 // The writer's drop tells the reader the body broke off.
@@ -95,29 +126,34 @@ pub async fn feed(
     ))
 }
 
-/// A small body of declared length, read whole: usually one frame, kept as it is.
-async fn read_whole(mut body: Incoming) -> Result<Bytes, BrokeOff> {
-    let mut first: Option<Bytes> = None;
-    let mut more: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| BrokeOff(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        match (&mut more, first.take()) {
+/// Frames joined into one: usually there is one, kept as it is.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+    len: u64,
+}
+
+impl Gathered {
+    fn add(&mut self, data: Bytes) {
+        self.len += data.len() as u64;
+        match (&mut self.more, self.first.take()) {
             (Some(m), _) => m.extend_from_slice(&data),
-            (None, None) => first = Some(data),
+            (None, None) => self.first = Some(data),
             (None, Some(f)) => {
                 let mut m = BytesMut::with_capacity(f.len() + data.len());
                 m.extend_from_slice(&f);
                 m.extend_from_slice(&data);
-                more = Some(m);
+                self.more = Some(m);
             }
         }
     }
-    Ok(match (more, first) {
-        (Some(m), _) => m.freeze(),
-        (None, Some(f)) => f,
-        (None, None) => Bytes::new(),
-    })
+
+    fn bytes(self) -> Bytes {
+        match (self.more, self.first) {
+            (Some(m), _) => m.freeze(),
+            (None, Some(f)) => f,
+            (None, None) => Bytes::new(),
+        }
+    }
 }
