@@ -52,6 +52,21 @@ pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
 /// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
 pub const BUFFER_REQUESTS: bool = true;
 pub const BUFFER_RESPONSES: bool = true;
+/// `[upstream.NAME]` balancing: in-flight counts suit gunicorn's one-request-per-worker model best.
+pub const BALANCE: crate::model::Balance = crate::model::Balance::LeastRequests;
+pub const SERVER_WEIGHT: u32 = 1;
+/// One connect/reset failure takes a server out (nginx's `max_fails=1`)...
+pub const MAX_FAILS: u32 = 1;
+/// ...for this long (nginx's `fail_timeout=10s`); active checks bring it back sooner.
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Other servers tried after a failure that is safe to retry.
+pub const RETRIES: u32 = 2;
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const HEALTH_RISE: u32 = 1;
+pub const HEALTH_FALL: u32 = 2;
+/// `[maintenance] retry_after`.
+pub const MAINTENANCE_RETRY_AFTER: Duration = Duration::from_secs(30);
 pub const SHUTDOWN: Duration = Duration::from_secs(30);
 /// One access line per request, as text, at `info`.
 pub const LOG_ACCESS: bool = true;

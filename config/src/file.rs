@@ -33,6 +33,7 @@ pub struct File {
     pub limits: Option<Limits>,
     /// Request and response buffering budgets.
     pub buffers: Option<Buffers>,
+    pub maintenance: Option<S<Maintenance>>,
     /// Absent: the built-in `auth` limit; `[]`: no rate limiting; otherwise these replace it.
     pub rate_limit: Option<Vec<S<RateLimit>>>,
     /// How certificates are obtained for sites with `acme = true`.
@@ -124,7 +125,49 @@ pub struct Limits {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    pub servers: S<Vec<S<String>>>,
+    pub servers: S<Vec<S<ServerEntry>>>,
+    /// "least_requests" (default), "round_robin", "random_two", "ip_hash".
+    pub balance: Option<S<String>>,
+    pub health: Option<S<Health>>,
+    pub max_fails: Option<S<u64>>,
+    pub fail_timeout: Option<S<String>>,
+    pub retries: Option<S<u64>>,
+}
+
+/// `"IP:PORT"` / `"unix:/path"`, or `{ addr = "...", weight = 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Addr(String),
+    Weighted(WeightedServer),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedServer {
+    pub addr: String,
+    pub weight: Option<u64>,
+}
+
+/// Active health checks: `GET path` every `interval`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub path: S<String>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub rise: Option<S<u64>>,
+    pub fall: Option<S<u64>>,
+}
+
+/// The page shown when no server of a route's upstream is up, or while `flag` exists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    pub page: Option<S<String>>,
+    pub retry_after: Option<S<String>>,
+    pub flag: Option<S<String>>,
+    pub allow: Option<Vec<S<String>>>,
 }
 
 /// A security header: a string sets the value, `false` turns it off, `true` keeps the default.

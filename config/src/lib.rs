@@ -35,9 +35,9 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Buffers, CertSource, Config, Eab, HeaderRule, Limits, Listen, Log,
-    LogFormat, PathMatch, PerAccount, Process, Rate, RateLimit, Route, SecurityHeaders, ServerAddr,
-    Site, Timeouts, Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, Action, Balance, Buffers, CertSource, Config, Eab, HeaderRule, Health,
+    Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate, RateLimit,
+    Route, SecurityHeaders, ServerAddr, Site, Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -102,6 +102,7 @@ impl Checker<'_> {
         let log = self.log(f.log);
         let process = self.process(f.process);
         let buffers = self.buffers(f.buffers);
+        let maintenance = self.maintenance(f.maintenance);
         let rate_limits = self.rate_limits(f.rate_limit);
         Config {
             source: self.path().to_owned(),
@@ -117,6 +118,7 @@ impl Checker<'_> {
             process,
             limits,
             buffers,
+            maintenance,
             rate_limits,
             acme,
             warnings: Vec::new(),

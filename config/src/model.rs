@@ -30,6 +30,7 @@ pub struct Config {
     pub process: Process,
     pub limits: Limits,
     pub buffers: Buffers,
+    pub maintenance: Maintenance,
     /// `[[rate_limit]]`, or the built-in `auth` limit when the file has none.
     pub rate_limits: Vec<RateLimit>,
     /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
@@ -202,6 +203,53 @@ pub enum Action {
 pub struct Upstream {
     pub name: String,
     pub servers: Vec<ServerAddr>,
+    /// Each server's weight, in the order of `servers` (1 unless given).
+    pub weights: Vec<u32>,
+    pub balance: Balance,
+    /// Active checks, when configured.
+    pub health: Option<Health>,
+    /// Consecutive connect/reset failures that take a server out (passive health); 0: never.
+    pub max_fails: u32,
+    /// How long a server taken out by `max_fails` stays out before it is tried again.
+    pub fail_timeout: Duration,
+    /// Other servers tried after a failure that is safe to retry.
+    pub retries: u32,
+}
+
+/// How a request picks a server of its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// The fewest requests in flight, relative to weight.
+    LeastRequests,
+    RoundRobin,
+    /// The less loaded of two picked at random (power of two choices).
+    RandomTwo,
+    /// Sticky by client address, on a consistent-hash ring.
+    IpHash,
+}
+
+/// Active health checks of every server of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `GET` this path; a `2xx` or `3xx` answer within `timeout` is a success.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a server that is out back in.
+    pub rise: u32,
+    /// Failures in a row that take a server out.
+    pub fall: u32,
+}
+
+/// `[maintenance]`: a 503 page when no server of a route's upstream is up, or while `flag` exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    /// An HTML file; a built-in page when absent.
+    pub page: Option<PathBuf>,
+    pub retry_after: Duration,
+    /// While this file exists, everyone outside `allow` gets the page.
+    pub flag: Option<PathBuf>,
+    pub allow: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

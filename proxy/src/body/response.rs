@@ -9,10 +9,10 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, Response};
 use http_body::Body as _;
-use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
