@@ -9,8 +9,9 @@ mod balance;
 mod connect;
 mod server;
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -20,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_config::{Config, ServerAddr};
 
 use crate::body::Body;
-use balance::RoundRobin;
+use balance::Policy;
 use connect::Connector;
 pub use server::Server;
 
@@ -96,11 +97,30 @@ pub struct Groups {
     groups: Vec<Group>,
 }
 
-/// A named group of servers and how a request picks one of them.
+/// A named group of servers, how a request picks one of them, and what a failure does.
 pub struct Group {
     pub name: Arc<str>,
-    servers: Vec<Arc<Server>>,
-    balance: RoundRobin,
+    members: Vec<Member>,
+    balance: Policy,
+    /// Passive health: failures in a row that take a server out (0: never), and for how long.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// Other servers tried after a failure that is safe to retry.
+    #[expect(
+        dead_code,
+        reason = "retries land with the per-server pools (issue 13)"
+    )]
+    pub retries: u32,
+    /// Active checks of every member, when configured.
+    #[expect(dead_code, reason = "active checks land with issue 13")]
+    pub health: Option<portcullis_config::Health>,
+}
+
+/// A server as one group has it: the shared server and its weight in this group.
+pub struct Member {
+    pub server: Arc<Server>,
+    #[expect(dead_code, reason = "weighted policies land with issue 13")]
+    pub weight: u32,
 }
 
 impl Groups {
@@ -108,13 +128,31 @@ impl Groups {
         let groups = config
             .upstreams
             .iter()
-            .map(|u| Group {
-                name: Arc::from(u.name.as_str()),
-                servers: u.servers.iter().filter_map(|a| servers.get(a)).collect(),
-                balance: RoundRobin::default(),
+            .map(|u| {
+                let members: Vec<Member> = u
+                    .servers
+                    .iter()
+                    .zip(&u.weights)
+                    .filter_map(|(a, w)| servers.get(a).map(|server| Member { server, weight: *w }))
+                    .collect();
+                Group {
+                    name: Arc::from(u.name.as_str()),
+                    balance: Policy::new(u.balance, &members),
+                    members,
+                    max_fails: u.max_fails,
+                    fail_timeout: u.fail_timeout,
+                    retries: u.retries,
+                    health: u.health.clone(),
+                }
             })
             .collect();
         Groups { groups }
+    }
+
+    /// Every group, in config order.
+    #[expect(dead_code, reason = "active checks land with issue 13")]
+    pub fn iter(&self) -> impl Iterator<Item = &Group> {
+        self.groups.iter()
     }
 
     pub fn group(&self, i: usize) -> &Group {
@@ -122,17 +160,37 @@ impl Groups {
     }
 }
 
-/// Sends `req` (its URI is the client's path and query; the authority is ours to choose) to a server of
-/// `group`, and waits for the response head.
+impl Group {
+    #[expect(dead_code, reason = "active checks land with issue 13")]
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The member a request from `client` goes to, among those not yet `tried` (bit i: member i). Only
+    /// servers that are up are picked; when none is, the one that failed longest ago (so that a recovered
+    /// server is found before the maintenance page is shown).
+    pub fn pick(&self, client: IpAddr, tried: u64, now: Instant) -> Option<usize> {
+        self.balance.pick(&self.members, client, tried, now)
+    }
+
+    /// Whether any member is up at `now` (no: the maintenance page).
+    #[expect(dead_code, reason = "the maintenance page lands with issue 13")]
+    pub fn any_up(&self, now: Instant) -> bool {
+        self.members.iter().any(|m| m.server.is_up(now))
+    }
+}
+
+/// Sends `req` (its URI is the client's path and query; the authority is ours to choose) from `client` to
+/// a server of `group`, and waits for the response head.
 pub async fn forward(
     servers: &Servers,
     group: &Group,
+    client: IpAddr,
     mut req: Request<Body>,
 ) -> Result<Response<Incoming>, Failure> {
-    let server = group
-        .balance
-        .pick(&group.servers)
-        .ok_or(Failure::NoServer)?;
+    let now = Instant::now();
+    let i = group.pick(client, 0, now).ok_or(Failure::NoServer)?;
+    let server = &group.members[i].server;
     let pq = req
         .uri()
         .path_and_query()
@@ -151,10 +209,21 @@ pub async fn forward(
             Ok(Ok(res)) => Ok(res),
             Ok(Err(e)) => Err(classify(&e)),
         };
-    if let Err(f) = &result {
-        tracing::debug!(server = %server.addr, in_flight = server.in_flight(), error = %f, "upstream request failed");
-    }
     drop(in_flight);
+    match &result {
+        Ok(_) => {
+            if server.succeeded() {
+                tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
+            }
+        }
+        Err(f @ (Failure::Connect(_) | Failure::Reset(_) | Failure::Timeout)) => {
+            tracing::debug!(server = %server.addr, in_flight = server.in_flight(), error = %f, "upstream request failed");
+            if server.failed(Instant::now(), group.max_fails, group.fail_timeout) {
+                tracing::warn!(upstream = %group.name, server = %server.addr, error = %f, out_for = ?group.fail_timeout, "upstream server is down: taken out after max_fails failures in a row");
+            }
+        }
+        Err(_) => {}
+    }
     result
 }
 
