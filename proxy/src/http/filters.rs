@@ -57,3 +57,14 @@ pub fn too_large(h1: bool) -> Response<Body> {
     }
     res
 }
+
+/// 408 for a body that kept us waiting too long (`pace.rs`); on HTTP/1.1 the connection closes after it,
+/// since the rest of the body may still come.
+pub fn timed_out(h1: bool) -> Response<Body> {
+    let mut res = pages::status(StatusCode::REQUEST_TIMEOUT);
+    if h1 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}

@@ -10,9 +10,10 @@ use portcullis_config::Route;
 
 use crate::body::Body;
 use crate::http::ctx::Ctx;
-use crate::http::filters::{Admitted, too_large};
+use crate::http::filters::{Admitted, timed_out, too_large};
 use crate::http::guard::UpgradeGate;
 use crate::http::{forwarded, hop, pages, tunnel};
+use crate::pace::Rule;
 use crate::telemetry::{Access, refused};
 use crate::upstream::{self, Failure};
 
@@ -86,7 +87,7 @@ pub async fn run(
         } else {
             route.max_body
         };
-        Body::watched(body, left, ctx.snap.config.timeouts.client_body)
+        Body::watched(body, left, Rule::of(&ctx.snap.config))
     } else if admitted.declared.is_some() {
         Body::Stream(body)
     } else {
@@ -104,9 +105,12 @@ pub async fn run(
             return pages::status(StatusCode::GATEWAY_TIMEOUT);
         }
         Err(Failure::BodyTooLarge) => return too_large(h1),
-        Err(Failure::BodyTimeout) => {
-            refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, "request body timed out"));
-            return pages::status(StatusCode::REQUEST_TIMEOUT);
+        Err(Failure::BodyTimeout(cut)) => {
+            // The guard logs HTTP/1.1's (it cut the body off).
+            if !h1 {
+                refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, reason = cut.reason(), "request body timed out"));
+            }
+            return timed_out(h1);
         }
         Err(e @ (Failure::Connect(_) | Failure::Reset(_) | Failure::NoServer)) => {
             tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
