@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use portcullis_tests::client::read_response;
 use portcullis_tests::h2raw::{self, DATA, END_HEADERS, END_STREAM, HEADERS, RST_STREAM, Seen};
 use portcullis_tests::{Setup, random_bytes, sha256_hex};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
 
 /// 1 KiB/s after 2 s of waiting: a 1 byte per 500 ms trickle is cut off after about 2 s.
 const RATE: &str = "[limits]\nmin_body_rate = \"1KiB/s\"\nmin_body_rate_grace = \"2s\"\n";
@@ -25,47 +26,71 @@ const TRICKLE_BYTES: usize = 20;
 /// A declared length the trickle never reaches.
 const DECLARED: usize = 1000;
 
-/// Writes `prefix`, then `TRICKLE_BYTES` of `byte`, one per `TRICKLE`, while reading what comes back until
-/// the server closes (a safety limit of 20 s). Stops trickling once an answer has begun. Returns the answer,
-/// or `None` if the connection was still open at the limit.
-async fn trickle_h1<S>(tls: S, prefix: &[u8], byte: u8) -> Option<String>
+/// Writes `head`, then each of `pieces` after `pace`, while `read` reads the answer from the other half of
+/// the connection; writing stops once `read` has flagged that an answer began, or has ended, or a write
+/// fails (the server may close mid-way: that is part of what is observed). Returns what `read` returned.
+async fn paced<S, R, F>(
+    tls: S,
+    head: &[u8],
+    pieces: Vec<Vec<u8>>,
+    pace: Duration,
+    read: impl FnOnce(ReadHalf<S>, Arc<AtomicBool>) -> F,
+) -> R
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (rd, mut wr) = tokio::io::split(tls);
     let answered = Arc::new(AtomicBool::new(false));
-    let seen = answered.clone();
-    let reader = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 16384];
-        tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        out.extend_from_slice(&buf[..n]);
-                        seen.store(true, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-        .await
-        .ok()?;
-        Some(String::from_utf8_lossy(&out).into_owned())
-    });
-    wr.write_all(prefix).await.unwrap();
+    let reader = tokio::spawn(read(rd, answered.clone()));
+    wr.write_all(head).await.unwrap();
     wr.flush().await.unwrap();
-    for _ in 0..TRICKLE_BYTES {
-        tokio::time::sleep(TRICKLE).await;
+    for piece in &pieces {
+        tokio::time::sleep(pace).await;
         if answered.load(Ordering::SeqCst) || reader.is_finished() {
             break;
         }
-        // The server may close mid-way: a failed write is part of what is observed.
-        if wr.write_all(&[byte]).await.is_err() || wr.flush().await.is_err() {
+        if wr.write_all(piece).await.is_err() || wr.flush().await.is_err() {
             break;
         }
     }
     reader.await.unwrap()
+}
+
+/// Writes `prefix`, then `TRICKLE_BYTES` of `byte`, one per `TRICKLE`, while reading what comes back until
+/// the server closes (a safety limit of 20 s). Returns the answer, or `None` if the connection was still
+/// open at the limit.
+async fn trickle_h1<S>(tls: S, prefix: &[u8], byte: u8) -> Option<String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let pieces = vec![vec![byte]; TRICKLE_BYTES];
+    paced(
+        tls,
+        prefix,
+        pieces,
+        TRICKLE,
+        |mut rd, answered| async move {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 16384];
+            tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            out.extend_from_slice(&buf[..n]);
+                            answered.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+            .await
+            .ok()?;
+            Some(String::from_utf8_lossy(&out).into_owned())
+        },
+    )
+    .await
 }
 
 fn status_of(response: &str) -> u16 {
@@ -170,6 +195,37 @@ async fn http1_chunked_trickle_under_min_body_rate_gets_408_and_the_connection_c
     );
 }
 
+/// Writes `head`, then each of `pieces` after `pace`, and reads the response: (status, head, body).
+async fn paced_h1<'a, S>(
+    mut tls: S,
+    head: String,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    pace: Duration,
+) -> (u16, String, Vec<u8>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    for piece in pieces {
+        tokio::time::sleep(pace).await;
+        tls.write_all(piece).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    read_response(&mut tls).await
+}
+
+/// The HTTP/1.1 response and HTTP/2 stream 1 are both `200` with these bodies.
+fn assert_both_200(h1: (u16, String, Vec<u8>), h2: &Seen, h1_body: &str, h2_body: &str) {
+    let (status, head, got) = h1;
+    let got = String::from_utf8_lossy(&got);
+    assert_eq!(status, 200, "HTTP/1.1: {head}{got}");
+    assert_eq!(got, h1_body, "HTTP/1.1");
+    let (status, body) = h2.answer(1);
+    assert_eq!(status, Some(200), "HTTP/2: {h2:?}");
+    assert_eq!(body, h2_body, "HTTP/2");
+}
+
 /// An HTTP/2 POST to `path` on stream 1: the preface, the head (with `content-length` when given).
 fn h2_head(path: &str, length: Option<usize>) -> Vec<u8> {
     let length = length.map(|n| n.to_string());
@@ -199,54 +255,26 @@ async fn paced_h2<S>(tls: S, head: Vec<u8>, pieces: Vec<Vec<u8>>, pace: Duration
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(tls);
-    let answered = Arc::new(AtomicBool::new(false));
-    let seen = answered.clone();
-    let reader = tokio::spawn(async move {
+    let last = pieces.len().saturating_sub(1);
+    let frames = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let flags = if end && i == last { END_STREAM } else { 0 };
+            h2raw::frame(DATA, flags, 1, piece)
+        })
+        .collect();
+    paced(tls, &head, frames, pace, |mut rd, answered| async move {
         h2raw::read_frames(&mut rd, |got| {
             if got.iter().any(|f| f.stream == 1 && f.kind == HEADERS) {
-                seen.store(true, Ordering::SeqCst);
+                answered.store(true, Ordering::SeqCst);
             }
             got.iter()
                 .any(|f| f.stream == 1 && (f.kind == RST_STREAM || f.flags & END_STREAM != 0))
         })
         .await
-    });
-    wr.write_all(&head).await.unwrap();
-    wr.flush().await.unwrap();
-    let last = pieces.len().saturating_sub(1);
-    for (i, piece) in pieces.iter().enumerate() {
-        tokio::time::sleep(pace).await;
-        if answered.load(Ordering::SeqCst) || reader.is_finished() {
-            break;
-        }
-        let flags = if end && i == last { END_STREAM } else { 0 };
-        if wr
-            .write_all(&h2raw::frame(DATA, flags, 1, piece))
-            .await
-            .is_err()
-            || wr.flush().await.is_err()
-        {
-            break;
-        }
-    }
-    reader.await.unwrap()
-}
-
-/// Stream 1's status and body.
-fn h2_answer(seen: &Seen) -> (Option<u16>, String) {
-    let status = seen
-        .frames
-        .iter()
-        .find(|f| f.stream == 1 && f.kind == HEADERS)
-        .and_then(|f| f.status());
-    let body: Vec<u8> = seen
-        .frames
-        .iter()
-        .filter(|f| f.stream == 1 && f.kind == DATA)
-        .flat_map(|f| f.payload.clone())
-        .collect();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +289,7 @@ async fn http2_trickle_under_min_body_rate_gets_408_on_its_stream() {
         false,
     )
     .await;
-    let (status, body) = h2_answer(&seen);
+    let (status, body) = seen.answer(1);
     assert_eq!(status, Some(408), "{seen:?}");
     assert!(body.contains("408"), "{body}");
     assert_app_saw_nothing_or_an_abort(&s, "/upload", DECLARED).await;
@@ -281,40 +309,20 @@ async fn honest_slow_uploads_above_min_body_rate_arrive_byte_for_byte() {
     let expected = |b: &[u8]| format!("sha256={} len={}", sha256_hex(b), b.len());
 
     let h1 = async {
-        let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
+        let tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
         let head = format!(
             "POST /sha256 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
             h1_body.len()
         );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.flush().await.unwrap();
-        for piece in h1_body.chunks(PIECE) {
-            tokio::time::sleep(PACE).await;
-            tls.write_all(piece).await.unwrap();
-            tls.flush().await.unwrap();
-        }
-        read_response(&mut tls).await
+        paced_h1(tls, head, h1_body.chunks(PIECE), PACE).await
     };
     let h2 = async {
         let tls = s.client.tls(s.https(), &[b"h2"]).await;
         let pieces = h2_body.chunks(PIECE).map(<[u8]>::to_vec).collect();
         paced_h2(tls, h2_head("/sha256", None), pieces, PACE, true).await
     };
-    let ((status, head, got), seen) = tokio::join!(h1, h2);
-    assert_eq!(
-        status,
-        200,
-        "HTTP/1.1: {head}{}",
-        String::from_utf8_lossy(&got)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        expected(&h1_body),
-        "HTTP/1.1"
-    );
-    let (status, body) = h2_answer(&seen);
-    assert_eq!(status, Some(200), "HTTP/2: {seen:?}");
-    assert_eq!(body, expected(&h2_body), "HTTP/2");
+    let (h1, h2) = tokio::join!(h1, h2);
+    assert_both_200(h1, &h2, &expected(&h1_body), &expected(&h2_body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,35 +336,17 @@ async fn min_body_rate_off_lets_a_trickle_through_while_it_keeps_moving() {
     .await;
     const BYTES: usize = 8;
     let h1 = async {
-        let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
+        let tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
         let head =
             format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {BYTES}\r\n\r\n");
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.flush().await.unwrap();
-        for _ in 0..BYTES {
-            tokio::time::sleep(TRICKLE).await;
-            tls.write_all(b"x").await.unwrap();
-            tls.flush().await.unwrap();
-        }
-        read_response(&mut tls).await
+        paced_h1(tls, head, [&b"x"[..]; BYTES], TRICKLE).await
     };
     let h2 = async {
         let tls = s.client.tls(s.https(), &[b"h2"]).await;
         let pieces = vec![b"y".to_vec(); BYTES];
         paced_h2(tls, h2_head("/upload", Some(BYTES)), pieces, TRICKLE, true).await
     };
-    let ((status, head, got), seen) = tokio::join!(h1, h2);
-    assert_eq!(
-        status,
-        200,
-        "HTTP/1.1: {head}{}",
-        String::from_utf8_lossy(&got)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        format!("received {BYTES} bytes")
-    );
-    let (status, body) = h2_answer(&seen);
-    assert_eq!(status, Some(200), "HTTP/2: {seen:?}");
-    assert_eq!(body, format!("received {BYTES} bytes"));
+    let (h1, h2) = tokio::join!(h1, h2);
+    let want = format!("received {BYTES} bytes");
+    assert_both_200(h1, &h2, &want, &want);
 }
