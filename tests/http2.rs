@@ -63,18 +63,7 @@ async fn exchange(s: &Setup, frames: &[u8]) -> Seen {
 
 /// The status stream 1 was answered with, and its body.
 fn answer(seen: &Seen) -> (Option<u16>, String) {
-    let status = seen
-        .frames
-        .iter()
-        .find(|f| f.stream == 1 && f.kind == HEADERS)
-        .and_then(|f| f.status());
-    let body: Vec<u8> = seen
-        .frames
-        .iter()
-        .filter(|f| f.stream == 1 && f.kind == DATA)
-        .flat_map(|f| f.payload.clone())
-        .collect();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    seen.answer(1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

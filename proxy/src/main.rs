@@ -13,6 +13,7 @@ mod demo;
 mod http;
 mod listen;
 mod ocsp;
+mod pace;
 mod privdrop;
 mod ratelimit;
 mod reload;

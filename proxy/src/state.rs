@@ -117,7 +117,7 @@ impl Snapshot {
                 uri_bytes: usize::try_from(l.uri_bytes).unwrap_or(usize::MAX),
             },
             header_timeout: config.timeouts.client_header,
-            body_timeout: config.timeouts.client_body,
+            body: crate::pace::Rule::of(&config),
             refusals: refusals.clone(),
         });
         Snapshot {

@@ -92,6 +92,24 @@ pub struct Seen {
     pub closed: bool,
 }
 
+impl Seen {
+    /// The status `stream` was answered with (its first HEADERS), and its body (its DATA, joined).
+    pub fn answer(&self, stream: u32) -> (Option<u16>, String) {
+        let status = self
+            .frames
+            .iter()
+            .find(|f| f.stream == stream && f.kind == HEADERS)
+            .and_then(|f| f.status());
+        let body: Vec<u8> = self
+            .frames
+            .iter()
+            .filter(|f| f.stream == stream && f.kind == DATA)
+            .flat_map(|f| f.payload.clone())
+            .collect();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
 /// Writes `bytes`, then reads frames until the server closes, sends GOAWAY, `done` says so, or 5 s pass
 /// without a byte; returns the frame types and flags seen, with each RST_STREAM / GOAWAY error code.
 pub async fn exchange<S>(

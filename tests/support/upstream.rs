@@ -42,6 +42,24 @@ struct Shared {
     conns: Arc<AtomicUsize>,
     /// `/bytes/N` responses whose last byte the app has handed to its connection.
     sent: Arc<AtomicUsize>,
+    /// Requests whose handler has started and not yet finished (a head in, no answer yet).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request in flight for as long as its handler runs (however it ends).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Upstream {
@@ -121,6 +139,12 @@ impl Upstream {
     pub fn responses_sent(&self) -> usize {
         self.shared.sent.load(Ordering::SeqCst)
     }
+
+    /// Requests the app is handling right now (it has their head, and has not answered): one left waiting
+    /// for a body that will never come holds a worker of a real app.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Upstream {
@@ -154,6 +178,7 @@ async fn handle(
     shared: Shared,
     conn: usize,
 ) -> Result<Response<Body>, Infallible> {
+    let _in_flight = InFlight::new(&shared.in_flight);
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let mut rec = Recorded {

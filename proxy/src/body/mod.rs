@@ -16,15 +16,15 @@ pub use request::{Refused, collect};
 pub use response::{feed, streaming};
 pub use spool::Reader;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::time::{Instant, Sleep};
+
+use crate::pace::{Cut, Pace, Rule};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -43,11 +43,14 @@ pub enum Body {
     /// A body buffered in memory and a temporary file (`spool.rs`), read at the receiver's pace.
     Spooled(Reader),
     /// An HTTP/2 request body (the guard watches HTTP/1.1 ones): as `Limited`, and ended with [`Stalled`]
-    /// when no frame comes for `idle` while one is awaited. The timer exists only once a frame was awaited.
+    /// when its waits break `rule` (`pace.rs`: no frame for `client_body`, or under `min_body_rate` once
+    /// the grace is spent). Only time spent waiting for a frame counts. One timer, which exists only once a
+    /// frame was awaited and is re-armed only when it fires (the deadline never moves earlier).
     Watched {
         inner: Incoming,
         left: u64,
-        idle: Duration,
+        rule: Rule,
+        pace: Pace,
         timer: Option<Pin<Box<Sleep>>>,
     },
 }
@@ -57,22 +60,46 @@ pub enum Body {
 #[error("request body larger than the limit")]
 pub struct TooLarge;
 
-/// A request body made no progress for `client_body` (the client's fault: 408).
-#[derive(Debug, thiserror::Error)]
-#[error("request body timed out")]
-pub struct Stalled;
+/// A request body kept the proxy waiting too long (the client's fault: 408): idle for `client_body`, or
+/// under `min_body_rate`. `Body::Watched` ends with it; the HTTP/1.1 guard returns it inside an
+/// `io::Error` (find it with [`Stalled::find`]).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("request body timed out ({})", .0.reason())]
+pub struct Stalled(pub Cut);
+
+impl Stalled {
+    /// The `Stalled` in an error's chain, also inside an `io::Error` (whose `source` skips what it wraps).
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Stalled> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(s) = err.downcast_ref::<Stalled>() {
+                return Some(s);
+            }
+            if let Some(s) = err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<Stalled>())
+            {
+                return Some(s);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
 
 impl Body {
     pub fn full(b: impl Into<Bytes>) -> Body {
         Body::Full(Some(b.into()))
     }
 
-    /// An HTTP/2 request body: at most `left` bytes, no more than `idle` between frames.
-    pub fn watched(inner: Incoming, left: u64, idle: Duration) -> Body {
+    /// An HTTP/2 request body: at most `left` bytes, held to `rule` while its frames are awaited.
+    pub fn watched(inner: Incoming, left: u64, rule: Rule) -> Body {
         Body::Watched {
             inner,
             left,
-            idle,
+            rule,
+            pace: Pace::default(),
             timer: None,
         }
     }
@@ -95,22 +122,30 @@ impl http_body::Body for Body {
             Body::Watched {
                 inner,
                 left,
-                idle,
+                rule,
+                pace,
                 timer,
             } => match limited(Pin::new(inner).poll_frame(cx), left) {
                 Poll::Pending => {
-                    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*idle)));
-                    match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled)))),
-                        Poll::Pending => Poll::Pending,
+                    pace.wait(Instant::now);
+                    let timer = timer.get_or_insert_with(|| {
+                        let at = pace.deadline(rule).map_or_else(Instant::now, |(at, _)| at);
+                        Box::pin(tokio::time::sleep_until(at))
+                    });
+                    // Armed for this wait's deadline or an earlier one: when it fires, look again.
+                    while timer.as_mut().poll(cx).is_ready() {
+                        match pace.check(rule, Instant::now()) {
+                            Ok(at) => timer.as_mut().reset(at),
+                            Err(cut) => return Poll::Ready(Some(Err(Box::new(Stalled(cut))))),
+                        }
                     }
+                    Poll::Pending
                 }
-                ready => {
-                    if let Some(t) = timer {
-                        t.as_mut().reset(Instant::now() + *idle);
-                    }
-                    ready
+                Poll::Ready(Some(Ok(frame))) => {
+                    pace.arrived(frame.data_ref().map_or(0, Bytes::len), Instant::now);
+                    Poll::Ready(Some(Ok(frame)))
                 }
+                done => done,
             },
         }
     }

@@ -22,8 +22,8 @@ pub struct Collected {
 pub enum Refused {
     /// Past the route's `max_body` (413).
     TooLarge,
-    /// Idle past `client_body`, or slower than `min_body_rate` (408).
-    TimedOut,
+    /// Idle past `client_body`, or slower than `min_body_rate` (408), and which.
+    TimedOut(crate::pace::Cut),
     /// The client went away or broke the framing: nobody to answer.
     Gone,
     /// The disk budget for temporary files is spent (503).
@@ -87,18 +87,13 @@ async fn push(w: &mut spool::Writer, data: Bytes) -> Result<(), Refused> {
 
 /// What a body error means: the client's fault (too large, too slow) or the client gone.
 fn refused(e: &BoxError) -> Refused {
+    if let Some(s) = Stalled::find(e.as_ref()) {
+        return Refused::TimedOut(s.0);
+    }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
     while let Some(err) = cur {
         if err.is::<TooLarge>() {
             return Refused::TooLarge;
-        }
-        if err.is::<Stalled>() {
-            return Refused::TimedOut;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return Refused::TimedOut;
         }
         cur = err.source();
     }

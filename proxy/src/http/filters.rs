@@ -50,7 +50,19 @@ pub async fn request(
 
 /// 413; on HTTP/1.1 the connection closes after it, since the unread body is still on the wire.
 pub fn too_large(h1: bool) -> Response<Body> {
-    let mut res = pages::status(StatusCode::PAYLOAD_TOO_LARGE);
+    closing(StatusCode::PAYLOAD_TOO_LARGE, h1)
+}
+
+/// 408 for a body that kept us waiting too long (`pace.rs`); on HTTP/1.1 the connection closes after it,
+/// since the rest of the body may still come.
+pub fn timed_out(h1: bool) -> Response<Body> {
+    closing(StatusCode::REQUEST_TIMEOUT, h1)
+}
+
+/// Our page for `status`, after which an HTTP/1.1 connection closes (`Connection: close`): what is left of
+/// a refused body may still be on the wire.
+pub fn closing(status: StatusCode, h1: bool) -> Response<Body> {
+    let mut res = pages::status(status);
     if h1 {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

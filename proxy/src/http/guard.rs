@@ -3,7 +3,10 @@
 //! refused head never reaches hyper, so never reaches an upstream: the guard answers it itself (400, 408,
 //! 414, 431, 501, 505, with the security headers) and closes. After a request that asks to upgrade, nothing
 //! more is read until its answer is known ([`UpgradeGate`]): bytes pass untouched only after a `101`;
-//! otherwise the next request is checked like any other.
+//! otherwise the next request is checked like any other. A body that keeps the guard waiting too long
+//! (`pace.rs`: idle for `client_body`, or under `min_body_rate`) is cut off: with `408` from the service
+//! once hyper has its head (the guard's error reaches the upstream request, `upstream::Failure::BodyTimeout`),
+//! with the guard's own `408` while the head is still held.
 
 use std::io;
 use std::net::IpAddr;
@@ -19,6 +22,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::head::{self, Chunked, Framing, Limits, Reject, Verdict};
 use super::headers::SecurityHeaders;
+use crate::body::Stalled;
+use crate::pace::{Cut, Pace, Rule};
 
 /// Ready-made responses for refusals, built once at config load.
 #[derive(Debug)]
@@ -72,8 +77,8 @@ pub struct Settings {
     pub limits: Limits,
     /// A head must arrive whole within this, from its first byte (or from connection start).
     pub header_timeout: Duration,
-    /// A body that stops moving for this long is cut off.
-    pub body_timeout: Duration,
+    /// How long a body may keep the guard waiting (`client_body`, `min_body_rate` and its grace).
+    pub body: Rule,
     /// The log's budget for refusals (shared with `State`).
     pub refusals: Arc<crate::telemetry::Refusals>,
 }
@@ -164,8 +169,9 @@ pub struct Guard<T> {
     timer: Pin<Box<Sleep>>,
     /// What the timer is running for, if anything.
     timer_kind: Option<Kind>,
-    /// Body bytes seen since the body timer was last armed.
-    body_progress: bool,
+    /// The body under way: its bytes and the time spent waiting for them (only while the timer is
+    /// `Kind::Body`; reset with each head).
+    pace: Pace,
     /// The request being delivered asked to upgrade: after its body, wait for its answer.
     pending_upgrade: bool,
     gate: Arc<UpgradeGate>,
@@ -197,7 +203,7 @@ impl<T> Guard<T> {
             scanned: 0,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             timer_kind: Some(Kind::Head),
-            body_progress: false,
+            pace: Pace::default(),
             pending_upgrade: false,
             gate,
             settings,
@@ -216,11 +222,15 @@ impl<T> Guard<T> {
     }
 
     fn arm(&mut self, kind: Kind) {
-        let after = match kind {
-            Kind::Head => self.settings.header_timeout,
-            Kind::Body => self.settings.body_timeout,
+        let at = match kind {
+            Kind::Head => Instant::now() + self.settings.header_timeout,
+            // A wait is under way (`poll_timer` opens it first).
+            Kind::Body => self
+                .pace
+                .deadline(&self.settings.body)
+                .map_or_else(Instant::now, |(at, _)| at),
         };
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.timer.as_mut().reset(at);
         self.timer_kind = Some(kind);
     }
 
@@ -240,6 +250,18 @@ impl<T> Guard<T> {
                     Verdict::Complete(h) => {
                         self.scanned = 0;
                         self.timer_kind = None;
+                        // A new body's account, with what came in the head's reads.
+                        let early = self.buf.len() - h.len;
+                        self.pace = Pace::default();
+                        self.pace.arrived(
+                            match h.framing {
+                                Framing::Length(n) => {
+                                    usize::try_from(n).map_or(early, |n| n.min(early))
+                                }
+                                Framing::Chunked => early,
+                            },
+                            Instant::now,
+                        );
                         self.pending_upgrade = h.upgrade;
                         match h.framing {
                             Framing::Length(n) => {
@@ -371,7 +393,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                         if got == 0 {
                             return Poll::Ready(Ok(()));
                         }
-                        this.body_progress = true;
                         let keep = match &mut this.state {
                             State::Length(left) => {
                                 let take = (*left).min(got as u64);
@@ -400,6 +421,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                             },
                             _ => got,
                         };
+                        this.pace.arrived(keep, Instant::now);
                         if keep < got {
                             this.buf.extend_from_slice(&out.filled()[before + keep..]);
                             out.set_filled(before + keep);
@@ -424,8 +446,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
                     if matches!(this.state, State::Head) && this.timer_kind != Some(Kind::Head) {
                         this.arm(Kind::Head);
                     }
+                    if matches!(
+                        this.state,
+                        State::Held(_) | State::Length(_) | State::Chunked(_)
+                    ) {
+                        this.pace.arrived(got.len(), Instant::now);
+                    }
                     this.buf.extend_from_slice(got);
-                    this.body_progress = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return this.poll_timer(cx),
@@ -435,48 +462,64 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Guard<T> {
-    /// Called when the client has nothing more for now: enforce the head and body timeouts.
+    /// Called when the client has nothing more for now: enforce the head timeout, and hold the body to
+    /// `settings.body` (one timer, armed at the body's first wait and re-armed only when it fires: the
+    /// deadline never moves earlier, `Pace::deadline`).
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let kind = match self.state {
             State::Head => Kind::Head,
             State::Held(_) | State::Length(_) | State::Chunked(_) => Kind::Body,
             _ => return Poll::Pending,
         };
-        if self.timer_kind != Some(kind) {
-            if kind == Kind::Head {
-                // Idle between requests: `client_idle` governs that, not the head timeout.
-                return Poll::Pending;
+        if kind == Kind::Body {
+            self.pace.wait(Instant::now);
+            if self.timer_kind != Some(Kind::Body) {
+                self.arm(Kind::Body);
             }
-            self.body_progress = false;
-            self.arm(Kind::Body);
+            while self.timer.as_mut().poll(cx).is_ready() {
+                match self.pace.check(&self.settings.body, Instant::now()) {
+                    Ok(at) => self.timer.as_mut().reset(at),
+                    Err(cut) => return self.cut(cut, cx),
+                }
+            }
+            return Poll::Pending;
+        }
+        if self.timer_kind != Some(Kind::Head) {
+            // Idle between requests: `client_idle` governs that, not the head timeout.
+            return Poll::Pending;
         }
         if self.timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        if kind == Kind::Body && self.body_progress {
-            self.body_progress = false;
-            self.arm(Kind::Body);
-            // Register the new deadline with this task's waker.
-            let _ = self.timer.as_mut().poll(cx);
-            return Poll::Pending;
-        }
         self.timer_kind = None;
-        if kind == Kind::Head {
-            if self.buf.is_empty() && self.scanned == 0 {
-                // Nothing at all since the connection (or the last response): just close.
-                self.state = State::Closing;
-            } else {
-                self.reject(Reject::Timeout);
-            }
+        if self.buf.is_empty() && self.scanned == 0 {
+            // Nothing at all since the connection (or the last response): just close.
+            self.state = State::Closing;
+        } else {
+            self.reject(Reject::Timeout);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Ends a body that kept us waiting too long. While its head is held, hyper has not seen the request:
+    /// the guard answers `408` itself and closes. Otherwise the error goes to hyper, which ends the body the
+    /// upstream is reading, and the service answers `408` (`Failure::BodyTimeout`), then the connection
+    /// closes (nothing more is read).
+    fn cut(&mut self, cut: Cut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        crate::telemetry::refused!(self.settings.refusals, BodyTimeout => info!(target: "access", client = %self.peer, reason = cut.reason(), "request body timed out"));
+        self.timer_kind = None;
+        if matches!(self.state, State::Held(_)) {
+            self.state = State::Rejecting {
+                bytes: self.canned.get(408),
+            };
+            self.buf.clear();
+            self.ready = 0;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        crate::telemetry::refused!(self.settings.refusals, BodyTimeout => info!(target: "access", client = %self.peer, "request body timed out"));
         self.state = State::Closed;
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "client body timeout",
-        )))
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(cut))))
     }
 }
 

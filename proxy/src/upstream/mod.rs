@@ -44,9 +44,10 @@ pub enum Failure {
     /// The client's body went past the route's limit while being forwarded (the client's fault: 413).
     #[error("request body too large")]
     BodyTooLarge,
-    /// The client's body stopped coming for `client_body` while being forwarded (the client's fault: 408).
-    #[error("request body timed out")]
-    BodyTimeout,
+    /// The client's body kept us waiting too long while being forwarded (idle for `client_body`, or under
+    /// `min_body_rate`; the client's fault: 408).
+    #[error("request body timed out ({})", .0.reason())]
+    BodyTimeout(crate::pace::Cut),
 }
 
 /// Every upstream server the proxy knows, by address, and the pool they share. Servers are only ever added:
@@ -231,8 +232,8 @@ pub async fn forward(
 fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
     if caused_by::<crate::body::TooLarge>(e) {
         Failure::BodyTooLarge
-    } else if caused_by::<crate::body::Stalled>(e) {
-        Failure::BodyTimeout
+    } else if let Some(stalled) = crate::body::Stalled::find(e) {
+        Failure::BodyTimeout(stalled.0)
     } else if timed_out(e) {
         Failure::Timeout
     } else if e.is_connect() {

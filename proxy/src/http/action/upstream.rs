@@ -11,9 +11,10 @@ use portcullis_config::Route;
 
 use crate::body::{self, Body};
 use crate::http::ctx::Ctx;
-use crate::http::filters::{Admitted, too_large};
+use crate::http::filters::{Admitted, closing, timed_out, too_large};
 use crate::http::guard::UpgradeGate;
 use crate::http::{forwarded, hop, pages, tunnel};
+use crate::pace::Rule;
 use crate::telemetry::{Access, refused};
 use crate::upstream::{self, Failure};
 
@@ -87,7 +88,7 @@ pub async fn run(
         } else {
             route.max_body
         };
-        Body::watched(body, left, ctx.snap.config.timeouts.client_body)
+        Body::watched(body, left, Rule::of(&ctx.snap.config))
     } else if admitted.declared.is_some() {
         Body::Stream(body)
     } else {
@@ -124,9 +125,12 @@ pub async fn run(
             return pages::status(StatusCode::GATEWAY_TIMEOUT);
         }
         Err(Failure::BodyTooLarge) => return too_large(h1),
-        Err(Failure::BodyTimeout) => {
-            refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, "request body timed out"));
-            return pages::status(StatusCode::REQUEST_TIMEOUT);
+        Err(Failure::BodyTimeout(cut)) => {
+            // The guard logs HTTP/1.1's (it cut the body off).
+            if !h1 {
+                refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, reason = cut.reason(), "request body timed out"));
+            }
+            return timed_out(h1);
         }
         Err(e @ (Failure::Connect(_) | Failure::Reset(_) | Failure::NoServer)) => {
             tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
@@ -183,8 +187,11 @@ pub async fn run(
 fn refused_body(ctx: &Ctx<'_>, h1: bool, why: body::Refused) -> Response<Body> {
     let status = match why {
         body::Refused::TooLarge => return too_large(h1),
-        body::Refused::TimedOut => {
-            refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, "request body timed out"));
+        body::Refused::TimedOut(cut) => {
+            // The guard logged HTTP/1.1's own cut-off; HTTP/2 bodies are judged by `Body::Watched`.
+            if !h1 {
+                refused!(ctx.shared.refusals, BodyTimeout => info!(target: "access", client = %ctx.client, reason = cut.reason(), "request body timed out"));
+            }
             StatusCode::REQUEST_TIMEOUT
         }
         // Nobody is left to read an answer; the access log still shows one.
@@ -203,12 +210,7 @@ fn refused_body(ctx: &Ctx<'_>, h1: bool, why: body::Refused) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE
         }
     };
-    let mut res = pages::status(status);
-    if h1 {
-        res.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    res
+    closing(status, h1)
 }
 
 /// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one, joined by "; " (RFC 9113 §8.2.3).
