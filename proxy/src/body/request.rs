@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
 use super::buffers::Buffers;
@@ -39,7 +39,11 @@ pub async fn collect(
     mut body: Body,
     max_body: u64,
 ) -> Result<Collected, Refused> {
+    // Small frames (HTTP/2's are 16 KiB) are joined into pieces of up to `batch` bytes: fewer, larger writes
+    // to the file, and a body of a few frames that fits stays one piece in memory, with no spool at all.
+    let batch = usize::try_from(buffers.memory_per_request.min(256 * 1024)).unwrap_or(1 << 16);
     let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     let mut spooled: Option<(spool::Writer, spool::Reader)> = None;
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
@@ -52,29 +56,48 @@ pub async fn collect(
             continue;
         }
         len += data.len() as u64;
-        if let Some((w, _)) = &mut spooled {
-            push(w, data).await?;
+        if let Some(earlier) = first.take() {
+            joined.reserve(batch.max(earlier.len()));
+            joined.extend_from_slice(&earlier);
+        } else if len == data.len() as u64 {
+            first = Some(data);
             continue;
         }
-        match first.take() {
-            None => first = Some(data),
-            Some(earlier) => {
-                let (mut w, reader) = spool::new(buffers.clone(), max_body);
-                push(&mut w, earlier).await?;
-                push(&mut w, data).await?;
-                spooled = Some((w, reader));
-            }
+        if joined.is_empty() && data.len() >= batch {
+            // Large enough as it is: no copy.
+            push(spooled_writer(&mut spooled, buffers, max_body), data).await?;
+            continue;
+        }
+        joined.extend_from_slice(&data);
+        if joined.len() >= batch {
+            let piece = joined.split().freeze();
+            push(spooled_writer(&mut spooled, buffers, max_body), piece).await?;
         }
     }
     let body = match (spooled, first) {
-        (Some((w, reader)), _) => {
+        (Some((mut w, reader)), _) => {
+            if !joined.is_empty() {
+                push(&mut w, joined.freeze()).await?;
+            }
             w.finish();
             Body::Spooled(reader.with_len(Some(len)))
         }
         (None, Some(one)) => Body::full(one),
-        (None, None) => Body::Empty,
+        (None, None) if joined.is_empty() => Body::Empty,
+        (None, None) => Body::full(joined.freeze()),
     };
     Ok(Collected { body, len })
+}
+
+/// The spool's writer, made on first need.
+fn spooled_writer<'a>(
+    spooled: &'a mut Option<(spool::Writer, spool::Reader)>,
+    buffers: &Arc<Buffers>,
+    max_body: u64,
+) -> &'a mut spool::Writer {
+    &mut spooled
+        .get_or_insert_with(|| spool::new(buffers.clone(), max_body))
+        .0
 }
 
 async fn push(w: &mut spool::Writer, data: Bytes) -> Result<(), Refused> {
