@@ -1,5 +1,6 @@
-//! Bodies stream both ways: 200 MiB up and 200 MiB down pass through while the proxy's peak RSS stays far
-//! below the body size (asserted under 64 MiB; the figure measured is printed for the issue note).
+//! Large bodies both ways: 200 MiB up and 200 MiB down pass through (buffered, by default, in temporary
+//! files) while the proxy's peak RSS stays far below the body size (asserted under 64 MiB; the figure
+//! measured is printed for the issue note).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
