@@ -24,41 +24,54 @@ use crate::shutdown::Shutdown;
 
 /// Starts one checking task per server that some group with `health` names (each server once).
 pub fn spawn(config: &Config, groups: &Groups, shutdown: &Shutdown) {
-    let mut checked: Vec<(Arc<Server>, Arc<str>, &Health)> = Vec::new();
+    for c in plan(config, groups) {
+        tokio::spawn(watch(c, shutdown.clone()));
+    }
+}
+
+/// One server's checks: what to ask, and for which upstream's log lines.
+#[derive(Debug)]
+struct Check {
+    server: Arc<Server>,
+    upstream: Arc<str>,
+    health: Health,
+    host: HeaderValue,
+}
+
+/// Every server to check, once each: by the first group (in config order) with `health` that names it.
+fn plan(config: &Config, groups: &Groups) -> Vec<Check> {
+    let mut checks: Vec<Check> = Vec::new();
     for (g, group) in groups.iter().enumerate() {
         let Some(health) = &group.health else {
             continue;
         };
         let host = host_for(config, g);
         for m in group.members() {
-            if let Some((_, by, theirs)) =
-                checked.iter().find(|(s, _, _)| Arc::ptr_eq(s, &m.server))
-            {
-                if *theirs != health {
-                    tracing::warn!(server = %m.server.addr, upstream = %group.name, checked_by = %by, "server is in several upstreams with different health settings: checked once, as the first says");
+            if let Some(c) = checks.iter().find(|c| Arc::ptr_eq(&c.server, &m.server)) {
+                if c.health != *health {
+                    tracing::warn!(server = %m.server.addr, upstream = %group.name, checked_by = %c.upstream, "server is in several upstreams with different health settings: checked once, as the first says");
                 }
                 continue;
             }
-            checked.push((m.server.clone(), group.name.clone(), health));
-            tokio::spawn(watch(
-                m.server.clone(),
-                group.name.clone(),
-                health.clone(),
-                host.clone(),
-                shutdown.clone(),
-            ));
+            checks.push(Check {
+                server: m.server.clone(),
+                upstream: group.name.clone(),
+                health: health.clone(),
+                host: host.clone(),
+            });
         }
     }
+    checks
 }
 
 /// Checks one server every `interval` until shutdown begins, and turns the verdicts into its state.
-async fn watch(
-    server: Arc<Server>,
-    upstream: Arc<str>,
-    health: Health,
-    host: HeaderValue,
-    mut shutdown: Shutdown,
-) {
+async fn watch(check: Check, mut shutdown: Shutdown) {
+    let Check {
+        server,
+        upstream,
+        health,
+        host,
+    } = check;
     let mut tick = tokio::time::interval(health.interval);
     // A check that took its whole timeout is followed by the next one at once, then on schedule.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,7 +246,60 @@ fn host_for(config: &Config, group: usize) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::upstream::Servers;
+
+    #[test]
+    fn a_server_in_two_upstreams_is_checked_once() {
+        let text = r#"
+names = ["*.example.test", "app.example.test"]
+[listen]
+https = ["127.0.0.1:8443"]
+[tls]
+cert = "/etc/portcullis/fullchain.pem"
+key = "/etc/portcullis/privkey.pem"
+[[route]]
+path = "/api/"
+upstream = "api"
+[[route]]
+path = "/"
+upstream = "web"
+[upstream.api]
+servers = ["127.0.0.1:5001", "127.0.0.1:5002"]
+health = { path = "/health" }
+[upstream.nochecks]
+servers = ["127.0.0.1:5004"]
+[upstream.web]
+servers = ["127.0.0.1:5002", "unix:/run/app3.sock"]
+health = { path = "/up", interval = "5s" }
+"#;
+        let config = Config::parse(Path::new("/etc/portcullis/portcullis.toml"), text).unwrap();
+        let servers = Servers::new(&config);
+        let groups = Groups::new(&config, &servers);
+        let checks = plan(&config, &groups);
+        let got: Vec<(String, &str, &str)> = checks
+            .iter()
+            .map(|c| {
+                (
+                    c.server.addr.to_string(),
+                    &*c.upstream,
+                    c.health.path.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("127.0.0.1:5001".to_owned(), "api", "/health"),
+                ("127.0.0.1:5002".to_owned(), "api", "/health"),
+                ("unix:/run/app3.sock".to_owned(), "web", "/up"),
+            ]
+        );
+        // The Host is the site's first exact name.
+        assert!(checks.iter().all(|c| c.host == "app.example.test"));
+    }
 
     #[test]
     fn fall_failures_take_it_out_and_rise_passes_bring_it_back() {
