@@ -35,6 +35,9 @@ pub async fn run(
             let maintenance = &ctx.snap.maintenance;
             let allowed = maintenance.allows(ctx.client);
             if !allowed && maintenance.flagged(Instant::now()) {
+                if let Some(a) = access {
+                    a.upstream = Some(ctx.snap.upstreams.group(group).name.clone());
+                }
                 return maintenance.response();
             }
             let res = upstream::run(ctx, route, group, requested, admitted, req, access).await;
