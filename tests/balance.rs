@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use portcullis_tests::instances::{Instance, get};
 use portcullis_tests::{Client, Pki, Portcullis, TempDir};
 
-/// A config with `top` (top-level keys), one HTTPS listener, and `body` (routes and upstreams).
+/// A config with `top` (top-level keys), one HTTPS listener (no plain HTTP), and `body` (routes and
+/// upstreams).
 fn config(pki: &Pki, top: &str, body: &str) -> String {
     format!(
-        "{top}\n[listen]\nhttps = [\"127.0.0.1:0\"]\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n{body}\n[process]\ntemp_dir = \"{}\"\n",
+        "{top}\n[listen]\nhttps = [\"127.0.0.1:0\"]\nhttp = []\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n{body}\n[process]\ntemp_dir = \"{}\"\n",
         pki.cert.display(),
         pki.key.display(),
         pki.cert.with_file_name("buffers").display()
