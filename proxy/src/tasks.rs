@@ -1,7 +1,8 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
 //! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes and SIGHUP), ACME, the upstream health checks, the rate-limit purge and the systemd watchdog. `main` awaits the accept loops
-//! when shutdown begins (after them no listener is open); the others end on their own then.
+//! changes and SIGHUP), ACME, the upstream health checks, the rate-limit purge and the systemd watchdog.
+//! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
+//! their own then.
 
 use std::io;
 use std::sync::Arc;
