@@ -261,8 +261,13 @@ async fn upstream_refused_gives_502_page_without_internals() {
         .port();
     let dir = TempDir::new("502");
     let pki = Pki::new(dir.path(), &[]);
+    // Passive health off: the server is never known down, so its failure is our 502, not the maintenance
+    // page that a group with no server up shows (tests/maintenance.rs).
     let p = Portcullis::run(
-        &dir.write("p.toml", &config(&pki, &format!("127.0.0.1:{port}"), "")),
+        &dir.write(
+            "p.toml",
+            &config(&pki, &format!("127.0.0.1:{port}"), "max_fails = 0\n"),
+        ),
         &[],
     );
     let client = Client::new(&pki.ca_pem);
@@ -288,7 +293,8 @@ async fn missing_unix_socket_gives_502() {
     let p = Portcullis::run(
         &dir.write(
             "p.toml",
-            &config(&pki, &format!("unix:{}", sock.display()), ""),
+            // As above: never known down, so a 502 rather than the maintenance page.
+            &config(&pki, &format!("unix:{}", sock.display()), "max_fails = 0\n"),
         ),
         &[],
     );

@@ -11,6 +11,9 @@ use crate::defaults;
 use crate::file::{self, S};
 use crate::model::{Balance, Health, Maintenance, ServerAddr, Upstream};
 
+/// Servers one upstream may list.
+pub const MAX_SERVERS: usize = 64;
+
 impl Checker<'_> {
     pub(crate) fn upstreams(&mut self, ups: &BTreeMap<String, S<file::Upstream>>) -> Vec<Upstream> {
         let mut out = Vec::with_capacity(ups.len());
@@ -69,6 +72,16 @@ impl Checker<'_> {
                 }
                 addrs.push(addr);
                 weights.push(weight);
+            }
+            if addrs.len() > MAX_SERVERS {
+                self.problem(
+                    u.servers.span(),
+                    format!("upstream.{name}.servers"),
+                    format!(
+                        "lists {} servers: at most {MAX_SERVERS} (a request remembers which it tried in 64 bits)",
+                        addrs.len()
+                    ),
+                );
             }
             let balance = match u.balance.as_ref().map(|b| (b, b.get_ref().as_str())) {
                 None => defaults::BALANCE,
@@ -254,6 +267,23 @@ allow = ["10.0.0.0/8"]
         );
         assert_eq!(m.retry_after, Duration::from_secs(60));
         assert_eq!(m.allow.len(), 1);
+    }
+
+    #[test]
+    fn an_upstream_lists_at_most_64_servers() {
+        let list = |n: u16| {
+            let servers: Vec<String> = (0..n)
+                .map(|i| format!("\"127.0.0.1:{}\"", 5000 + i))
+                .collect();
+            EXAMPLE.replace("[\"127.0.0.1:8000\"]", &format!("[{}]", servers.join(", ")))
+        };
+        assert_eq!(parse(&list(64)).unwrap().upstreams[0].servers.len(), 64);
+        let p = problems(&list(65));
+        assert!(
+            p.iter()
+                .any(|l| l.contains(": upstream.app.servers: lists 65 servers")),
+            "{p:?}"
+        );
     }
 
     #[test]

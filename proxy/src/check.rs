@@ -1,6 +1,7 @@
 //! `portcullis check`: the report on a config without serving it. The config's problems (exit 64), then per
 //! site what its certificate is (names, issuer, expiry, key, chain order) or, for ACME, what is stored and
-//! when it renews, then whether the service user can still read every file after the privilege drop.
+//! when it renews, the maintenance page, then whether the service user can still read every file after the
+//! privilege drop.
 //! Nothing here binds a socket or starts a runtime.
 
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 use portcullis_certs::inspect::{Info, format_time};
 use portcullis_config::{CertSource, Config, Site};
 
-use crate::{cli, privdrop};
+use crate::{cli, http, privdrop};
 
 /// `portcullis check`: the config, then the certificates it names, then whether the service user can still
 /// read them after dropping privileges (and whether the private key is closed to other users).
@@ -29,6 +30,20 @@ pub fn run(path: &Path) -> ExitCode {
         bad |= !report_site(path, i, site);
         for line in acme_report(&config, site) {
             println!("  acme         {line}");
+        }
+    }
+    // Read as `run` reads it, before the drop: one that cannot be read stops `run` too.
+    let page = config.maintenance.page.as_deref();
+    match http::action::maintenance::load(page) {
+        Ok(Some(bytes)) => println!(
+            "maintenance: page {} ({} bytes)",
+            page.map_or_else(String::new, |p| p.display().to_string()),
+            bytes.len()
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            bad = true;
         }
     }
     if bad {

@@ -78,6 +78,9 @@ fn run(
         reload::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
     let tls = tls::server_config(sites.clone(), config.tls.min_version)
         .map_err(|e| failed(format_args!("TLS setup failed: {e}")))?;
+    //    The maintenance page, read once now (as root, like the certificates); unreadable is the config's fault.
+    let maintenance_page = http::action::maintenance::load(config.maintenance.page.as_deref())
+        .map_err(|e| bad_config(&config, e))?;
 
     // 4. Who to become, decided before anything listens: a bad [process] costs no socket. Files read again
     //    after the drop (reload) that the service user cannot read, or an exposed key: `portcullis check`
@@ -122,7 +125,15 @@ fn run(
     }
 
     // 7. and 8.
-    runtime.block_on(serve(config, tls, sites, reloader, bound, demo_upstream))
+    runtime.block_on(serve(
+        config,
+        tls,
+        sites,
+        reloader,
+        maintenance_page,
+        bound,
+        demo_upstream,
+    ))
 }
 
 /// 7. Serve: the signal handlers, the listeners on the runtime, `Shared`, every task, `READY=1`.
@@ -132,6 +143,7 @@ async fn serve(
     tls: Arc<rustls::ServerConfig>,
     sites: Arc<portcullis_certs::Sites>,
     reloader: Arc<reload::Reloader>,
+    maintenance_page: Option<bytes::Bytes>,
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
 ) -> Result<ExitCode, ExitCode> {
@@ -140,7 +152,13 @@ async fn serve(
         signals::Signals::install().map_err(|_| failed("cannot install signal handlers"))?;
     let listeners = tasks::Listeners::register(bound)
         .map_err(|e| failed(format_args!("cannot register a listener: {e}")))?;
-    let state = Arc::new(Shared::new(config, tls, sites, listeners.https_port()));
+    let state = Arc::new(Shared::new(
+        config,
+        tls,
+        sites,
+        maintenance_page,
+        listeners.https_port(),
+    ));
     let (trigger, shutdown) = shutdown::Trigger::new();
     if let Some(up) = demo_upstream {
         demo::start(up, &shutdown)

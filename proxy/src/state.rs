@@ -2,17 +2,19 @@
 //! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), limiter
 //! stores, the log's refusal budget, and the live [`Snapshot`]. A [`Snapshot`] is everything built from one
 //! checked `Config`: routes and their actions, security headers, canned refusals, guard settings, redirect
-//! names, upstream groups, the rustls config. It lives in an `ArcSwap`: a connection takes one when it
+//! names, upstream groups, the maintenance page, the rustls config. It lives in an `ArcSwap`: a connection takes one when it
 //! starts (its TLS config, guard and limits), a request takes one when it starts and uses it to its end.
 //! What must outlive a snapshot is found by a stable key (a server by its address), never by position.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use portcullis_config::Config;
 
 use crate::admission::Admission;
 use crate::body::Buffers;
+use crate::http::action::maintenance::Maintenance;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
@@ -44,6 +46,8 @@ pub struct Snapshot {
     pub tls: Arc<rustls::ServerConfig>,
     /// The config's upstream groups, each naming its servers in [`Shared::servers`].
     pub upstreams: Groups,
+    /// `[maintenance]`: the page as ready bytes, `allow`, and the flag file's last look.
+    pub maintenance: Maintenance,
     pub headers: SecurityHeaders,
     /// `""` when HTTPS is on 443, else `":PORT"`: what a redirect appends to the host.
     pub redirect_port: String,
@@ -58,11 +62,13 @@ pub struct Snapshot {
 }
 
 impl Shared {
-    /// The process state and its first snapshot, from the config it started with.
+    /// The process state and its first snapshot, from the config it started with. `maintenance_page` is
+    /// `[maintenance] page` as read at start-up (`None`: the built-in page).
     pub fn new(
         config: Config,
         tls: Arc<rustls::ServerConfig>,
         sites: Arc<portcullis_certs::Sites>,
+        maintenance_page: Option<Bytes>,
         https_port: u16,
     ) -> Shared {
         let l = &config.limits;
@@ -71,7 +77,14 @@ impl Shared {
         let admission = Arc::new(Admission::new(l.connections, l.connections_per_ip));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits, refusals.clone()));
         let buffers = Arc::new(Buffers::new(&config));
-        let snapshot = Snapshot::new(config, tls, &servers, &refusals, https_port);
+        let snapshot = Snapshot::new(
+            config,
+            tls,
+            &servers,
+            &refusals,
+            maintenance_page,
+            https_port,
+        );
         Shared {
             admission,
             sites,
@@ -96,6 +109,7 @@ impl Snapshot {
         tls: Arc<rustls::ServerConfig>,
         servers: &Servers,
         refusals: &Arc<Refusals>,
+        maintenance_page: Option<Bytes>,
         https_port: u16,
     ) -> Snapshot {
         let catch_all = config.sites.first().is_some_and(|s| s.names.is_empty());
@@ -122,6 +136,7 @@ impl Snapshot {
         });
         Snapshot {
             upstreams: Groups::new(&config, servers),
+            maintenance: Maintenance::new(&config.maintenance, maintenance_page),
             canned_https: Arc::new(Canned::new(&headers, true)),
             canned_http: Arc::new(Canned::new(&headers, false)),
             headers,

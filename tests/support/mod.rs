@@ -1,13 +1,15 @@
 //! Test support: start the real `portcullis` binary on port 0 and wait for its readiness line, a test CA
 //! with leaf certificates, TLS clients (rustls, h1 and h2), and a recording upstream (hyper, TCP or unix
 //! socket) whose endpoints play the app: echo, slow, large, upload, WebSocket-style upgrade; gunicorn with
-//! sync workers and the logs that say which requests reached it.
+//! sync workers and the logs that say which requests reached it; and app instances (`instances.rs`:
+//! gunicorn + Flask) that can be killed and restarted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed step should fail the test loudly
 
 pub mod client;
 pub mod gunicorn;
 pub mod h2raw;
+pub mod instances;
 pub mod load;
 pub mod upstream;
 

@@ -35,7 +35,17 @@ pub fn status(code: StatusCode) -> Response<Body> {
     );
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res.extensions_mut().insert(Ours);
     res
+}
+
+/// Marks a status page as ours (an app's 502 is the app's answer; ours may become the maintenance page).
+#[derive(Debug, Clone, Copy)]
+struct Ours;
+
+/// Whether `res` is one of our status pages, not a response from the app.
+pub fn is_ours<B>(res: &Response<B>) -> bool {
+    res.extensions().get::<Ours>().is_some()
 }
 
 /// What a rate limit refused: `429` with `Retry-After`, or the status an unreadable body earned.

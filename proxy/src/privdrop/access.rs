@@ -28,6 +28,8 @@ pub enum Access {
     Read,
     /// Read, write and enter: a directory the process keeps state in (ACME's `state_dir`).
     WriteDir,
+    /// Enter: a directory the process looks for a file in (the `[maintenance] flag`).
+    EnterDir,
 }
 
 /// What is wrong with one needed file.
@@ -104,6 +106,20 @@ pub fn needed(config: &Config) -> Vec<Needed> {
             });
         }
     }
+    if let Some(flag) = &config.maintenance.flag {
+        // Whether the flag exists is a stat in its folder (or, before that folder is made, the one above).
+        let folder = flag.parent().unwrap_or(flag);
+        out.push(Needed {
+            path: folder
+                .ancestors()
+                .find(|p| p.exists())
+                .unwrap_or(folder)
+                .to_path_buf(),
+            what: "folder of the [maintenance] flag (looked for every second)",
+            access: Access::EnterDir,
+            secret: false,
+        });
+    }
     out
 }
 
@@ -145,6 +161,7 @@ pub fn check(n: &Needed, who: &Identity) -> Vec<Problem> {
         let (bits, verb) = match n.access {
             Access::Read => (R, "read"),
             Access::WriteDir => (R | W | X, "write into"),
+            Access::EnterDir => (X, "look into"),
         };
         if !allowed(&meta, who, bits) {
             out.push(problem(

@@ -7,6 +7,7 @@
 
 mod balance;
 mod connect;
+pub mod health;
 mod server;
 
 use std::net::IpAddr;
@@ -112,15 +113,13 @@ pub struct Group {
         reason = "retries land with the per-server pools (issue 13)"
     )]
     pub retries: u32,
-    /// Active checks of every member, when configured.
-    #[expect(dead_code, reason = "active checks land with issue 13")]
+    /// Active checks of every member, when configured (`health.rs`).
     pub health: Option<portcullis_config::Health>,
 }
 
 /// A server as one group has it: the shared server and its weight in this group.
 pub struct Member {
     pub server: Arc<Server>,
-    #[expect(dead_code, reason = "weighted policies land with issue 13")]
     pub weight: u32,
 }
 
@@ -151,7 +150,6 @@ impl Groups {
     }
 
     /// Every group, in config order.
-    #[expect(dead_code, reason = "active checks land with issue 13")]
     pub fn iter(&self) -> impl Iterator<Item = &Group> {
         self.groups.iter()
     }
@@ -162,7 +160,6 @@ impl Groups {
 }
 
 impl Group {
-    #[expect(dead_code, reason = "active checks land with issue 13")]
     pub fn members(&self) -> &[Member] {
         &self.members
     }
@@ -175,7 +172,6 @@ impl Group {
     }
 
     /// Whether any member is up at `now` (no: the maintenance page).
-    #[expect(dead_code, reason = "the maintenance page lands with issue 13")]
     pub fn any_up(&self, now: Instant) -> bool {
         self.members.iter().any(|m| m.server.is_up(now))
     }

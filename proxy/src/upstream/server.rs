@@ -100,10 +100,6 @@ impl Server {
     }
 
     /// The active checks' verdict; returns true when it changed.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "active checks land with issue 13")
-    )]
     pub fn set_checked(&self, up: bool) -> bool {
         let was = self.checked_up.swap(up, Ordering::Relaxed);
         if up {

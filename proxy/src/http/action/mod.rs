@@ -1,17 +1,22 @@
 //! Route actions: what a route does with a request the filters let through. One file per action:
-//! `upstream` forwards to the route's upstream group; static files, the maintenance page and redirects
-//! join it here as the config grows those actions.
+//! `upstream` forwards to the route's upstream group, with `maintenance` in front of it (the flag file, or
+//! no server up); static files and redirects join them here as the config grows those actions. Static
+//! routes (issue 14) will not go through the maintenance check: they keep working during maintenance.
 
+pub mod maintenance;
 mod upstream;
 
+use std::time::Instant;
+
 use http::header::HeaderValue;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use portcullis_config::{Action, Route};
 
 use crate::body::Body;
 use crate::http::ctx::Ctx;
 use crate::http::filters::Admitted;
+use crate::http::pages;
 use crate::telemetry::Access;
 
 /// Runs `route`'s action. `requested` is the Host (or `:authority`) the client asked for.
@@ -25,7 +30,27 @@ pub async fn run(
 ) -> Response<Body> {
     match route.action {
         Action::Upstream(group) => {
-            upstream::run(ctx, route, group, requested, admitted, req, access).await
+            // Maintenance, for everyone outside `allow` (the real client, after trusted proxies): while the
+            // flag file exists the request never reaches the app (nor is its body read).
+            let maintenance = &ctx.snap.maintenance;
+            let allowed = maintenance.allows(ctx.client);
+            if !allowed && maintenance.flagged(Instant::now()) {
+                if let Some(a) = access {
+                    a.upstream = Some(ctx.snap.upstreams.group(group).name.clone());
+                }
+                return maintenance.response();
+            }
+            let res = upstream::run(ctx, route, group, requested, admitted, req, access).await;
+            // No server is up (known down, or it just failed): `forward` tried the one that failed longest
+            // ago anyway; it failed too, so the page says so rather than a 502.
+            if !allowed
+                && res.status() == StatusCode::BAD_GATEWAY
+                && pages::is_ours(&res)
+                && !ctx.snap.upstreams.group(group).any_up(Instant::now())
+            {
+                return maintenance.response();
+            }
+            res
         }
     }
 }
