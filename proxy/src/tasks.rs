@@ -1,7 +1,8 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
 //! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes and SIGHUP), ACME, the rate-limit purge and the systemd watchdog. `main` awaits the accept loops
-//! when shutdown begins (after them no listener is open); the others end on their own then.
+//! changes and SIGHUP), ACME, the rate-limit purge, the upstream pools' sweep and the systemd watchdog.
+//! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
+//! their own then.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::signals::Signals;
 use crate::state::Shared;
-use crate::{acme, http, listen, ocsp, ratelimit, reload, sdnotify};
+use crate::{acme, http, listen, ocsp, ratelimit, reload, sdnotify, upstream};
 
 /// The bound sockets, registered with the runtime, each with what it serves.
 pub struct Listeners(Vec<(Listener, TcpListener)>);
@@ -80,6 +81,8 @@ pub fn spawn(
         state.rate_limits.clone(),
         shutdown.clone(),
     ));
+    // Upstream pools: idle connections expire; shutdown lets go of them all.
+    tokio::spawn(upstream::sweep(state.servers.clone(), shutdown.clone()));
     if let Some(interval) = sdnotify::watchdog_interval() {
         tokio::spawn(sdnotify::watchdog(interval, shutdown));
     }
