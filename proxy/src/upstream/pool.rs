@@ -245,6 +245,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn letting_go_of_an_idle_connection_closes_it() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = ServerAddr::Tcp(l.local_addr().unwrap());
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            // The proxy's side closing shows as the end of the stream.
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            let _ = closed_tx.send(());
+        });
+        let pool = Pool::default();
+        let mut s = open(&addr, Duration::from_secs(5)).await.unwrap();
+        send(&mut s).await;
+        pool.put(s, Instant::now());
+        // Shutdown (or the sweep, for an expired one) drops the sender: the connection task ends and closes.
+        pool.close();
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("the connection closed")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn the_stack_is_bounded() {
         let (addr, _up) = upstream(100).await;
         let pool = Pool::default();
