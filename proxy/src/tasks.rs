@@ -1,6 +1,7 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
 //! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes and SIGHUP), ACME, the upstream health checks, the rate-limit purge and the systemd watchdog.
+//! changes and SIGHUP), ACME, the upstream health checks, the rate-limit purge, the upstream pools' sweep and
+//! the systemd watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
 //! their own then.
 
@@ -84,6 +85,8 @@ pub fn spawn(
         state.rate_limits.clone(),
         shutdown.clone(),
     ));
+    // Upstream pools: idle connections expire; shutdown lets go of them all.
+    tokio::spawn(upstream::sweep(state.servers.clone(), shutdown.clone()));
     if let Some(interval) = sdnotify::watchdog_interval() {
         tokio::spawn(sdnotify::watchdog(interval, shutdown));
     }

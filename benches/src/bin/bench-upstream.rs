@@ -1,9 +1,10 @@
-//! `bench-upstream PORT`: the app server both proxies forward to in `benches/run`. Plain HTTP/1.1 with
-//! keep-alive on 127.0.0.1; `/` answers a ~100-byte body, `/1m` answers 1 MiB (allocated once, each response
-//! a cheap clone), `/stats` answers `connections=N requests=N` (counted since start: `benches/run` reads it to
-//! see how many upstream connections a proxy opened), anything else 404. It does as little as possible so
-//! that the proxy is what gets measured. PORT 0 picks a free port; the bound address is printed on stdout as
-//! `listening on ADDR`.
+//! `bench-upstream PORT [SOCKET]`: the app server both proxies forward to in `benches/run`. Plain HTTP/1.1
+//! with keep-alive on 127.0.0.1 (and on the unix socket SOCKET, if given); `/` and `/unix/` answer a ~100-byte
+//! body, `/1m` answers 1 MiB (allocated once, each response a cheap clone), `/stats` answers
+//! `connections=N requests=N` (counted since start, both listeners: `benches/run` reads it to see how many
+//! upstream connections a proxy opened), anything else 404. It does as little as possible so that the proxy
+//! is what gets measured. PORT 0 picks a free port; the bound address is printed on stdout as
+//! `listening on ADDR` (after SOCKET is bound).
 
 #![forbid(unsafe_code)]
 
@@ -21,7 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, UnixListener};
 
 /// The small response: 100 bytes, about what a health check or a tiny JSON answer is.
 const SMALL: &[u8; 100] =
@@ -37,10 +38,11 @@ fn main() -> ExitCode {
     let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
         Some(Ok(p)) => p,
         _ => {
-            eprintln!("usage: bench-upstream PORT   (0 picks a free port)");
+            eprintln!("usage: bench-upstream PORT [SOCKET]   (0 picks a free port)");
             return ExitCode::from(64);
         }
     };
+    let socket = std::env::args().nth(2).map(std::path::PathBuf::from);
     // One thread: `benches/run` pins this process to the load generator's core.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -52,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], port)))) {
+    match runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], port)), socket)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-upstream: {e}");
@@ -61,45 +63,80 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(addr: SocketAddr) -> std::io::Result<()> {
+async fn serve(addr: SocketAddr, socket: Option<std::path::PathBuf>) -> std::io::Result<()> {
     // A deep accept queue: under HTTP/2 load a proxy may open hundreds of upstream connections at once, and
     // a full queue drops SYNs (a 1 s retransmit that would show up as the proxy's p99). The kernel caps it
     // at net.core.somaxconn.
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let listener = socket.listen(BACKLOG)?;
+    let tcp = TcpSocket::new_v4()?;
+    tcp.set_reuseaddr(true)?;
+    tcp.bind(addr)?;
+    let listener = tcp.listen(BACKLOG)?;
     let bound = listener.local_addr()?;
+    let app = App {
+        small: Bytes::from_static(SMALL),
+        large: Bytes::from(vec![b'x'; LARGE_LEN]),
+        stats: Arc::new(Stats::default()),
+    };
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(&path);
+        let unix = UnixListener::bind(&path)?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                match unix.accept().await {
+                    Ok((stream, _)) => app.serve(stream),
+                    Err(e) => backoff(e).await,
+                }
+            }
+        });
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {bound}")?;
         out.flush()?;
     }
-    let small = Bytes::from_static(SMALL);
-    let large = Bytes::from(vec![b'x'; LARGE_LEN]);
-    let stats = Arc::new(Stats::default());
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(e) => {
-                // EMFILE and the like: say so, back off, keep serving.
-                eprintln!("bench-upstream: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                app.serve(stream);
             }
-        };
-        let _ = stream.set_nodelay(true);
-        stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (small, large, stats) = (small.clone(), large.clone(), stats.clone());
+            Err(e) => backoff(e).await,
+        }
+    }
+}
+
+/// EMFILE and the like: say so, back off, keep serving.
+async fn backoff(e: std::io::Error) {
+    eprintln!("bench-upstream: accept: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// The responses, built once, and the counters.
+#[derive(Clone)]
+struct App {
+    small: Bytes,
+    large: Bytes,
+    stats: Arc<Stats>,
+}
+
+impl App {
+    /// Serves one accepted connection (TCP or unix) on its own task.
+    fn serve<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let app = self.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = match req.uri().path() {
-                    "/" => Some(small.clone()),
-                    "/1m" => Some(large.clone()),
-                    "/stats" => Some(Bytes::from(stats.to_string())),
+                    "/" | "/unix/" => Some(app.small.clone()),
+                    "/1m" => Some(app.large.clone()),
+                    "/stats" => Some(Bytes::from(app.stats.to_string())),
                     _ => None,
                 };
-                stats.requests.fetch_add(1, Ordering::Relaxed);
+                app.stats.requests.fetch_add(1, Ordering::Relaxed);
                 async move { Ok::<_, Infallible>(respond(body)) }
             });
             // Errors here are clients going away mid-response: nothing to do about them.

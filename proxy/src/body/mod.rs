@@ -93,6 +93,20 @@ impl Body {
         Body::Full(Some(b.into()))
     }
 
+    /// A body to send again in place of this one, if it can be replayed: nothing, one buffer, or a spool
+    /// written whole (which this body then reads without letting go of its pieces); a stream only once it is
+    /// known to be empty. Call it before this body is read.
+    pub fn replay(&mut self) -> Option<Body> {
+        match self {
+            Body::Empty => Some(Body::Empty),
+            Body::Full(b) => Some(Body::Full(b.clone())),
+            Body::Spooled(r) => r.replay().map(Body::Spooled),
+            Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
+                http_body::Body::is_end_stream(s).then_some(Body::Empty)
+            }
+        }
+    }
+
     /// An HTTP/2 request body: at most `left` bytes, held to `rule` while its frames are awaited.
     pub fn watched(inner: Incoming, left: u64, rule: Rule) -> Body {
         Body::Watched {

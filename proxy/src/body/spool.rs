@@ -4,7 +4,10 @@
 //! body's own budget and the shared one allow, then the file (created on first need, up to `file_cap` and
 //! the shared disk budget); when neither allows, a writer that may wait does (the body then streams at the
 //! reader's pace), one that may not is told the spool is full. Everything a spool holds goes back to the
-//! budgets when both sides are gone; its file, unlinked from the start, closes with it.
+//! budgets when both sides are gone; its file, unlinked from the start, closes with it. A reader takes each
+//! piece off the queue as it reads it (memory goes back to the budgets at once), unless it was asked for a
+//! replay ([`Reader::replay`], a request written whole that may be sent again): then it and its replays
+//! read the queue with a cursor of their own and leave it whole.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -110,6 +113,8 @@ pub fn new(buffers: Arc<Buffers>, file_cap: u64) -> (Writer, Reader) {
             spool,
             read: None,
             left: None,
+            len: None,
+            cursor: None,
         },
     )
 }
@@ -284,13 +289,50 @@ pub struct Reader {
     read: Option<JoinHandle<io::Result<Bytes>>>,
     /// Bytes still to come, when known.
     left: Option<u64>,
+    /// The whole body's length, when known.
+    len: Option<u64>,
+    /// Where a reader that leaves the pieces in place is; `None`: it takes them off as it reads.
+    cursor: Option<Cursor>,
+}
+
+/// A position in the queue: piece `piece`, `at` bytes into it (file pieces are read in steps).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    piece: usize,
+    at: u64,
 }
 
 impl Reader {
     /// Says how many bytes the body has in all (a request written whole, or a declared length).
     pub fn with_len(mut self, len: Option<u64>) -> Reader {
         self.left = len;
+        self.len = len;
         self
+    }
+
+    /// Another reader of the same body from its start, for a request sent again: only for a body written
+    /// whole, of known length, before this reader has taken anything. From then on this reader leaves the
+    /// pieces in place too (their memory stays taken until every reader is gone).
+    pub fn replay(&mut self) -> Option<Reader> {
+        let st = self.spool.lock();
+        if st.end != End::Done || self.read.is_some() || self.len.is_none() {
+            return None;
+        }
+        if self.cursor.is_none() {
+            if self.left != self.len {
+                // Pieces were taken off already.
+                return None;
+            }
+            self.cursor = Some(Cursor::default());
+        }
+        drop(st);
+        Some(Reader {
+            spool: self.spool.clone(),
+            read: None,
+            left: self.len,
+            len: self.len,
+            cursor: Some(Cursor::default()),
+        })
     }
 
     pub fn left(&self) -> Option<u64> {
@@ -307,6 +349,9 @@ impl Reader {
                     Ok(Err(e)) => Err(e.into()),
                     Err(e) => Err(e.into()),
                 }));
+            }
+            if self.cursor.is_some() {
+                return self.poll_in_place(cx);
             }
             let mut st = self.spool.lock();
             match st.pieces.pop_front() {
@@ -350,6 +395,58 @@ impl Reader {
         }
     }
 
+    /// `poll_data` for a reader that leaves the pieces in place (a replayable request body): the next
+    /// piece after its cursor, cloned from memory or read from the file.
+    fn poll_in_place(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let Some(mut c) = self.cursor else {
+            return Poll::Ready(None);
+        };
+        let st = self.spool.lock();
+        let next = match st.pieces.get(c.piece) {
+            Some(Piece::Memory(b)) => {
+                c.piece += 1;
+                Ok(b.clone())
+            }
+            Some(&Piece::File { start, end }) => {
+                let from = start + c.at;
+                let n = end.saturating_sub(from).min(READ);
+                if from + n >= end {
+                    c = Cursor {
+                        piece: c.piece + 1,
+                        at: 0,
+                    };
+                } else {
+                    c.at += n;
+                }
+                Err((from, n, st.file.clone()))
+            }
+            None => {
+                return match st.end {
+                    End::Done => Poll::Ready(None),
+                    // Only a spool written whole is replayed: nothing else can be missing.
+                    End::Failed | End::Open => Poll::Ready(Some(Err(Box::new(BrokenOff)))),
+                };
+            }
+        };
+        drop(st);
+        self.cursor = Some(c);
+        match next {
+            Ok(b) => Poll::Ready(Some(Ok(self.count(b)))),
+            Err((from, n, file)) => {
+                let Some(file) = file else {
+                    return Poll::Ready(Some(Err(Box::new(BrokenOff))));
+                };
+                self.read = Some(tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n as usize];
+                    file.read_exact_at(&mut buf, from)?;
+                    Ok(Bytes::from(buf))
+                }));
+                // `poll_data` polls the read it has just started.
+                self.poll_data(cx)
+            }
+        }
+    }
+
     fn count(&mut self, b: Bytes) -> Bytes {
         if let Some(left) = &mut self.left {
             *left = left.saturating_sub(b.len() as u64);
@@ -373,5 +470,81 @@ impl Drop for Reader {
         let mut st = self.spool.lock();
         st.reader_gone = true;
         wake(&mut st.writer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Budgets with 8 bytes of memory per body, the file in a fresh folder of the system's temp dir.
+    fn buffers(dir: &std::path::Path) -> Arc<Buffers> {
+        let text = format!(
+            "[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"a\"\n[upstream.a]\nservers = [\"127.0.0.1:1\"]\n[buffers]\nmemory_per_request = 8\nmemory = 1048576\n[process]\ntemp_dir = \"{}\"\n",
+            dir.display()
+        );
+        let config = portcullis_config::Config::parse(std::path::Path::new("t.toml"), &text)
+            .expect("a valid test config");
+        Arc::new(Buffers::new(&config))
+    }
+
+    async fn read_all(r: &mut Reader) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(b) = std::future::poll_fn(|cx| r.poll_data(cx)).await {
+            out.extend_from_slice(&b.expect("no read error"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_request_spool_written_whole_replays_from_memory_and_file() {
+        let dir = std::env::temp_dir().join(format!("portcullis-spool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let buffers = buffers(&dir);
+        let (mut w, r) = new(buffers.clone(), 1 << 20);
+        // 6 bytes in memory, then 200 000 in the file (several 64 KiB reads), then the file again.
+        let mut body = b"memory".to_vec();
+        w.push(Bytes::from_static(b"memory"), false).await.unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        w.push(Bytes::from(big.clone()), false).await.unwrap();
+        body.extend_from_slice(&big);
+        w.push(Bytes::from_static(b"tail"), false).await.unwrap();
+        body.extend_from_slice(b"tail");
+        w.finish();
+        let mut r = r.with_len(Some(body.len() as u64));
+
+        let mut again = r.replay().expect("written whole: replayable");
+        let mut third = again.replay().expect("a replay replays too");
+        assert_eq!(read_all(&mut r).await, body);
+        assert!(r.is_end_stream());
+        assert_eq!(
+            read_all(&mut again).await,
+            body,
+            "the pieces are still there"
+        );
+        drop((r, again));
+        assert_eq!(read_all(&mut third).await, body);
+        drop(third);
+        assert_eq!(
+            buffers.used(),
+            (0, 0),
+            "everything went back to the budgets"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_spool_is_not_replayed_once_read_or_before_it_is_whole() {
+        let dir = std::env::temp_dir().join(format!("portcullis-spool2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut w, r) = new(buffers(&dir), 1 << 20);
+        let mut r = r.with_len(Some(4));
+        w.push(Bytes::from_static(b"abcd"), false).await.unwrap();
+        assert!(r.replay().is_none(), "still being written");
+        w.finish();
+        let first = std::future::poll_fn(|cx| r.poll_data(cx)).await;
+        assert_eq!(&first.unwrap().unwrap()[..], b"abcd");
+        assert!(r.replay().is_none(), "its pieces were taken off already");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

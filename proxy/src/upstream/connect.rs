@@ -1,34 +1,16 @@
-//! Opening connections to upstream servers, over TCP or a unix socket, within the connect timeout. The
-//! pooled client asks for a connection by an opaque authority `sN`; N indexes the server list built at config
-//! load, so the request path never parses an address.
+//! Opening connections to upstream servers, over TCP (with `TCP_NODELAY`) or a unix socket, within the
+//! connect timeout. What runs over them (HTTP/1.1, the pool) is `pool.rs`'s.
 
-use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use portcullis_config::ServerAddr;
 use tokio::net::{TcpStream, UnixStream};
-
-/// Connects to the servers of every upstream; cheap to clone (the pool holds one per connection attempt).
-#[derive(Debug, Clone)]
-pub struct Connector {
-    servers: Arc<[ServerAddr]>,
-    timeout: Duration,
-}
-
-impl Connector {
-    pub fn new(servers: Arc<[ServerAddr]>, timeout: Duration) -> Connector {
-        Connector { servers, timeout }
-    }
-}
 
 /// An upstream connection, TCP or unix socket.
 #[derive(Debug)]
@@ -37,38 +19,18 @@ pub enum Io {
     Unix(TokioIo<UnixStream>),
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = Io;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Io>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let server = uri
-            .host()
-            .and_then(|h| h.strip_prefix('s'))
-            .and_then(|n| n.parse::<usize>().ok())
-            .and_then(|n| self.servers.get(n).cloned());
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let server = server.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no such upstream server")
-            })?;
-            match tokio::time::timeout(timeout, connect(&server)).await {
-                Ok(io) => io,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "upstream connect timed out",
-                )),
-            }
-        })
+/// Connects to `server` within `timeout` (past it: an `io::ErrorKind::TimedOut` error).
+pub async fn connect(server: &ServerAddr, timeout: Duration) -> io::Result<Io> {
+    match tokio::time::timeout(timeout, open(server)).await {
+        Ok(io) => io,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "upstream connect timed out",
+        )),
     }
 }
 
-async fn connect(server: &ServerAddr) -> io::Result<Io> {
+async fn open(server: &ServerAddr) -> io::Result<Io> {
     match server {
         ServerAddr::Tcp(addr) => {
             let s = TcpStream::connect(addr).await?;
@@ -78,12 +40,6 @@ async fn connect(server: &ServerAddr) -> io::Result<Io> {
         ServerAddr::Unix(path) => Ok(Io::Unix(TokioIo::new(
             UnixStream::connect(Path::new(path)).await?,
         ))),
-    }
-}
-
-impl Connection for Io {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 

@@ -1,29 +1,32 @@
 //! Upstreams: the app servers and the groups the config makes of them. [`Servers`] lives as long as the
-//! process: every server by address (its pool key and its own state, `server.rs`) and the keep-alive pool
-//! over all of them (hyper-util's client with our TCP/unix connector, `connect.rs`). [`Groups`] belongs to
-//! one config snapshot: each group names its servers and its balancing policy (`balance.rs`). [`forward`]
-//! is the one way a request goes upstream: it picks a server, sends, and says what happened as a typed
-//! [`Failure`]. What goes into a request and comes out of a response is `http`'s business, not this one's.
+//! process: every server by address, each with its own state (`server.rs`) and keep-alive pool (`pool.rs`,
+//! on hyper's HTTP/1.1 connection API, over `connect.rs`'s TCP or unix sockets). [`Groups`] belongs to one
+//! config snapshot: each group names its servers, its balancing policy (`balance.rs`) and its retry budget
+//! (`retry.rs`). [`forward`] is the one way a request goes upstream: it picks a server, sends, retries what is
+//! safe to retry on another, and says what happened as a typed [`Failure`]. What goes into a request and
+//! comes out of a response is `http`'s business, not this one's.
 
 mod balance;
 mod connect;
 pub mod health;
+mod pool;
+mod retry;
 mod server;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use portcullis_config::{Config, ServerAddr};
+use portcullis_config::Config;
 
 use crate::body::Body;
+use crate::shutdown::Shutdown;
 use balance::Policy;
-use connect::Connector;
+use retry::Budget;
 pub use server::Server;
 
 /// Why a request got no response from its upstream, and whose fault that was.
@@ -51,12 +54,12 @@ pub enum Failure {
     BodyTimeout(crate::pace::Cut),
 }
 
-/// Every upstream server the proxy knows, by address, and the pool they share. Servers are only ever added:
-/// a server's pool key (its position) stays the same for the life of the process.
+/// Every upstream server the proxy knows, by address, each with its pool. Servers are only ever added, so
+/// that their state and connections outlive a config.
 pub struct Servers {
-    client: Client<Connector, Body>,
     /// In the order they were first named; a few per group, searched only when a config is loaded.
     list: Vec<Arc<Server>>,
+    connect_timeout: Duration,
     response_timeout: Duration,
 }
 
@@ -68,29 +71,38 @@ impl Servers {
                 list.push(Arc::new(Server::new(addr.clone(), list.len())));
             }
         }
-        let addrs: Arc<[ServerAddr]> = list.iter().map(|s| s.addr.clone()).collect();
-        let connector = Connector::new(addrs, config.timeouts.upstream_connect);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // gunicorn's async workers close idle keep-alive connections after 2 s; stay under nginx's 60 s.
-            .pool_idle_timeout(Duration::from_secs(30))
-            // Enough idle connections for HTTP/2 fan-in (500 streams in flight must not reopen connections).
-            .pool_max_idle_per_host(512)
-            // hyper's default read buffer grows to ~400 KiB per upstream connection: a large response in flight
-            // then costs that much memory. 64 KiB reads stream just as fast.
-            .http1_max_buf_size(64 * 1024)
-            .set_host(false)
-            .build(connector);
         Servers {
-            client,
             list,
+            connect_timeout: config.timeouts.upstream_connect,
             response_timeout: config.timeouts.upstream_response,
         }
     }
 
-    fn get(&self, addr: &ServerAddr) -> Option<Arc<Server>> {
+    fn get(&self, addr: &portcullis_config::ServerAddr) -> Option<Arc<Server>> {
         self.list.iter().find(|s| &s.addr == addr).cloned()
+    }
+}
+
+/// Every second, lets go of the pooled connections that closed or expired; when shutdown begins, of all of
+/// them (requests still in flight finish on theirs, which then close).
+pub async fn sweep(servers: Arc<Servers>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                for s in &servers.list {
+                    s.pool.sweep(now);
+                }
+            }
+            () = shutdown.begun() => {
+                for s in &servers.list {
+                    s.pool.close();
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -107,12 +119,9 @@ pub struct Group {
     /// Passive health: failures in a row that take a server out (0: never), and for how long.
     pub max_fails: u32,
     pub fail_timeout: Duration,
-    /// Other servers tried after a failure that is safe to retry.
-    #[expect(
-        dead_code,
-        reason = "retries land with the per-server pools (issue 13)"
-    )]
+    /// Other servers tried after a failure that is safe to retry, within `budget`.
     pub retries: u32,
+    budget: Budget,
     /// Active checks of every member, when configured (`health.rs`).
     pub health: Option<portcullis_config::Health>,
 }
@@ -142,6 +151,7 @@ impl Groups {
                     max_fails: u.max_fails,
                     fail_timeout: u.fail_timeout,
                     retries: u.retries,
+                    budget: Budget::default(),
                     health: u.health.clone(),
                 }
             })
@@ -177,63 +187,214 @@ impl Group {
     }
 }
 
-/// Sends `req` (its URI is the client's path and query; the authority is ours to choose) from `client` to
-/// a server of `group`, and waits for the response head.
+/// A connection unused for longer than this may be closing under us (the app's keep-alive timeout: 2 s for
+/// gunicorn, 5 s for uvicorn, 75 s for nginx): an idempotent request on it keeps a copy to send again on a
+/// fresh connection, and a non-idempotent one takes a fresh connection instead.
+const MAYBE_CLOSING: Duration = Duration::from_millis(500);
+
+/// Sends `req` (its URI is the client's path and query) from `client` to a server of `group`, and waits
+/// for the response head. A failure that is safe to retry is retried on another server, up to the group's
+/// `retries` and within its budget: one that reached no app (no connection) whatever the method; one the
+/// app may have seen (reset, closed, timed out before a response head) only for an idempotent method with a
+/// body that can be replayed. The app's own answers, 502 and 503 included, are never retried.
 pub async fn forward(
     servers: &Servers,
     group: &Group,
     client: IpAddr,
     mut req: Request<Body>,
 ) -> Result<Response<Incoming>, Failure> {
+    origin_form(&mut req);
+    let idempotent = retry::idempotent(req.method());
     let now = Instant::now();
-    let i = group.pick(client, 0, now).ok_or(Failure::NoServer)?;
-    let server = &group.members[i].server;
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(server.key.clone());
-    parts.path_and_query = Some(pq);
-    // Scheme, authority and an origin-form path always make a valid absolute URI.
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| Failure::Connect(e.to_string()))?;
-    let in_flight = server.start();
-    let result =
-        match tokio::time::timeout(servers.response_timeout, servers.client.request(req)).await {
-            Err(_) => Err(Failure::Timeout),
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => Err(classify(&e)),
+    group.budget.request(now);
+    let members = group.members.len().min(64);
+    let mut tried = 0u64;
+    let mut retries = group.retries;
+    loop {
+        let now = Instant::now();
+        let Some(i) = group.pick(client, tried, now) else {
+            return Err(Failure::NoServer);
         };
-    drop(in_flight);
-    match &result {
-        Ok(_) => {
-            if server.succeeded() {
-                tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
+        tried |= 1 << i;
+        let server = &group.members[i].server;
+        // Another server could take it after a failure: worth keeping a copy if the app may see this one.
+        let elsewhere =
+            retries > 0 && (tried.count_ones() as usize) < members && group.budget.has_room(now);
+        let failure = match attempt(servers, server, req, idempotent, elsewhere).await {
+            Outcome::Response(res) => {
+                if server.succeeded() {
+                    tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
+                }
+                return Ok(res);
             }
-        }
-        Err(f @ (Failure::Connect(_) | Failure::Reset(_) | Failure::Timeout)) => {
-            tracing::debug!(server = %server.addr, in_flight = server.in_flight(), error = %f, "upstream request failed");
-            if server.failed(Instant::now(), group.max_fails, group.fail_timeout) {
-                tracing::warn!(upstream = %group.name, server = %server.addr, error = %f, out_for = ?group.fail_timeout, "upstream server is down: taken out after max_fails failures in a row");
+            Outcome::Client(f) => return Err(f),
+            Outcome::NotSent(back, f) => {
+                failed(group, server, &f);
+                req = back;
+                f
             }
+            Outcome::Sent(f, spare) => {
+                failed(group, server, &f);
+                match spare {
+                    Some(copy) if idempotent => {
+                        req = copy;
+                        f
+                    }
+                    _ => return Err(f),
+                }
+            }
+        };
+        if retries == 0
+            || (tried.count_ones() as usize) >= members
+            || !group.budget.retry(Instant::now(), &group.name)
+        {
+            return Err(failure);
         }
-        Err(_) => {}
+        retries -= 1;
+        tracing::debug!(upstream = %group.name, server = %server.addr, error = %failure, "retrying on another server");
     }
-    result
 }
 
-/// What a client error means for the request.
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+/// How one try on one server went.
+enum Outcome {
+    Response(Response<Incoming>),
+    /// Nothing reached the app (no connection, or a new one that closed before the request was written):
+    /// the request is back, untouched.
+    NotSent(Request<Body>, Failure),
+    /// The app may have seen the request; a copy to send again, if one was kept.
+    Sent(Failure, Option<Request<Body>>),
+    /// The client's body failed: nobody else's fault, nothing to retry.
+    Client(Failure),
+}
+
+/// One try on `server`: a pooled connection if one is ready, else a new one. A pooled connection that turns
+/// out closed before the request was written, or (for an idempotent request with a copy) that breaks before
+/// a response head after a long idle time, was the app closing it while idle: the request goes again on a
+/// new connection to the same server, and the server is not blamed. `spare`: keep a copy of an idempotent
+/// request for another server.
+async fn attempt(
+    servers: &Servers,
+    server: &Server,
+    mut req: Request<Body>,
+    idempotent: bool,
+    spare: bool,
+) -> Outcome {
+    let _in_flight = server.start();
+    let now = Instant::now();
+    let mut pooled = server.pool.checkout(now);
+    if !idempotent
+        && pooled
+            .as_ref()
+            .is_some_and(|(_, idle)| *idle >= MAYBE_CLOSING)
+    {
+        // A request that must not be sent twice does not go where the app may be closing.
+        pooled = None;
+    }
+    loop {
+        let reused = pooled.is_some();
+        let (mut send, idle) = match pooled.take() {
+            Some(p) => p,
+            None => match pool::open(&server.addr, servers.connect_timeout).await {
+                Ok(send) => (send, Duration::ZERO),
+                Err(e) => return Outcome::NotSent(req, connect_failure(&e)),
+            },
+        };
+        let mut copy = if idempotent && (spare || (reused && idle >= MAYBE_CLOSING)) {
+            retry::spare(&mut req)
+        } else {
+            None
+        };
+        let sent = tokio::time::timeout(servers.response_timeout, send.try_send_request(req)).await;
+        let e = match sent {
+            // Dropping the response future closes the connection (hyper's way to cancel an HTTP/1 request).
+            Err(_) => return Outcome::Sent(Failure::Timeout, copy),
+            Ok(Ok(res)) => {
+                if reusable(&res) {
+                    server.pool.put(send, Instant::now());
+                }
+                return Outcome::Response(res);
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(back) if reused => {
+                    tracing::debug!(server = %server.addr, "pooled upstream connection was closed; sending on a new one");
+                    req = back;
+                    continue;
+                }
+                Some(back) => {
+                    return Outcome::NotSent(back, Failure::Reset(describe(e.error())));
+                }
+                None => e.into_error(),
+            },
+        };
+        let failure = classify(&e);
+        match failure {
+            Failure::BodyTooLarge | Failure::BodyTimeout(_) => return Outcome::Client(failure),
+            Failure::Reset(_) if reused && idle >= MAYBE_CLOSING => {
+                if let Some(again) = copy.take() {
+                    tracing::debug!(server = %server.addr, error = %failure, "pooled upstream connection closed under the request; sending it again on a new one");
+                    req = again;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        return Outcome::Sent(failure, copy);
+    }
+}
+
+/// The request line's target in origin form (`/path?query`): an HTTP/2 request's URI is absolute.
+fn origin_form(req: &mut Request<Body>) {
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let pq = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
+}
+
+/// Whether the connection can carry another request after this response: not after an upgrade (it is the
+/// tunnel's now) or when the app said it closes.
+fn reusable(res: &Response<Incoming>) -> bool {
+    res.status() != StatusCode::SWITCHING_PROTOCOLS
+        && !res
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(says_close)
+}
+
+fn says_close(v: &HeaderValue) -> bool {
+    v.as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// Passive health: a connect, reset or timeout failure counts against the server.
+fn failed(group: &Group, server: &Server, f: &Failure) {
+    tracing::debug!(server = %server.addr, in_flight = server.in_flight(), error = %f, "upstream request failed");
+    if server.failed(Instant::now(), group.max_fails, group.fail_timeout) {
+        tracing::warn!(upstream = %group.name, server = %server.addr, error = %f, out_for = ?group.fail_timeout, "upstream server is down: taken out after max_fails failures in a row");
+    }
+}
+
+fn connect_failure(e: &std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        Failure::Timeout
+    } else {
+        Failure::Connect(describe(e))
+    }
+}
+
+/// What a failed exchange means for the request.
+fn classify(e: &hyper::Error) -> Failure {
     if caused_by::<crate::body::TooLarge>(e) {
         Failure::BodyTooLarge
     } else if let Some(stalled) = crate::body::Stalled::find(e) {
         Failure::BodyTimeout(stalled.0)
     } else if timed_out(e) {
         Failure::Timeout
-    } else if e.is_connect() {
-        Failure::Connect(describe(e))
     } else {
         Failure::Reset(describe(e))
     }

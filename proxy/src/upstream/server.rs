@@ -1,5 +1,5 @@
-//! One upstream server: its address, the opaque key its pooled connections are filed under, and its own
-//! state: requests in flight now, and its health (passive: consecutive failures, and until when they keep it
+//! One upstream server: its address, its keep-alive pool (`pool.rs`), and its own state: requests in
+//! flight now, and its health (passive: consecutive failures, and until when they keep it
 //! out; active: the last verdict of the health checks). Shared by every snapshot whose groups name the
 //! server, so that the state survives a new config. Everything here is atomics: read on every request.
 
@@ -7,14 +7,15 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use http::uri::Authority;
 use portcullis_config::ServerAddr;
+
+use super::pool::Pool;
 
 #[derive(Debug)]
 pub struct Server {
     pub addr: ServerAddr,
-    /// `sN`: the authority the pool and the connector know this server by (N is its position in `Servers`).
-    pub key: Authority,
+    /// Its kept connections.
+    pub pool: Pool,
     in_flight: AtomicUsize,
     /// Connect/reset failures in a row (passive health); reset by a success.
     fails: AtomicU32,
@@ -40,12 +41,11 @@ pub fn clock(now: Instant) -> u64 {
 }
 
 impl Server {
-    pub fn new(addr: ServerAddr, position: usize) -> Server {
+    /// `position` is its place in `Servers` (kept for a stable signature; the pool needs no key).
+    pub fn new(addr: ServerAddr, _position: usize) -> Server {
         Server {
             addr,
-            // `s` and a decimal number is always a valid authority.
-            key: Authority::try_from(format!("s{position}"))
-                .unwrap_or_else(|_| Authority::from_static("s0")),
+            pool: Pool::default(),
             in_flight: AtomicUsize::new(0),
             fails: AtomicU32::new(0),
             out_until: AtomicU64::new(0),
