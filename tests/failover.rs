@@ -751,3 +751,58 @@ async fn an_idle_connection_the_app_closed_is_replaced_without_failing_or_blamin
     assert_eq!(posts, [(3, "POST /closer/c HTTP/1.1".to_owned())]);
     assert!(blamed().is_empty(), "{:?}", blamed());
 }
+
+/// The app's own 502 and 503 are its answer: passed on as they are (its page, not ours), never sent to
+/// another server, whatever the method, and the server is not taken out for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_own_502_and_503_are_passed_on_and_never_retried() {
+    let a = portcullis_tests::Upstream::tcp().await;
+    let b = portcullis_tests::Upstream::tcp().await;
+    let dir = TempDir::new("app502");
+    let pki = Pki::new(dir.path(), &[]);
+    let text = config(&pki, &a.addr_string(), "").replace(
+        &format!("servers = [\"{}\"]", a.addr_string()),
+        &format!(
+            "servers = [\"{}\", \"{}\"]\nbalance = \"round_robin\"",
+            a.addr_string(),
+            b.addr_string()
+        ),
+    );
+    let proxy = Portcullis::run(&dir.write("portcullis.toml", &text), &[]);
+    assert!(proxy.ready, "{}", proxy.output());
+    let client = Client::new(&pki.ca_pem);
+    let https = proxy.https_addr();
+    for (method, code) in [("GET", 502u16), ("POST", 502), ("GET", 503), ("POST", 503)] {
+        let before = a.requests().len() + b.requests().len();
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/status/{code}"))
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from_static(b"order=1")))
+            .unwrap();
+        let res = client.send(https, req).await;
+        assert_eq!(res.status().as_u16(), code, "{method}");
+        assert_eq!(
+            String::from_utf8_lossy(res.body()),
+            format!("the app said {code}"),
+            "{method}: the app's page, not ours"
+        );
+        assert_eq!(
+            a.requests().len() + b.requests().len(),
+            before + 1,
+            "{method} {code} was sent to more than one server"
+        );
+    }
+    // Neither server was taken out: both still get their turns.
+    for _ in 0..4 {
+        assert_eq!(client.get(https, "/").await.status(), 200);
+    }
+    let to =
+        |u: &portcullis_tests::Upstream| u.requests().iter().filter(|r| r.target == "/").count();
+    assert_eq!((to(&a), to(&b)), (2, 2));
+    assert!(
+        !proxy.output().contains("upstream server is down"),
+        "{}",
+        proxy.output()
+    );
+}

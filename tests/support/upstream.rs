@@ -2,7 +2,7 @@
 //! every request it receives (method, target, headers, body length, which connection) for assertions.
 //!
 //! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes (`?accel=no` adds
-//! `X-Accel-Buffering: no`; [`Upstream::responses_sent`] counts those finished); `/sse` sends two events 2 s apart; `/upload` counts the
+//! `X-Accel-Buffering: no`; [`Upstream::responses_sent`] counts those finished); `/sse` sends two events 2 s apart; `/status/N` answers N; `/upload` counts the
 //! body; `/sha256` answers `sha256=HEX len=N` for the body it received; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
 //! fields and its own X-Frame-Options; anything else answers 200 with the request headers as text.
 
@@ -315,6 +315,18 @@ async fn handle(
     }
     if path.starts_with("/slow/") {
         return Ok(Response::new(full("slow done")));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let status = code
+            .parse()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::OK);
+        let res = Response::builder()
+            .status(status)
+            .body(full(format!("the app said {}", status.as_u16())))
+            .unwrap();
+        return Ok(res);
     }
     Ok(Response::new(full(headers_text)))
 }
