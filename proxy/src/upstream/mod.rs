@@ -122,6 +122,8 @@ pub struct Group {
     /// Other servers tried after a failure that is safe to retry, within `budget`.
     pub retries: u32,
     budget: Budget,
+    /// When a request last went to a group with no server up (`server::clock` ms): one such try a second.
+    probed: std::sync::atomic::AtomicU64,
     /// Active checks of every member, when configured (`health.rs`).
     pub health: Option<portcullis_config::Health>,
 }
@@ -152,6 +154,7 @@ impl Groups {
                     fail_timeout: u.fail_timeout,
                     retries: u.retries,
                     budget: Budget::default(),
+                    probed: std::sync::atomic::AtomicU64::new(0),
                     health: u.health.clone(),
                 }
             })
@@ -184,6 +187,19 @@ impl Group {
     /// Whether any member is up at `now` (no: the maintenance page).
     pub fn any_up(&self, now: Instant) -> bool {
         self.members.iter().any(|m| m.server.is_up(now))
+    }
+
+    /// With no server up, whether this request may try one anyway (the one that failed longest ago may
+    /// be back): one request a second per group does, the others get the maintenance page at once instead of
+    /// each waiting on a dead server (up to `upstream_connect` for one that drops packets).
+    pub fn may_probe(&self, now: Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        let t = server::clock(now);
+        self.probed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                (last == 0 || t >= last.saturating_add(1000)).then_some(t)
+            })
+            .is_ok()
     }
 }
 

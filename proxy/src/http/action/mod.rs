@@ -40,6 +40,16 @@ pub async fn run(
                 }
                 return maintenance.response();
             }
+            // No server up: one request a second tries the one that failed longest ago; the rest get the
+            // page at once.
+            let g = ctx.snap.upstreams.group(group);
+            let now = Instant::now();
+            if !allowed && !g.any_up(now) && !g.may_probe(now) {
+                if let Some(a) = access {
+                    a.upstream = Some(g.name.clone());
+                }
+                return maintenance.response();
+            }
             let res = upstream::run(ctx, route, group, requested, admitted, req, access).await;
             // No server is up (known down, or it just failed): `forward` tried the one that failed longest
             // ago anyway; it failed too, so the page says so rather than a 502.
