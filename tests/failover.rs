@@ -806,3 +806,68 @@ async fn the_apps_own_502_and_503_are_passed_on_and_never_retried() {
         proxy.output()
     );
 }
+
+/// Without active checks, a server out after failures is back as soon as it accepts connections again
+/// (a bare connect every second), not after the rest of `fail_timeout` (here a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_out_after_failures_is_back_once_it_accepts_again_without_health_checks() {
+    let a = portcullis_tests::Upstream::tcp().await;
+    // B's address, with nothing listening on it yet: connections are refused.
+    let b_addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = TempDir::new("back");
+    let pki = Pki::new(dir.path(), &[]);
+    let text = config(&pki, &a.addr_string(), "").replace(
+        &format!("servers = [\"{}\"]", a.addr_string()),
+        &format!(
+            "servers = [\"{}\", \"{b_addr}\"]\nbalance = \"round_robin\"\nfail_timeout = \"60s\"",
+            a.addr_string()
+        ),
+    );
+    let proxy = Portcullis::run(&dir.write("portcullis.toml", &text), &[]);
+    assert!(proxy.ready, "{}", proxy.output());
+    let client = Client::new(&pki.ca_pem);
+    let https = proxy.https_addr();
+    // B refuses: retried on A (no failure), and B is taken out.
+    for _ in 0..2 {
+        assert_eq!(client.get(https, "/").await.status(), 200);
+    }
+    proxy
+        .wait_for_log(
+            |l| l.contains("upstream server is down") && l.contains(&b_addr.to_string()),
+            Duration::from_secs(5),
+        )
+        .expect("B was not taken out");
+    // B comes up on the same address.
+    let listener = TcpListener::bind(b_addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"b"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    proxy
+        .wait_for_log(
+            |l| l.contains("accepts connections again") && l.contains(&b_addr.to_string()),
+            Duration::from_secs(10),
+        )
+        .expect("B never came back");
+    let mut from_b = 0;
+    for _ in 0..4 {
+        let res = client.get(https, "/").await;
+        assert_eq!(res.status(), 200);
+        from_b += usize::from(res.body().as_ref() == b"b");
+    }
+    assert_eq!(from_b, 2, "B does not get its turns again");
+}

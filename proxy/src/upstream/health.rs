@@ -22,10 +22,70 @@ use tokio::net::{TcpStream, UnixStream};
 use super::{Groups, Server};
 use crate::shutdown::Shutdown;
 
-/// Starts one checking task per server that some group with `health` names (each server once).
+/// Starts one checking task per server that some group with `health` names (each server once), and one
+/// task that watches for the return of the other servers while they are out after failures.
 pub fn spawn(config: &Config, groups: &Groups, shutdown: &Shutdown) {
-    for c in plan(config, groups) {
+    let checks = plan(config, groups);
+    let mut unchecked: Vec<Arc<Server>> = Vec::new();
+    for group in groups.iter().filter(|g| g.max_fails > 0) {
+        for m in group.members() {
+            let checked = checks.iter().any(|c| Arc::ptr_eq(&c.server, &m.server));
+            if !checked && !unchecked.iter().any(|s| Arc::ptr_eq(s, &m.server)) {
+                unchecked.push(m.server.clone());
+            }
+        }
+    }
+    for c in checks {
         tokio::spawn(watch(c, shutdown.clone()));
+    }
+    if !unchecked.is_empty() {
+        tokio::spawn(watch_return(unchecked, shutdown.clone()));
+    }
+}
+
+/// How often a server out after failures, without active checks, is tried with a bare connect.
+const RETURN_PROBE: Duration = Duration::from_secs(1);
+
+/// Servers without active checks that `max_fails` took out: every second, each one that is out gets a bare
+/// connect (TCP or unix socket, within a second); one that accepts again is back at once, rather than after
+/// the rest of `fail_timeout` (HAProxy's layer-4 check does the same). An app that accepts but still fails is
+/// taken out again by its next failures, which are retried elsewhere by the usual rules.
+async fn watch_return(servers: Vec<Arc<Server>>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(RETURN_PROBE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.begun() => return,
+        }
+        let now = Instant::now();
+        let out: Vec<&Arc<Server>> = servers.iter().filter(|s| !s.is_up(now)).collect();
+        if out.is_empty() {
+            continue;
+        }
+        let probes = out.iter().map(|s| async move {
+            let ok = tokio::time::timeout(RETURN_PROBE, accepts(&s.addr))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            (*s, ok)
+        });
+        let results = tokio::select! {
+            r = futures_util::future::join_all(probes) => r,
+            () = shutdown.begun() => return,
+        };
+        for (server, ok) in results {
+            if ok && server.accepts_again() {
+                tracing::info!(server = %server.addr, "upstream server is back: it accepts connections again");
+            }
+        }
+    }
+}
+
+/// A bare connect, closed at once.
+async fn accepts(addr: &ServerAddr) -> io::Result<()> {
+    match addr {
+        ServerAddr::Tcp(a) => TcpStream::connect(a).await.map(drop),
+        ServerAddr::Unix(p) => UnixStream::connect(p).await.map(drop),
     }
 }
 

@@ -99,6 +99,16 @@ impl Server {
         self.out_until.swap(0, Ordering::Relaxed) != 0
     }
 
+    /// A server out after failures accepts connections again (no active checks): its time-out ends now.
+    /// Returns true when it was out.
+    pub fn accepts_again(&self) -> bool {
+        if !self.checked_up.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.fails.store(0, Ordering::Relaxed);
+        self.out_until.swap(0, Ordering::Relaxed) != 0
+    }
+
     /// The active checks' verdict; returns true when it changed.
     pub fn set_checked(&self, up: bool) -> bool {
         let was = self.checked_up.swap(up, Ordering::Relaxed);
