@@ -52,6 +52,14 @@ pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
 /// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
 pub const BUFFER_REQUESTS: bool = true;
 pub const BUFFER_RESPONSES: bool = true;
+/// A static route sends no `Cache-Control` on its files unless it has `cache` (browsers then revalidate
+/// with `If-None-Match`/`If-Modified-Since`, nginx's behaviour); index and fallback answers always carry
+/// `no-cache`, since what a folder URL shows changes with every deploy.
+pub const STATIC_CACHE: Option<std::time::Duration> = None;
+/// No index file: a request for a folder is `404` (there is never a listing).
+pub const STATIC_INDEX: Option<&str> = None;
+/// No fallback: a path that matches no file is `404`.
+pub const STATIC_FALLBACK: Option<&str> = None;
 /// `[upstream.NAME]` balancing: in-flight counts suit gunicorn's one-request-per-worker model best.
 pub const BALANCE: crate::model::Balance = crate::model::Balance::LeastRequests;
 pub const SERVER_WEIGHT: u32 = 1;

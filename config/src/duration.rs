@@ -1,4 +1,4 @@
-//! Durations as written in the config: a whole number and a unit, `250ms`, `5s`, `2m`, `1h`.
+//! Durations as written in the config: a whole number and a unit, `250ms`, `5s`, `2m`, `1h`, `365d`.
 
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
         _ => {
             return Err(format!(
                 "{s:?} has no unit: write \"{n}s\", \"{n}ms\", \"{n}m\" or \"{n}h\""
@@ -35,6 +36,7 @@ mod tests {
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse("365d"), Ok(Duration::from_secs(31_536_000)));
         assert!(parse("5").is_err());
         assert!(parse("0s").is_err());
         assert!(parse("s").is_err());

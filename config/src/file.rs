@@ -89,7 +89,16 @@ pub struct Eab {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub path: S<String>,
-    pub upstream: S<String>,
+    /// Forward to this `[upstream.NAME]`; a route has this or `static`, not both.
+    pub upstream: Option<S<String>>,
+    /// Serve files from this folder (or this one file); a route has this or `upstream`, not both.
+    pub r#static: Option<S<String>>,
+    /// Static routes: `Cache-Control: public, max-age=N` on the files served ("365d", "1h", ...).
+    pub cache: Option<S<String>>,
+    /// Static folder routes: the file that answers a request for a folder (`index.html`).
+    pub index: Option<S<String>>,
+    /// Static folder routes: the file (relative to the folder) served for paths that match nothing (SPA).
+    pub fallback: Option<S<String>>,
     /// Overrides `limits.body` for this route (upload endpoints).
     pub max_body: Option<S<Size>>,
     /// Read the whole request body before the app sees the request (default true).

@@ -37,7 +37,8 @@ pub use error::{Error, Problem};
 pub use model::{
     Acme, AcmeChallenge, Action, Balance, Buffers, CertSource, Config, Eab, HeaderRule, Health,
     Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate, RateLimit,
-    Route, SecurityHeaders, ServerAddr, Site, Timeouts, Tls, TlsVersion, Upstream,
+    Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion,
+    Upstream,
 };
 pub use ratelimit::parse_rate;
 

@@ -91,9 +91,23 @@ pub struct Site {
 }
 
 impl Site {
-    /// The route a request path takes: longest matching prefix.
+    /// The route a request path takes: the longest one that matches it (see [`Route::matches`]).
     pub fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| path.starts_with(&r.path))
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+impl Route {
+    /// Whether `path` takes this route: it starts with the route's path, or, for a static route that serves
+    /// one file, it is exactly that path (`/favicon.ico.map` goes on to a shorter route).
+    pub fn matches(&self, path: &str) -> bool {
+        match &self.action {
+            Action::Static(Static {
+                kind: StaticKind::File,
+                ..
+            }) => path == self.path,
+            _ => path.starts_with(&self.path),
+        }
     }
 }
 
@@ -191,12 +205,37 @@ pub struct Route {
     pub buffer_responses: bool,
 }
 
-/// What a route does with a request. Today every route forwards to an upstream group; later issues add
-/// `Static` (files from a folder), `Maintenance` (a canned page) and `Redirect`.
+/// What a route does with a request: forward it to an upstream group, or serve a file. Later issues may add
+/// `Maintenance` (a canned page) and `Redirect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Forward to this upstream group: an index into [`Config::upstreams`].
     Upstream(usize),
+    /// Serve files from a folder, or one file (`static = "..."`).
+    Static(Static),
+}
+
+/// A static route, checked: its folder (or file) existed when the config was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Static {
+    /// Absolute; what the route's path maps to.
+    pub root: PathBuf,
+    pub kind: StaticKind,
+    /// `Cache-Control: public, max-age=N` on files answered by their own name; `None`: no such header.
+    pub cache: Option<Duration>,
+    /// A plain file name that answers a request for a folder (`.../` and the route's own path).
+    pub index: Option<String>,
+    /// A path relative to `root` (segments joined by `/`) served for paths that match nothing.
+    pub fallback: Option<String>,
+}
+
+/// Whether a static route serves a folder or one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaticKind {
+    /// The path below the route's prefix maps into the folder.
+    Folder,
+    /// Only the route's exact path is answered (nginx's `location = /favicon.ico { alias ...; }`).
+    File,
 }
 
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! The one response/request body type the proxy hands to hyper: a streamed body from the other side, a
-//! buffered one, a small page of our own, or nothing. An enum, not a `BoxBody`, so no allocation per request
+//! buffered one, a small page of our own, a static file, or nothing. An enum, not a `BoxBody`, so no allocation per request
 //! for the common case. Buffering, so that slow clients never hold the app's workers (gunicorn's sync workers
 //! serve one request each), lives here too: a body is held in memory up to `[buffers] memory_per_request`,
 //! beyond it in an unlinked temporary file in `[process] temp_dir` (`spool.rs`), within budgets every body
@@ -42,6 +42,9 @@ pub enum Body {
     },
     /// A body buffered in memory and a temporary file (`spool.rs`), read at the receiver's pace.
     Spooled(Reader),
+    /// A static route's file, read from disk chunk by chunk by tower-http's `ServeDir` (boxed there: only
+    /// static responses pay for it).
+    Static(File),
     /// An HTTP/2 request body (the guard watches HTTP/1.1 ones): as `Limited`, and ended with [`Stalled`]
     /// when its waits break `rule` (`pace.rs`: no frame for `client_body`, or under `min_body_rate` once
     /// the grace is spent). Only time spent waiting for a frame counts. One timer, which exists only once a
@@ -53,6 +56,15 @@ pub enum Body {
         pace: Pace,
         timer: Option<Pin<Box<Sleep>>>,
     },
+}
+
+/// A static file's body (tower-http's, which has no `Debug`).
+pub struct File(pub tower_http::services::fs::ServeFileSystemResponseBody);
+
+impl std::fmt::Debug for File {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("File")
+    }
 }
 
 /// A request body went past its route's limit (the client's fault: 413).
@@ -101,6 +113,7 @@ impl Body {
             Body::Empty => Some(Body::Empty),
             Body::Full(b) => Some(Body::Full(b.clone())),
             Body::Spooled(r) => r.replay().map(Body::Spooled),
+            Body::Static(_) => None,
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 http_body::Body::is_end_stream(s).then_some(Body::Empty)
             }
@@ -132,6 +145,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             Body::Spooled(r) => r.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
+            Body::Static(f) => Pin::new(&mut f.0).poll_frame(cx).map_err(Into::into),
             Body::Limited { inner, left } => limited(Pin::new(inner).poll_frame(cx), left),
             Body::Watched {
                 inner,
@@ -169,6 +183,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Spooled(r) => r.is_end_stream(),
+            Body::Static(f) => f.0.is_end_stream(),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.is_end_stream()
             }
@@ -182,6 +197,7 @@ impl http_body::Body for Body {
             Body::Spooled(r) => r
                 .left()
                 .map_or_else(SizeHint::default, SizeHint::with_exact),
+            Body::Static(f) => f.0.size_hint(),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.size_hint()
             }

@@ -1,15 +1,15 @@
 //! Can the service user still reach what it needs after the drop? Certificates and keys are read again on
-//! reload, when root is long gone (the config is not: it is read once, before the drop). Every file the
-//! process needs is listed in [`needed`], and [`problems`] checks it against the service user's ids with the
-//! owner/group/other mode bits (POSIX ACLs are not read), along with every directory above it. A private
-//! key must not be open to other users.
+//! reload, when root is long gone (the config is not: it is read once, before the drop); static routes'
+//! folders and files are read on every request. Every file the process needs is listed in [`needed`], and
+//! [`problems`] checks it against the service user's ids with the owner/group/other mode bits (POSIX ACLs
+//! are not read), along with every directory above it. A private key must not be open to other users.
 
 use std::fmt;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use portcullis_config::{CertSource, Config};
+use portcullis_config::{Action, CertSource, Config, StaticKind};
 
 use super::Identity;
 
@@ -105,6 +105,43 @@ pub fn needed(config: &Config) -> Vec<Needed> {
                 secret: false,
             });
         }
+    }
+    for route in config.sites.iter().flat_map(|s| &s.routes) {
+        let Action::Static(st) = &route.action else {
+            continue;
+        };
+        // Read-only: the folder entered (never listed), the file itself, and the files the config names
+        // (the fallback, and the index at the folder's top when there is one). Each file below is the
+        // deploy's business; they cannot all be checked here.
+        let mut files = Vec::new();
+        match st.kind {
+            StaticKind::File => {
+                files.push((st.root.clone(), "static file (read on every request)"))
+            }
+            StaticKind::Folder => {
+                out.push(Needed {
+                    path: st.root.clone(),
+                    what: "static folder (its files are read on every request)",
+                    access: Access::EnterDir,
+                    secret: false,
+                });
+                if let Some(f) = &st.fallback {
+                    files.push((st.root.join(f), "static route's fallback file"));
+                }
+                if let Some(i) = &st.index {
+                    let top = st.root.join(i);
+                    if top.exists() {
+                        files.push((top, "static folder's index file"));
+                    }
+                }
+            }
+        }
+        out.extend(files.into_iter().map(|(path, what)| Needed {
+            path,
+            what,
+            access: Access::Read,
+            secret: false,
+        }));
     }
     if let Some(flag) = &config.maintenance.flag {
         // Whether the flag exists is a stat in its folder (or, before that folder is made, the one above).
@@ -291,6 +328,51 @@ mod tests {
                 .iter()
                 .any(|p| p.kind == Kind::KeyExposed)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A static route's folder must be enterable and its fallback readable by the service user.
+    #[test]
+    fn a_static_folder_closed_to_the_service_user_is_reported_with_its_fallback() {
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-access-static-{}", std::process::id()));
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(www.join("index.html"), "i").unwrap();
+        let text = format!(
+            "names = [\"localhost\"]\n[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nstatic = \"{}\"\nindex = \"index.html\"\nfallback = \"index.html\"\n",
+            www.display()
+        );
+        let config = Config::parse(&dir.join("p.toml"), &text).unwrap();
+        let needed = needed(&config);
+        assert!(
+            needed
+                .iter()
+                .any(|n| n.path == www && n.access == Access::EnterDir),
+            "{needed:?}"
+        );
+        assert!(
+            needed
+                .iter()
+                .any(|n| n.path == www.join("index.html") && n.access == Access::Read),
+            "{needed:?}"
+        );
+        std::fs::set_permissions(&www, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let found = problems(&config, &nobody());
+        assert!(
+            found
+                .iter()
+                .any(|p| p.path == www && p.message.contains("cannot look into it")),
+            "{found:?}"
+        );
+        std::fs::set_permissions(&www, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            www.join("index.html"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(problems(&config, &nobody()).is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

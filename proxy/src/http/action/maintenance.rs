@@ -3,7 +3,7 @@
 //! every client outside `allow` while the `flag` file exists (looked at no more than once a second, the
 //! answer kept in an atomic), and instead of a `502` when a route's upstream has no server up and the
 //! one server tried anyway failed. The security headers are added by the pipeline, as on every response.
-//! The decision of when to show it is `action/mod.rs`'s; static routes (issue 14) will not consult it.
+//! The decision of when to show it is `action/mod.rs`'s; static routes do not consult it.
 
 use std::io;
 use std::net::IpAddr;

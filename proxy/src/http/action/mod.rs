@@ -1,9 +1,10 @@
 //! Route actions: what a route does with a request the filters let through. One file per action:
 //! `upstream` forwards to the route's upstream group, with `maintenance` in front of it (the flag file, or
-//! no server up); static files and redirects join them here as the config grows those actions. Static
-//! routes (issue 14) will not go through the maintenance check: they keep working during maintenance.
+//! no server up); `static_files` serves a folder or a file, and does not go through the maintenance check:
+//! static routes keep working during maintenance. Redirects join them here as the config grows them.
 
 pub mod maintenance;
+mod static_files;
 mod upstream;
 
 use std::time::Instant;
@@ -28,8 +29,10 @@ pub async fn run(
     req: Request<Incoming>,
     access: Option<&mut Access>,
 ) -> Response<Body> {
-    match route.action {
-        Action::Upstream(group) => {
+    match &route.action {
+        // No upstream to name in the access line, and no maintenance: the files are there either way.
+        Action::Static(st) => static_files::run(route, st, req).await,
+        &Action::Upstream(group) => {
             // Maintenance, for everyone outside `allow` (the real client, after trusted proxies): while the
             // flag file exists the request never reaches the app (nor is its body read).
             let maintenance = &ctx.snap.maintenance;
