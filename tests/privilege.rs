@@ -245,8 +245,8 @@ fn check_reports_a_key_the_service_user_cannot_read() {
     let (code, text) = check(&path);
     assert_eq!(code, 0, "{text}");
 
-    // The config is read once, as root, before the drop (SIGHUP does not re-read it): root's own 0600 file
-    // is fine.
+    // At start the config is read as root, before the drop: root's own 0600 file is fine for `check` (a
+    // SIGHUP reload reads it as the service user, and fails, saying `cannot read`, if it cannot).
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (code, text) = check(&path);
     assert_eq!(code, 0, "{text}");

@@ -16,6 +16,7 @@ mod ocsp;
 mod pace;
 mod privdrop;
 mod ratelimit;
+mod reconfigure;
 mod reload;
 mod sdnotify;
 mod shutdown;
@@ -137,7 +138,8 @@ fn run(
 }
 
 /// 7. Serve: the signal handlers, the listeners on the runtime, `Shared`, every task, `READY=1`.
-/// 8. Wait for SIGTERM or SIGINT (SIGHUP meanwhile reloads), then drain within the shutdown deadline.
+/// 8. Wait for SIGTERM or SIGINT (SIGHUP meanwhile reloads the config), then drain within the shutdown
+///    deadline.
 async fn serve(
     config: Config,
     tls: Arc<rustls::ServerConfig>,
@@ -147,7 +149,8 @@ async fn serve(
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
 ) -> Result<ExitCode, ExitCode> {
-    let grace = config.timeouts.shutdown;
+    // SIGHUP reads the config file again; the demo's config is made at start and has none.
+    let config_path = demo_upstream.is_none().then(|| config.source.clone());
     let mut signals =
         signals::Signals::install().map_err(|_| failed("cannot install signal handlers"))?;
     let listeners = tasks::Listeners::register(bound)
@@ -164,11 +167,13 @@ async fn serve(
         demo::start(up, &shutdown)
             .map_err(|e| failed(format_args!("cannot start the demo upstream: {e}")))?;
     }
-    let accepting = tasks::spawn(&state, listeners, reloader, &signals, shutdown);
+    let accepting = tasks::spawn(&state, listeners, reloader, config_path, &signals, shutdown);
     tracing::info!("ready");
     sdnotify::ready();
 
     signals.until_stop().await;
+    // The deadline of the config in force now (a reload may have changed it).
+    let grace = state.snapshot().config.timeouts.shutdown;
     drain(&trigger, grace, accepting).await;
     Ok(ExitCode::SUCCESS)
 }

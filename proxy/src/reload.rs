@@ -1,9 +1,9 @@
 //! Certificates that never cause an outage: every site's pair is loaded and checked at start, then re-read
 //! when its files change (inotify through `notify`, backed by a 1 s poll of each file's identity) and on
-//! SIGHUP. A new pair is checked (parses, key fits, not expired, covers the site) before one pointer is
-//! swapped; on any failure the last good pair keeps serving and the log says why. A new chain seen with the
-//! old key (certbot replaces the two files one after the other) is retried every 250 ms until the key
-//! matches, never served. Expiry is checked at start and daily.
+//! SIGHUP (the config reload calls [`reload_all`]). A new pair is checked (parses, key fits, not expired,
+//! covers the site) before one pointer is swapped; on any failure the last good pair keeps serving and the
+//! log says why. A new chain seen with the old key (certbot replaces the two files one after the other) is
+//! retried every 250 ms until the key matches, never served. Expiry is checked at start and daily.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +16,6 @@ use portcullis_config::{CertSource, Config};
 use tokio::sync::mpsc;
 
 use crate::shutdown::Shutdown;
-use crate::signals::Reloads;
 
 /// Warn when a certificate has less than this left.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -199,14 +198,9 @@ impl Reloader {
     }
 }
 
-/// Runs until shutdown: file events, the poll, SIGHUP (as `reloads`, from `signals`), retries while a key
-/// is awaited, and the daily expiry check. `on_hup` wraps a SIGHUP reload (systemd's RELOADING=1 / READY=1).
-pub async fn run(
-    reloader: Arc<Reloader>,
-    mut reloads: Reloads,
-    mut shutdown: Shutdown,
-    on_hup: impl Fn(bool),
-) {
+/// Runs until shutdown: file events, the poll, retries while a key is awaited, and the daily expiry check.
+/// SIGHUP is the config reload's (`reconfigure.rs`), which then calls [`Reloader::reload`] with `force`.
+pub async fn run(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
     let (tx, mut events) = mpsc::channel::<()>(16);
     // Kept alive for as long as this task runs; None when inotify is unavailable (the poll still works).
     let _watcher = if reloader.is_empty() {
@@ -220,31 +214,17 @@ pub async fn run(
     daily.tick().await;
     let mut waiting = false;
     loop {
-        let force = tokio::select! {
+        tokio::select! {
             () = shutdown.begun() => return,
-            () = reloads.requested() => true,
-            Some(()) = events.recv() => false,
-            _ = poll.tick(), if !reloader.is_empty() => false,
-            () = tokio::time::sleep(MISMATCH_RETRY), if waiting => false,
+            Some(()) = events.recv() => {}
+            _ = poll.tick(), if !reloader.is_empty() => {}
+            () = tokio::time::sleep(MISMATCH_RETRY), if waiting => {}
             _ = daily.tick() => {
                 reloader.check_expiry();
                 continue;
             }
-        };
-        if force {
-            on_hup(true);
-            let r = reloader.clone();
-            let outcome = tokio::task::spawn_blocking(move || r.reload(true))
-                .await
-                .unwrap_or_default();
-            tracing::info!(
-                swapped = outcome.swapped,
-                refused = outcome.refused,
-                "reload on SIGHUP done"
-            );
-            waiting = outcome.waiting;
-            on_hup(false);
-        } else if !reloader.is_empty() {
+        }
+        if !reloader.is_empty() {
             let r = reloader.clone();
             waiting = tokio::task::spawn_blocking(move || r.reload(false))
                 .await
@@ -252,6 +232,20 @@ pub async fn run(
                 .waiting;
         }
     }
+}
+
+/// SIGHUP's pass: every file-backed pair read again, changed or not, on the blocking pool; logged as
+/// `reload on SIGHUP done`. A new chain still waiting for its key is retried by [`run`]'s poll.
+pub async fn reload_all(reloader: &Arc<Reloader>) {
+    let r = reloader.clone();
+    let outcome = tokio::task::spawn_blocking(move || r.reload(true))
+        .await
+        .unwrap_or_default();
+    tracing::info!(
+        swapped = outcome.swapped,
+        refused = outcome.refused,
+        "reload on SIGHUP done"
+    );
 }
 
 /// Watches the folders holding certificate files (a certbot renewal replaces symlinks in them).

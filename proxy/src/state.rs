@@ -1,10 +1,12 @@
 //! What the proxy runs on, in two lifetimes. [`Shared`] lives as long as the process: connection
-//! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), limiter
-//! stores, the log's refusal budget, and the live [`Snapshot`]. A [`Snapshot`] is everything built from one
-//! checked `Config`: routes and their actions, security headers, canned refusals, guard settings, redirect
-//! names, upstream groups, the maintenance page, the rustls config. It lives in an `ArcSwap`: a connection takes one when it
-//! starts (its TLS config, guard and limits), a request takes one when it starts and uses it to its end.
-//! What must outlive a snapshot is found by a stable key (a server by its address), never by position.
+//! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), the
+//! buffers' budgets, the log's refusal budget, and the live [`Snapshot`]. A [`Snapshot`] is everything built
+//! from one checked `Config`: routes and their actions, security headers, canned refusals, guard settings,
+//! redirect names, upstream groups, rate limits, the maintenance page, the rustls config. It lives in an
+//! `ArcSwap`: a connection takes one when it starts (its TLS config, guard and limits), a request takes one
+//! when it starts and uses it to its end; a config reload ([`Shared::install`], from `reconfigure.rs`)
+//! swaps in the next for new connections and requests. What must outlive a snapshot is found by a stable
+//! key (a server by its address, a rate limit by its settings), never by position.
 
 use std::sync::Arc;
 
@@ -31,12 +33,12 @@ pub struct Shared {
     pub challenges: Arc<portcullis_certs::acme::Challenges>,
     /// Every upstream server by address: the keep-alive pool and each server's own state.
     pub servers: Arc<Servers>,
-    /// `[[rate_limit]]` (or the built-in `auth` limit) and their stores; the purge task holds the other `Arc`.
-    pub rate_limits: Arc<RateLimits>,
     /// What request and response buffering hold now, against the budgets of the config it started with.
     pub buffers: Arc<Buffers>,
     /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
     pub refusals: Arc<Refusals>,
+    /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
+    https_port: u16,
     live: ArcSwap<Snapshot>,
 }
 
@@ -51,6 +53,8 @@ pub struct Snapshot {
     pub headers: SecurityHeaders,
     /// `""` when HTTPS is on 443, else `":PORT"`: what a redirect appends to the host.
     pub redirect_port: String,
+    /// `[[rate_limit]]` (or the built-in `auth` limit) and their stores; kept across reloads by settings.
+    pub rate_limits: Arc<RateLimits>,
     /// What the HTTP/1.1 request guard enforces.
     pub guard: Arc<Settings>,
     /// The guard's own refusals, with the security headers (HSTS only in the HTTPS set).
@@ -84,15 +88,16 @@ impl Shared {
             &refusals,
             maintenance_page,
             https_port,
+            rate_limits,
         );
         Shared {
             admission,
             sites,
             challenges: Arc::default(),
             servers,
-            rate_limits,
             buffers,
             refusals,
+            https_port,
             live: ArcSwap::from_pointee(snapshot),
         }
     }
@@ -100,6 +105,32 @@ impl Shared {
     /// The snapshot in force now; keep it for the whole connection or request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.live.load_full()
+    }
+
+    /// The snapshot of a reloaded config, its groups on [`Shared::servers`] (which must have learnt the
+    /// config's servers first) and with the rate limits `renew` kept or built.
+    pub fn next(
+        &self,
+        config: Config,
+        tls: Arc<rustls::ServerConfig>,
+        maintenance_page: Option<Bytes>,
+        rate_limits: Arc<RateLimits>,
+    ) -> Snapshot {
+        Snapshot::new(
+            config,
+            tls,
+            &self.servers,
+            &self.refusals,
+            maintenance_page,
+            self.https_port,
+            rate_limits,
+        )
+    }
+
+    /// Puts `next` in force for every connection and request from now on, in one swap; those that took the
+    /// previous one finish on it.
+    pub fn install(&self, next: Snapshot) {
+        self.live.store(Arc::new(next));
     }
 }
 
@@ -111,6 +142,7 @@ impl Snapshot {
         refusals: &Arc<Refusals>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
+        rate_limits: Arc<RateLimits>,
     ) -> Snapshot {
         let catch_all = config.sites.first().is_some_and(|s| s.names.is_empty());
         let redirect_names = if catch_all {
@@ -147,6 +179,7 @@ impl Snapshot {
                 format!(":{https_port}")
             },
             guard,
+            rate_limits,
             config,
             tls,
         }

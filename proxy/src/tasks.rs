@@ -1,11 +1,12 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
 //! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes and SIGHUP), ACME, the upstream health checks, the rate-limit purge, the upstream pools' sweep and
-//! the systemd watchdog.
+//! changes), the config reload (SIGHUP, which also re-reads the certificates and re-plans the upstream
+//! health checks), ACME, the rate-limit purge, the upstream pools' sweep and the systemd watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
 //! their own then.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::signals::Signals;
 use crate::state::Shared;
-use crate::{acme, http, listen, ocsp, ratelimit, reload, sdnotify, upstream};
+use crate::{acme, http, listen, ocsp, ratelimit, reconfigure, reload, sdnotify, upstream};
 
 /// The bound sockets, registered with the runtime, each with what it serves.
 pub struct Listeners(Vec<(Listener, TcpListener)>);
@@ -44,11 +45,13 @@ impl Listeners {
 }
 
 /// Starts every task; `shutdown` is handed out and dropped here, so that the drain waits only for them.
-/// Returns the accept loops.
+/// `config_path` is the file SIGHUP reads again (`None`: the demo's made-up config). Returns the accept
+/// loops.
 pub fn spawn(
     state: &Arc<Shared>,
     listeners: Listeners,
     reloader: Arc<Reloader>,
+    config_path: Option<PathBuf>,
     signals: &Signals,
     shutdown: Shutdown,
 ) -> Vec<JoinHandle<()>> {
@@ -57,19 +60,8 @@ pub fn spawn(
     for site in 0..state.sites.len() {
         tokio::spawn(ocsp::run(state.sites.clone(), site, shutdown.clone()));
     }
-    // Certificates: file changes and SIGHUP reload them; systemd hears RELOADING=1 / READY=1 around SIGHUP.
-    tokio::spawn(reload::run(
-        reloader,
-        signals.reloads(),
-        shutdown.clone(),
-        |reloading| {
-            if reloading {
-                sdnotify::reloading();
-            } else {
-                sdnotify::ready();
-            }
-        },
-    ));
+    // Certificates: file changes reload them.
+    tokio::spawn(reload::run(reloader.clone(), shutdown.clone()));
     // ACME: each `acme = true` site gets its certificate ordered, renewed and swapped in.
     acme::spawn(
         &state.snapshot().config,
@@ -78,14 +70,29 @@ pub fn spawn(
         &signals.reloads(),
         &shutdown,
     );
-    // Active health checks: one task per server of an upstream with `health` (each server once).
+    // Active health checks: one task per server of an upstream with `health` (each server once); the config
+    // reload re-plans them.
     let snapshot = state.snapshot();
-    upstream::health::spawn(&snapshot.config, &snapshot.upstreams, &shutdown);
-    tokio::spawn(ratelimit::purge(
-        state.rate_limits.clone(),
+    let checks =
+        upstream::health::Checks::start(&snapshot.config, &snapshot.upstreams, shutdown.clone());
+    // SIGHUP: the config, then every certificate, framed by RELOADING=1 / READY=1 to systemd.
+    tokio::spawn(reconfigure::run(
+        reconfigure::Reconfigure {
+            state: state.clone(),
+            path: config_path,
+            reloader,
+            checks,
+        },
+        signals.reloads(),
         shutdown.clone(),
     ));
-    // Upstream pools: idle connections expire; shutdown lets go of them all.
+    // Rate limits: idle keys are dropped, from the limits in force at each purge.
+    let limits = state.clone();
+    tokio::spawn(ratelimit::purge(
+        move || limits.snapshot().rate_limits.clone(),
+        shutdown.clone(),
+    ));
+    // Upstream pools: idle connections expire, retired servers are forgotten; shutdown lets go of them all.
     tokio::spawn(upstream::sweep(state.servers.clone(), shutdown.clone()));
     if let Some(interval) = sdnotify::watchdog_interval() {
         tokio::spawn(sdnotify::watchdog(interval, shutdown));

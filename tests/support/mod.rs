@@ -230,6 +230,16 @@ impl Portcullis {
         Portcullis::start_with_log(&args, rust_log)
     }
 
+    /// As `run`, with `env` added to the environment (`NOTIFY_SOCKET`, say).
+    pub fn run_with_env(config: &Path, env: &[(&str, &str)]) -> Portcullis {
+        let mut args = vec!["run", "--config", config.to_str().unwrap()];
+        if is_root() {
+            args.push("--insecure-keep-root");
+        }
+        let log = std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Portcullis::start_with(&args, &log, env)
+    }
+
     /// Starts the binary with `args` and waits until it logs its readiness line ([`is_ready_line`]) or exits.
     pub fn start(args: &[&str]) -> Portcullis {
         let log = std::env::var("PORTCULLIS_TEST_LOG").unwrap_or_else(|_| "info".into());
@@ -237,8 +247,13 @@ impl Portcullis {
     }
 
     fn start_with_log(args: &[&str], rust_log: &str) -> Portcullis {
+        Portcullis::start_with(args, rust_log, &[])
+    }
+
+    fn start_with(args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Portcullis {
         let mut child = Command::new(binary())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -307,6 +322,32 @@ impl Portcullis {
         let mut lines = self.log.lines.lock().unwrap();
         loop {
             if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits (up to `limit`, a safety net) until `n` log lines match `pred`; returns the `n`th.
+    pub fn wait_for_nth(
+        &self,
+        pred: impl Fn(&str) -> bool,
+        n: usize,
+        limit: Duration,
+    ) -> Option<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().filter(|l| pred(l)).nth(n.saturating_sub(1)) {
                 return Some(l.clone());
             }
             let now = std::time::Instant::now();

@@ -37,7 +37,7 @@ pub async fn request(
     }
     // Rate limits: only requests a limit counts take a lock; a per_account limit reads the (small) body.
     let mut buffered = None;
-    let limits = &ctx.shared.rate_limits;
+    let limits = &ctx.snap.rate_limits;
     if limits.applies(req.method(), req.uri().path()) {
         let body_timeout = ctx.snap.config.timeouts.client_body;
         buffered = limits

@@ -29,9 +29,10 @@ use crate::telemetry::{Refusals, refused};
 /// How often keys whose state is indistinguishable from a fresh one are dropped.
 pub const PURGE_EVERY: Duration = Duration::from_secs(10);
 
-/// Every configured limit, built once at start, over one kind of store (today's: [`Memory`]).
+/// Every configured limit of one config, over one kind of store (today's: [`Memory`]). A reload builds the
+/// next with [`RateLimits::renew`], which keeps each limit whose settings did not change, counts and all.
 pub struct RateLimits<S = Memory> {
-    limits: Vec<Limit<S>>,
+    limits: Vec<Arc<Limit<S>>>,
     /// The log's budget for `rate limited` lines (one per refused request otherwise).
     refusals: Arc<Refusals>,
 }
@@ -41,6 +42,20 @@ impl RateLimits {
     pub fn new(config: &[RateLimit], refusals: Arc<Refusals>) -> RateLimits {
         RateLimits::with_store(config, refusals, Memory::new)
     }
+
+    /// The limits of a new config, counted in memory: see [`RateLimits::renew_with`].
+    pub fn renew(&self, config: &[RateLimit]) -> (RateLimits, Renewed) {
+        self.renew_with(config, Memory::new)
+    }
+}
+
+/// What [`RateLimits::renew`] kept and built.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    /// Same name, same settings: the same limit, its clients' counts kept.
+    pub kept: usize,
+    /// New, or changed: counted from fresh.
+    pub built: usize,
 }
 
 impl<S: Store> RateLimits<S> {
@@ -51,9 +66,41 @@ impl<S: Store> RateLimits<S> {
         store: impl Fn(&RateLimit) -> S,
     ) -> RateLimits<S> {
         RateLimits {
-            limits: config.iter().map(|c| Limit::new(c, store(c))).collect(),
+            limits: config
+                .iter()
+                .map(|c| Arc::new(Limit::new(c, store(c))))
+                .collect(),
             refusals,
         }
+    }
+
+    /// The limits of a new config: a limit with the same name and the same settings as one of these is
+    /// kept (the same counts: a client limited before is limited after); a new or changed one is built in
+    /// the store `store` makes for it, from fresh.
+    pub fn renew_with(
+        &self,
+        config: &[RateLimit],
+        store: impl Fn(&RateLimit) -> S,
+    ) -> (RateLimits<S>, Renewed) {
+        let mut renewed = Renewed::default();
+        let limits = config
+            .iter()
+            .map(|c| match self.limits.iter().find(|l| l.settings == *c) {
+                Some(same) => {
+                    renewed.kept += 1;
+                    same.clone()
+                }
+                None => {
+                    renewed.built += 1;
+                    Arc::new(Limit::new(c, store(c)))
+                }
+            })
+            .collect();
+        let next = RateLimits {
+            limits,
+            refusals: self.refusals.clone(),
+        };
+        (next, renewed)
     }
 
     /// Whether any limit counts this request. Reads only values built at start: no lock, no allocation
@@ -75,6 +122,7 @@ impl<S: Store> RateLimits<S> {
         let matching: Vec<&Limit<S>> = self
             .limits
             .iter()
+            .map(|l| &**l)
             .filter(|l| l.matches(req.method(), req.uri().path()) && !l.exempts(client))
             .collect();
         for limit in &matching {
@@ -126,21 +174,20 @@ impl<S: Store> RateLimits<S> {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.limits.is_empty()
+    /// How many limits there are.
+    pub fn count(&self) -> usize {
+        self.limits.len()
     }
 }
 
-/// The purge timer: every [`PURGE_EVERY`], until shutdown begins.
-pub async fn purge<S: Store>(limits: Arc<RateLimits<S>>, mut shutdown: Shutdown) {
-    if limits.is_empty() {
-        return;
-    }
+/// The purge timer: every [`PURGE_EVERY`], the limits in force then (`current`: a reload replaces them),
+/// until shutdown begins.
+pub async fn purge<S: Store>(current: impl Fn() -> Arc<RateLimits<S>>, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(PURGE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => limits.purge(),
+            _ = tick.tick() => current().purge(),
             () = shutdown.begun() => return,
         }
     }
@@ -183,6 +230,40 @@ mod tests {
         assert!(limits.applies(&Method::POST, "/log%69n"));
         assert!(limits.applies(&Method::POST, "//login"));
         assert!(limits.applies(&Method::POST, "/api%2Ftoken"));
+    }
+
+    #[tokio::test]
+    async fn a_renewal_keeps_unchanged_limits_and_their_counts() {
+        let limit = |name: &str, burst: u32| portcullis_config::RateLimit {
+            name: name.into(),
+            paths: vec![PathMatch::Prefix("/".into())],
+            methods: vec!["GET".into()],
+            rate: rate(1, 3600),
+            burst,
+            per_account: None,
+            exempt: vec![],
+            ipv6_prefix: 64,
+            max_keys: 1000,
+        };
+        let first = RateLimits::new(&[limit("a", 1), limit("b", 1)], Arc::default());
+        let key = 7u128;
+        for l in &first.limits {
+            assert!(l.store.count_client(key).await.is_ok());
+            assert!(l.store.count_client(key).await.is_err());
+        }
+        // `a` as it was, `b` changed, `c` new.
+        let (next, renewed) = first.renew(&[limit("a", 1), limit("b", 2), limit("c", 1)]);
+        assert_eq!(renewed, Renewed { kept: 1, built: 2 });
+        assert!(Arc::ptr_eq(&first.limits[0], &next.limits[0]));
+        assert!(
+            next.limits[0].store.count_client(key).await.is_err(),
+            "a forgot its counts"
+        );
+        assert!(
+            next.limits[1].store.count_client(key).await.is_ok(),
+            "b is counted from fresh"
+        );
+        assert!(next.limits[2].store.count_client(key).await.is_ok());
     }
 
     /// Not a check: what a limit costs a request it does not match, and one it does (run with

@@ -32,6 +32,8 @@ pub struct Limit<S> {
     pub(super) account_field: Option<String>,
     pub(super) store: S,
     rejected: AtomicU64,
+    /// What it was built from: a reload keeps the limit (and its counts) when its settings are the same.
+    pub(super) settings: RateLimit,
 }
 
 impl<S> Limit<S> {
@@ -50,6 +52,7 @@ impl<S> Limit<S> {
             account_field: c.per_account.as_ref().map(|p| p.field.clone()),
             store,
             rejected: AtomicU64::new(0),
+            settings: c.clone(),
         }
     }
 

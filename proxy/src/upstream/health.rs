@@ -3,8 +3,9 @@
 //! `Connection: close`), answered within `timeout`. A `2xx` or `3xx` is a pass. `fall` failures in a row take
 //! the server down (`Server::set_checked(false)`), `rise` passes in a row bring it back, which also ends a
 //! passive time-out (`max_fails`). Each change is logged with its reason. A server named by several upstreams
-//! is checked once, by the first (in config order) whose `health` is set. Checks never go through the
-//! request path: they are not in the access log and count no request in flight.
+//! is checked once, by the first (in config order) whose `health` is set. A config reload re-plans the
+//! tasks ([`Checks::replan`]): unchanged checks go on, changed and new ones start, others stop. Checks never
+//! go through the request path: they are not in the access log and count no request in flight.
 
 use std::fmt;
 use std::io;
@@ -18,28 +19,89 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use portcullis_config::{Action, Config, Health, ServerAddr};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::task::JoinHandle;
 
 use super::{Groups, Server};
 use crate::shutdown::Shutdown;
 
-/// Starts one checking task per server that some group with `health` names (each server once), and one
-/// task that watches for the return of the other servers while they are out after failures.
-pub fn spawn(config: &Config, groups: &Groups, shutdown: &Shutdown) {
-    let checks = plan(config, groups);
-    let mut unchecked: Vec<Arc<Server>> = Vec::new();
-    for group in groups.iter().filter(|g| g.max_fails > 0) {
-        for m in group.members() {
-            let checked = checks.iter().any(|c| Arc::ptr_eq(&c.server, &m.server));
-            if !checked && !unchecked.iter().any(|s| Arc::ptr_eq(s, &m.server)) {
-                unchecked.push(m.server.clone());
+/// The checking tasks running now, one per server that some group with `health` names (each server once),
+/// re-planned for each new config ([`Checks::replan`]). Held by the control task that reloads the config.
+pub struct Checks {
+    running: Vec<(Check, JoinHandle<()>)>,
+    /// The bare-connect watch over the servers without active checks (`watch_return`), if any.
+    returns: Option<JoinHandle<()>>,
+    shutdown: Shutdown,
+}
+
+/// What [`Checks::replan`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replanned {
+    pub kept: usize,
+    pub started: usize,
+    pub stopped: usize,
+}
+
+impl Checks {
+    /// Starts the checks of the first config.
+    pub fn start(config: &Config, groups: &Groups, shutdown: Shutdown) -> Checks {
+        let mut checks = Checks {
+            running: Vec::new(),
+            returns: None,
+            shutdown,
+        };
+        checks.replan(config, groups);
+        checks
+    }
+
+    /// The checks of a new config: a server checked as before (same upstream, settings and `Host`) keeps
+    /// its task; a changed or new check starts a task (the server keeps its verdict: a server down stays
+    /// down until `rise` passes); a check no longer planned stops, and its server is no longer held down
+    /// by it.
+    pub fn replan(&mut self, config: &Config, groups: &Groups) -> Replanned {
+        let mut out = Replanned::default();
+        let mut old = std::mem::take(&mut self.running);
+        for c in plan(config, groups) {
+            if let Some(i) = old.iter().position(|(o, _)| *o == c) {
+                self.running.push(old.swap_remove(i));
+                out.kept += 1;
+            } else {
+                let handle = tokio::spawn(watch(c.clone(), self.shutdown.clone()));
+                self.running.push((c, handle));
+                out.started += 1;
             }
         }
-    }
-    for c in checks {
-        tokio::spawn(watch(c, shutdown.clone()));
-    }
-    if !unchecked.is_empty() {
-        tokio::spawn(watch_return(unchecked, shutdown.clone()));
+        for (c, handle) in old {
+            handle.abort();
+            out.stopped += 1;
+            if !self
+                .running
+                .iter()
+                .any(|(n, _)| Arc::ptr_eq(&n.server, &c.server))
+                && c.server.set_checked(true)
+            {
+                tracing::info!(upstream = %c.upstream, server = %c.server.addr, "upstream server no longer health-checked: back in");
+            }
+        }
+        // Servers out after failures that no active check watches: a bare connect each second.
+        let mut unchecked: Vec<Arc<Server>> = Vec::new();
+        for group in groups.iter().filter(|g| g.max_fails > 0) {
+            for m in group.members() {
+                let checked = self
+                    .running
+                    .iter()
+                    .any(|(c, _)| Arc::ptr_eq(&c.server, &m.server));
+                if !checked && !unchecked.iter().any(|s| Arc::ptr_eq(s, &m.server)) {
+                    unchecked.push(m.server.clone());
+                }
+            }
+        }
+        if let Some(old) = self.returns.take() {
+            old.abort();
+        }
+        if !unchecked.is_empty() {
+            self.returns = Some(tokio::spawn(watch_return(unchecked, self.shutdown.clone())));
+        }
+        out
     }
 }
 
@@ -90,12 +152,22 @@ async fn accepts(addr: &ServerAddr) -> io::Result<()> {
 }
 
 /// One server's checks: what to ask, and for which upstream's log lines.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Check {
     server: Arc<Server>,
     upstream: Arc<str>,
     health: Health,
     host: HeaderValue,
+}
+
+impl PartialEq for Check {
+    /// The same check of the same server (the same `Server`, not only the same address).
+    fn eq(&self, other: &Check) -> bool {
+        Arc::ptr_eq(&self.server, &other.server)
+            && self.upstream == other.upstream
+            && self.health == other.health
+            && self.host == other.host
+    }
 }
 
 /// Every server to check, once each: by the first group (in config order) with `health` that names it.
@@ -359,6 +431,56 @@ health = { path = "/up", interval = "5s" }
         );
         // The Host is the site's first exact name.
         assert!(checks.iter().all(|c| c.host == "app.example.test"));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_unchanged_checks_and_restarts_changed_ones() {
+        let parse = |health: &str| {
+            let text = format!(
+                "[listen]\nhttps = [\"127.0.0.1:8443\"]\n[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n{health}"
+            );
+            Config::parse(Path::new("/etc/portcullis/portcullis.toml"), &text).unwrap()
+        };
+        let (_trigger, shutdown) = crate::shutdown::Trigger::new();
+        let first = parse("health = { path = \"/up\", interval = \"1h\" }");
+        let servers = Servers::new(&first);
+        let groups = Groups::new(&first, &servers);
+        let mut checks = Checks::start(&first, &groups, shutdown);
+        let same = checks.replan(&first, &groups);
+        assert_eq!(
+            same,
+            Replanned {
+                kept: 2,
+                started: 0,
+                stopped: 0
+            }
+        );
+        let down = groups.group(0).members()[0].server.clone();
+        down.set_checked(false);
+        // New settings: new tasks; the server keeps its verdict until they give one.
+        let changed = parse("health = { path = \"/ready\", interval = \"1h\" }");
+        servers.learn(&changed);
+        let next = Groups::new(&changed, &servers);
+        assert_eq!(
+            checks.replan(&changed, &next),
+            Replanned {
+                kept: 0,
+                started: 2,
+                stopped: 2
+            }
+        );
+        assert!(!down.is_up(Instant::now()));
+        // No checks any more: nothing holds the server down.
+        let none = parse("");
+        assert_eq!(
+            checks.replan(&none, &Groups::new(&none, &servers)),
+            Replanned {
+                kept: 0,
+                started: 0,
+                stopped: 2
+            }
+        );
+        assert!(down.is_up(Instant::now()));
     }
 
     #[test]

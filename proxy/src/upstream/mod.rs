@@ -54,37 +54,120 @@ pub enum Failure {
     BodyTimeout(crate::pace::Cut),
 }
 
-/// Every upstream server the proxy knows, by address, each with its pool. Servers are only ever added, so
-/// that their state and connections outlive a config.
+/// Every upstream server the proxy knows, by address, each with its pool. A config's servers are *current*;
+/// a reload adds the new ones ([`Servers::learn`]) and keeps the state and connections of those it names
+/// again. A server no config names any more is *retired*: the sweep closes its idle connections once no
+/// snapshot (no request in flight) holds it, and forgets it. Locked only when a config is loaded and by the
+/// once-a-second sweep: requests reach their servers through their snapshot's groups.
 pub struct Servers {
-    /// In the order they were first named; a few per group, searched only when a config is loaded.
-    list: Vec<Arc<Server>>,
-    connect_timeout: Duration,
-    response_timeout: Duration,
+    known: std::sync::Mutex<Known>,
+}
+
+#[derive(Default)]
+struct Known {
+    /// The latest config's servers, in the order they were first named.
+    current: Vec<Arc<Server>>,
+    /// Named by an older config only; held until the last snapshot that names them is gone.
+    retired: Vec<Arc<Server>>,
+}
+
+/// What [`Servers::learn`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Learned {
+    pub added: usize,
+    pub kept: usize,
+    pub retired: usize,
 }
 
 impl Servers {
     pub fn new(config: &Config) -> Servers {
-        let mut list: Vec<Arc<Server>> = Vec::new();
+        let servers = Servers {
+            known: std::sync::Mutex::default(),
+        };
+        servers.learn(config);
+        servers
+    }
+
+    /// Makes `config`'s servers the current ones: a server already known (by address: current, or retired
+    /// and named again) keeps its pool and health; a new one is added; one no longer named is retired.
+    pub fn learn(&self, config: &Config) -> Learned {
+        let mut known = self.lock();
+        let Known { current, retired } = &mut *known;
+        let mut next: Vec<Arc<Server>> = Vec::new();
+        let mut learned = Learned::default();
         for addr in config.upstreams.iter().flat_map(|u| &u.servers) {
-            if !list.iter().any(|s| &s.addr == addr) {
-                list.push(Arc::new(Server::new(addr.clone(), list.len())));
+            if next.iter().any(|s| &s.addr == addr) {
+                continue;
+            }
+            let found = current
+                .iter()
+                .position(|s| &s.addr == addr)
+                .map(|i| current.swap_remove(i))
+                .or_else(|| {
+                    retired
+                        .iter()
+                        .position(|s| &s.addr == addr)
+                        .map(|i| retired.swap_remove(i))
+                });
+            match found {
+                Some(s) => {
+                    learned.kept += 1;
+                    next.push(s);
+                }
+                None => {
+                    learned.added += 1;
+                    next.push(Arc::new(Server::new(addr.clone(), next.len())));
+                }
             }
         }
-        Servers {
-            list,
-            connect_timeout: config.timeouts.upstream_connect,
-            response_timeout: config.timeouts.upstream_response,
-        }
+        learned.retired = current.len();
+        retired.append(current);
+        *current = next;
+        learned
     }
 
     fn get(&self, addr: &portcullis_config::ServerAddr) -> Option<Arc<Server>> {
-        self.list.iter().find(|s| &s.addr == addr).cloned()
+        self.lock()
+            .current
+            .iter()
+            .find(|s| &s.addr == addr)
+            .cloned()
+    }
+
+    /// Every server known now, current and retired.
+    fn all(&self) -> Vec<Arc<Server>> {
+        let known = self.lock();
+        known
+            .current
+            .iter()
+            .chain(&known.retired)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets the retired servers no snapshot holds any more, closing their idle connections.
+    fn forget_unused(&self) {
+        let mut known = self.lock();
+        known.retired.retain(|s| {
+            // Only this list holds it: no group of a live snapshot names it, no request uses it.
+            let used = Arc::strong_count(s) > 1;
+            if !used {
+                s.pool.close();
+                tracing::debug!(server = %s.addr, "retired upstream server forgotten");
+            }
+            used
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        // Poisoning only means a panic elsewhere mid-update; the lists are still whole.
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Every second, lets go of the pooled connections that closed or expired; when shutdown begins, of all of
-/// them (requests still in flight finish on theirs, which then close).
+/// Every second, lets go of the pooled connections that closed or expired, and forgets the retired servers
+/// nothing uses; when shutdown begins, lets go of all of them (requests still in flight finish on theirs,
+/// which then close).
 pub async fn sweep(servers: Arc<Servers>, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,12 +175,13 @@ pub async fn sweep(servers: Arc<Servers>, mut shutdown: Shutdown) {
         tokio::select! {
             _ = tick.tick() => {
                 let now = Instant::now();
-                for s in &servers.list {
+                for s in servers.all() {
                     s.pool.sweep(now);
                 }
+                servers.forget_unused();
             }
             () = shutdown.begun() => {
-                for s in &servers.list {
+                for s in servers.all() {
                     s.pool.close();
                 }
                 return;
@@ -126,6 +210,9 @@ pub struct Group {
     probed: std::sync::atomic::AtomicU64,
     /// Active checks of every member, when configured (`health.rs`).
     pub health: Option<portcullis_config::Health>,
+    /// `[timeouts] upstream_connect` and `upstream_response` of the config this group is from.
+    connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 /// A server as one group has it: the shared server and its weight in this group.
@@ -156,6 +243,8 @@ impl Groups {
                     budget: Budget::default(),
                     probed: std::sync::atomic::AtomicU64::new(0),
                     health: u.health.clone(),
+                    connect_timeout: config.timeouts.upstream_connect,
+                    response_timeout: config.timeouts.upstream_response,
                 }
             })
             .collect();
@@ -169,6 +258,10 @@ impl Groups {
 
     pub fn group(&self, i: usize) -> &Group {
         &self.groups[i]
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
     }
 }
 
@@ -214,7 +307,6 @@ const MAYBE_CLOSING: Duration = Duration::from_millis(500);
 /// app may have seen (reset, closed, timed out before a response head) only for an idempotent method with a
 /// body that can be replayed. The app's own answers, 502 and 503 included, are never retried.
 pub async fn forward(
-    servers: &Servers,
     group: &Group,
     client: IpAddr,
     mut req: Request<Body>,
@@ -236,7 +328,7 @@ pub async fn forward(
         // Another server could take it after a failure: worth keeping a copy if the app may see this one.
         let elsewhere =
             retries > 0 && (tried.count_ones() as usize) < members && group.budget.has_room(now);
-        let failure = match attempt(servers, server, req, idempotent, elsewhere).await {
+        let failure = match attempt(group, server, req, idempotent, elsewhere).await {
             Outcome::Response(res) => {
                 if server.succeeded() {
                     tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
@@ -289,7 +381,7 @@ enum Outcome {
 /// new connection to the same server, and the server is not blamed. `spare`: keep a copy of an idempotent
 /// request for another server.
 async fn attempt(
-    servers: &Servers,
+    group: &Group,
     server: &Server,
     mut req: Request<Body>,
     idempotent: bool,
@@ -310,7 +402,7 @@ async fn attempt(
         let reused = pooled.is_some();
         let (mut send, idle) = match pooled.take() {
             Some(p) => p,
-            None => match pool::open(&server.addr, servers.connect_timeout).await {
+            None => match pool::open(&server.addr, group.connect_timeout).await {
                 Ok(send) => (send, Duration::ZERO),
                 Err(e) => return Outcome::NotSent(req, connect_failure(&e)),
             },
@@ -320,7 +412,7 @@ async fn attempt(
         } else {
             None
         };
-        let sent = tokio::time::timeout(servers.response_timeout, send.try_send_request(req)).await;
+        let sent = tokio::time::timeout(group.response_timeout, send.try_send_request(req)).await;
         let e = match sent {
             // Dropping the response future closes the connection (hyper's way to cancel an HTTP/1 request).
             Err(_) => return Outcome::Sent(Failure::Timeout, copy),
@@ -449,4 +541,52 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(groups: &str) -> Config {
+        let text = format!(
+            "[listen]\nhttps = [\"127.0.0.1:8443\"]\n[tls]\nself_signed = true\n[[route]]\npath = \"/\"\nupstream = \"app\"\n{groups}"
+        );
+        Config::parse(Path::new("/etc/portcullis/portcullis.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn a_new_config_keeps_known_servers_adds_new_ones_and_retires_the_rest() {
+        let one = config("[upstream.app]\nservers = [\"127.0.0.1:5001\", \"127.0.0.1:5002\"]\n");
+        let servers = Servers::new(&one);
+        let groups = Groups::new(&one, &servers);
+        let kept = groups.group(0).members()[1].server.clone();
+        kept.failed(Instant::now(), 1, Duration::from_secs(60));
+        let two = config("[upstream.app]\nservers = [\"127.0.0.1:5002\", \"127.0.0.1:5003\"]\n");
+        let learned = servers.learn(&two);
+        assert_eq!(
+            learned,
+            Learned {
+                added: 1,
+                kept: 1,
+                retired: 1
+            }
+        );
+        let next = Groups::new(&two, &servers);
+        let same = &next.group(0).members()[0].server;
+        assert!(Arc::ptr_eq(same, &kept), "5002 is the same server");
+        assert!(!same.is_up(Instant::now()), "and keeps its health");
+        // 5001 is retired but still named by the first groups: kept until they are gone.
+        servers.forget_unused();
+        assert_eq!(servers.all().len(), 3);
+        drop(groups);
+        servers.forget_unused();
+        assert_eq!(servers.all().len(), 2);
+        // Named again before it is forgotten, a retired server comes back as it was.
+        let three = config("[upstream.app]\nservers = [\"127.0.0.1:5003\"]\n");
+        servers.learn(&three);
+        let learned = servers.learn(&two);
+        assert_eq!(learned.kept, 2, "{learned:?}");
+    }
 }

@@ -116,9 +116,7 @@ pub async fn run(
     };
 
     let upstream_req = Request::from_parts(parts, body);
-    let mut res = match upstream::forward(&ctx.shared.servers, group, ctx.client, upstream_req)
-        .await
-    {
+    let mut res = match upstream::forward(group, ctx.client, upstream_req).await {
         Ok(res) => res,
         Err(Failure::Timeout) => {
             tracing::warn!(upstream = %group.name, "upstream timed out");
