@@ -318,23 +318,7 @@ impl Portcullis {
 
     /// Waits (up to `limit`, a safety net, not an assertion) for a log line matching `pred`.
     pub fn wait_for_log(&self, pred: impl Fn(&str) -> bool, limit: Duration) -> Option<String> {
-        let deadline = std::time::Instant::now() + limit;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            if let Some(l) = lines.iter().find(|l| pred(l)) {
-                return Some(l.clone());
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            lines = self
-                .log
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap()
-                .0;
-        }
+        self.wait_for_nth(pred, 1, limit)
     }
 
     /// Waits (up to `limit`, a safety net) until `n` log lines match `pred`; returns the `n`th.
