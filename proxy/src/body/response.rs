@@ -22,46 +22,34 @@ use super::spool;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
-/// Why a response was streamed rather than buffered (for the debug log and the tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Streaming {
-    Route,
-    EventStream,
-    AppAsked,
-}
-
 /// The app's response body broke off before the declared length (the app died mid-response).
 #[derive(Debug, thiserror::Error)]
 #[error("the app's response broke off: {0}")]
 pub struct BrokeOff(String);
 
-/// Whether `headers` ask for streaming; removes `X-Accel-Buffering`.
-pub fn streaming(headers: &mut HeaderMap, route_buffers: bool) -> Option<Streaming> {
+/// Whether the response streams instead of being buffered: the route says so, the app sent
+/// `X-Accel-Buffering: no`, or it is `text/event-stream`. Removes `X-Accel-Buffering` either way.
+pub fn streaming(headers: &mut HeaderMap, route_buffers: bool) -> bool {
     let asked = headers
         .remove(X_ACCEL_BUFFERING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
-    if !route_buffers {
-        return Some(Streaming::Route);
-    }
-    if asked {
-        return Some(Streaming::AppAsked);
-    }
-    let sse = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"));
-    sse.then_some(Streaming::EventStream)
+    !route_buffers
+        || asked
+        || headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 /// The response for the client, its body buffered unless `stream` says otherwise.
 pub async fn feed(
     buffers: &Arc<Buffers>,
     res: Response<Incoming>,
-    stream: Option<Streaming>,
+    stream: bool,
 ) -> Result<Response<Body>, BrokeOff> {
     let (parts, body) = res.into_parts();
-    if stream.is_some() || body.is_end_stream() {
+    if stream || body.is_end_stream() {
         return Ok(Response::from_parts(parts, Body::Stream(body)));
     }
     let declared = parts
