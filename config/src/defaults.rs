@@ -7,6 +7,9 @@ use crate::model::{LogFormat, TlsVersion};
 
 pub const HTTPS: &[&str] = &["0.0.0.0:443", "[::]:443"];
 pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
+/// `[admin]` without `listen`: loopback only (the admin listener has no authentication), on a port of the
+/// 9xxx range exporters use.
+pub const ADMIN_LISTEN: &str = "127.0.0.1:9180";
 /// TLS 1.2 and 1.3 (Mozilla "intermediate").
 pub const TLS_MIN_VERSION: TlsVersion = TlsVersion::Tls12;
 pub const HSTS: &str = "max-age=63072000; includeSubDomains";

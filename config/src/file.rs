@@ -38,6 +38,17 @@ pub struct File {
     pub rate_limit: Option<Vec<S<RateLimit>>>,
     /// How certificates are obtained for sites with `acme = true`.
     pub acme: Option<S<Acme>>,
+    /// The admin listener (`/metrics`, `/health`); absent: none.
+    pub admin: Option<S<Admin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `"HOST:PORT"`, or `"unix:/absolute/path"` for a unix socket.
+    pub listen: Option<S<String>>,
+    /// Allow a non-loopback address (the admin listener has no authentication).
+    pub public: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,13 +1,14 @@
 //! Portcullis configuration: reads the TOML file (`file.rs` mirrors it), checks every key, and builds the
 //! typed [`Config`] that the proxy runs on (`model.rs`). Each section has its checker (`listen.rs`,
 //! `sites.rs`, `routes.rs`, `upstreams.rs`, `limits.rs`, `headers.rs`, `log.rs`, `process.rs`,
-//! `ratelimit.rs`, `acme.rs`) on the core in `check.rs`; every default lives in [`defaults`], and every
+//! `ratelimit.rs`, `acme.rs`, `admin.rs`) on the core in `check.rs`; every default lives in [`defaults`], and every
 //! problem is reported as `FILE:LINE:COL: key: what is wrong`. No sockets, no certificates: those are other
 //! crates'.
 
 #![forbid(unsafe_code)]
 
 mod acme;
+mod admin;
 mod check;
 mod cidr;
 pub mod defaults;
@@ -35,10 +36,10 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Balance, Buffers, CertSource, Config, Eab, HeaderRule, Health,
-    Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate, RateLimit,
-    Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion,
-    Upstream,
+    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Config, Eab, HeaderRule,
+    Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
+    RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
+    TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -105,6 +106,7 @@ impl Checker<'_> {
         let buffers = self.buffers(f.buffers);
         let maintenance = self.maintenance(f.maintenance);
         let rate_limits = self.rate_limits(f.rate_limit);
+        let admin = self.admin(f.admin);
         Config {
             source: self.path().to_owned(),
             sites,
@@ -122,6 +124,7 @@ impl Checker<'_> {
             maintenance,
             rate_limits,
             acme,
+            admin,
             warnings: Vec::new(),
         }
     }

@@ -35,6 +35,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
     pub acme: Option<Acme>,
+    /// `[admin]`: the admin listener; `None` without the section (no admin listener).
+    pub admin: Option<Admin>,
     /// Things that work but deserve a second look (`check` prints them; they do not fail it).
     pub warnings: Vec<Problem>,
 }
@@ -289,6 +291,15 @@ pub struct Maintenance {
     /// While this file exists, everyone outside `allow` gets the page.
     pub flag: Option<PathBuf>,
     pub allow: Vec<Cidr>,
+}
+
+/// `[admin]`: where `/metrics` and `/health` are served (plain HTTP/1.1, no authentication).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// A TCP address (loopback unless `public`), or a unix socket (`unix:/path`, as an upstream server).
+    pub listen: ServerAddr,
+    /// The operator allowed a non-loopback address.
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

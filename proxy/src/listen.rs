@@ -1,12 +1,17 @@
 //! The listeners, before the runtime starts and before privileges are dropped: bound here from `[listen]`,
 //! or adopted from systemd socket activation (`LISTEN_FDS`, sd_listen_fds(3)), which needs no privilege at
 //! all. IPv6 sockets we bind are v6-only so that `0.0.0.0:443` and `[::]:443` can both be bound, as in
-//! the default.
+//! the default. The admin listener (`[admin]`, TCP or a unix socket) is always bound here, socket
+//! activation or not.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 
-use portcullis_config::Listen;
+use nix::unistd::{Gid, Uid};
+use portcullis_config::{Listen, ServerAddr};
 use socket2::{Domain, SockRef, Socket, Type};
 
 /// The bound, listening sockets, still std (no runtime yet).
@@ -14,6 +19,15 @@ use socket2::{Domain, SockRef, Socket, Type};
 pub struct Bound {
     pub https: Vec<TcpListener>,
     pub http: Vec<TcpListener>,
+    /// `[admin]`'s listener, if the config has one.
+    pub admin: Option<Admin>,
+}
+
+/// The admin listener's socket.
+#[derive(Debug)]
+pub enum Admin {
+    Tcp(TcpListener),
+    Unix(UnixListener),
 }
 
 /// Why there is nothing to listen on.
@@ -29,6 +43,9 @@ pub enum Error {
         name: String,
         message: String,
     },
+    /// The admin listener could not be bound (the operator's: in use, a folder missing, not a socket).
+    #[error("cannot listen on {addr} ([admin] listen): {source}")]
+    Admin { addr: ServerAddr, source: io::Error },
 }
 
 /// Raises the soft open-file limit to the hard one, and warns when that still leaves fewer than two
@@ -54,6 +71,20 @@ pub fn bind_or_adopt(listen: &Listen) -> Result<Bound, Error> {
     }
 }
 
+/// Binds `[admin] listen`. A unix socket replaces a stale one left by an earlier run (never another kind of
+/// file), is made 0660 and given to `owner` (the service user and its group, who may then connect, as root
+/// may).
+pub fn bind_admin(addr: &ServerAddr, owner: (Uid, Gid)) -> Result<Admin, Error> {
+    let err = |source| Error::Admin {
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ServerAddr::Tcp(a) => bind_one(*a).map(Admin::Tcp).map_err(err),
+        ServerAddr::Unix(path) => bind_unix(path, owner).map(Admin::Unix).map_err(err),
+    }
+}
+
 pub fn bind(listen: &Listen) -> Result<Bound, Error> {
     let all = |addrs: &[SocketAddr]| {
         addrs
@@ -64,7 +95,29 @@ pub fn bind(listen: &Listen) -> Result<Bound, Error> {
     Ok(Bound {
         https: all(&listen.https)?,
         http: all(&listen.http)?,
+        admin: None,
     })
+}
+
+fn bind_unix(path: &Path, (uid, gid): (Uid, Gid)) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if Uid::effective().is_root() {
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(io::Error::from)?;
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn raise_to_hard() -> nix::Result<u64> {
@@ -120,6 +173,7 @@ fn adopt(listen: &Listen, fds: Vec<(usize, String)>) -> Result<Bound, Error> {
     let mut bound = Bound {
         https: Vec::new(),
         http: Vec::new(),
+        admin: None,
     };
     for (index, name) in fds {
         let err = |message: String| Error::Adopt {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod acme;
+mod admin;
 mod admission;
 mod body;
 mod check;
@@ -100,7 +101,10 @@ fn run(
     // 5. Bind every listener (privileged ports need root or CAP_NET_BIND_SERVICE here), or adopt the
     //    sockets systemd passed (socket activation: no privilege needed at all). Every connection needs a
     //    descriptor (two with its upstream): `[limits] connections` must fit.
-    let bound = listen::bind_or_adopt(&config.listen).map_err(failed)?;
+    let mut bound = listen::bind_or_adopt(&config.listen).map_err(failed)?;
+    if let Some(admin) = &config.admin {
+        bound.admin = Some(listen::bind_admin(&admin.listen, (who.uid, who.gid)).map_err(failed)?);
+    }
     listen::raise_open_file_limit(config.limits.connections);
 
     // 6. Drop privileges while still single-threaded (groups, gid, uid, every capability set, NoNewPrivs),
@@ -174,6 +178,10 @@ async fn serve(
     signals.until_stop().await;
     // The deadline of the config in force now (a reload may have changed it).
     let grace = state.snapshot().config.timeouts.shutdown;
+    // The admin listener stays open through the drain: `/health` answers 503 from now on.
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     drain(&trigger, grace, accepting).await;
     Ok(ExitCode::SUCCESS)
 }

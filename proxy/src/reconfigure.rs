@@ -4,7 +4,7 @@
 //! upstream groups, timeouts, limits, headers, rate limits, maintenance, the TLS versions); those in flight,
 //! tunnels included, finish on the one they took. Upstream servers named again keep their pools and health,
 //! new ones are added, the active checks are re-planned, unchanged rate limits keep their counts. What is
-//! fixed at start (listener addresses, `[process]`, `[buffers]`, `[acme]`, the connection caps, the log's
+//! fixed at start (listener addresses, `[admin]`, `[process]`, `[buffers]`, `[acme]`, the connection caps, the log's
 //! level and format) is not applied: each changed key is logged as needing a restart and the running value
 //! stays in the snapshot. A change to the sites themselves (their number, names, certificate source,
 //! `strict_sni`) is refused whole. Then every certificate pair is read again, and systemd hears
@@ -197,6 +197,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "buffers.disk" => buffers.disk;
         "buffers.max_response" => buffers.max_response;
         "acme" => acme;
+        "admin" => admin;
         "limits.connections" => limits.connections;
         "limits.connections_per_ip" => limits.connections_per_ip;
         "log.level" => log.level;

@@ -9,6 +9,7 @@
 //! key (a server by its address, a rate limit by its settings), never by position.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub buffers: Arc<Buffers>,
     /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
     pub refusals: Arc<Refusals>,
+    /// Shutdown has begun (set by `main` before the drain): the admin listener's `/health` answers 503.
+    pub draining: AtomicBool,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
     live: ArcSwap<Snapshot>,
@@ -97,6 +100,7 @@ impl Shared {
             servers,
             buffers,
             refusals,
+            draining: AtomicBool::new(false),
             https_port,
             live: ArcSwap::from_pointee(snapshot),
         }

@@ -1,5 +1,5 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
-//! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
+//! (`http::server::accept`), the admin listener (`admin::serve`, the one without a `Shutdown`), and the control tasks: OCSP stapling per site, the certificate reloader (file
 //! changes), the config reload (SIGHUP, which also re-reads the certificates and re-plans the upstream
 //! health checks), ACME, the rate-limit purge, the upstream pools' sweep and the systemd watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
@@ -17,10 +17,10 @@ use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::signals::Signals;
 use crate::state::Shared;
-use crate::{acme, http, listen, ocsp, ratelimit, reconfigure, reload, sdnotify, upstream};
+use crate::{acme, admin, http, listen, ocsp, ratelimit, reconfigure, reload, sdnotify, upstream};
 
-/// The bound sockets, registered with the runtime, each with what it serves.
-pub struct Listeners(Vec<(Listener, TcpListener)>);
+/// The bound sockets, registered with the runtime, each with what it serves, and the admin listener.
+pub struct Listeners(Vec<(Listener, TcpListener)>, Option<admin::Listening>);
 
 impl Listeners {
     /// Registers every bound socket with the runtime (HTTPS ones first, each list in its order).
@@ -31,7 +31,8 @@ impl Listeners {
                 listeners.push((kind, TcpListener::from_std(l)?));
             }
         }
-        Ok(Listeners(listeners))
+        let admin = bound.admin.map(admin::Listening::register).transpose()?;
+        Ok(Listeners(listeners, admin))
     }
 
     /// The port HTTPS is served on (the first HTTPS listener's, 443 without one): what a redirect names.
@@ -101,7 +102,12 @@ pub fn spawn(
 }
 
 /// One accept loop per listener, each logging `listening on SCHEME://ADDR` first.
+/// The admin listener's loop is not among them: it holds no `Shutdown` and stays open through the drain.
 fn accept(state: &Arc<Shared>, listeners: Listeners, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+    if let Some(a) = listeners.1 {
+        tracing::info!("admin listener on {}", a.describe());
+        tokio::spawn(admin::serve(a, state.clone()));
+    }
     let mut accepting = Vec::new();
     for (kind, l) in listeners.0 {
         if let Ok(addr) = l.local_addr() {

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failed step should fail the test loudly
 
+pub mod admin;
 pub mod client;
 pub mod gunicorn;
 pub mod h2raw;
@@ -205,6 +206,8 @@ pub struct Portcullis {
     log: Arc<Log>,
     pub https: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// The admin listener's TCP address (`[admin] listen` on TCP), from its log line.
+    pub admin: Option<SocketAddr>,
     pub ready: bool,
 }
 
@@ -280,6 +283,7 @@ impl Portcullis {
             log,
             https: None,
             http: None,
+            admin: None,
             ready: false,
         };
         p.ready = p
@@ -290,6 +294,7 @@ impl Portcullis {
             .is_some_and(|l| l != "<eof>");
         p.https = p.find_addr("listening on https://");
         p.http = p.find_addr("listening on http://");
+        p.admin = p.find_addr("admin listener on http://");
         p
     }
 
@@ -382,6 +387,11 @@ impl Portcullis {
     pub fn https_addr(&self) -> SocketAddr {
         self.https
             .unwrap_or_else(|| panic!("no https listener; log:\n{}", self.output()))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .unwrap_or_else(|| panic!("no admin listener; log:\n{}", self.output()))
     }
 
     pub fn http_addr(&self) -> SocketAddr {
