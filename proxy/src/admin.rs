@@ -1,5 +1,5 @@
 //! The admin listener (`[admin] listen`, TCP on loopback or a unix socket): plain HTTP/1.1 through hyper,
-//! answering `GET`/`HEAD` on `/metrics` (Prometheus text format, `metrics.rs`) and `/health` (`200 ok` while
+//! answering `GET`/`HEAD` on `/metrics` (Prometheus text format, `scrape.rs`) and `/health` (`200 ok` while
 //! serving, `503 draining` once shutdown has begun), `404` for any other path and `405` for any other
 //! method, each with the security headers (no HSTS: it is not HTTPS). Bound before the privilege drop with
 //! the other listeners; open until the process exits, through the drain, so that a load balancer sees the
@@ -19,8 +19,8 @@ use tokio::sync::Semaphore;
 
 use crate::body::Body;
 use crate::http::pages;
-use crate::listen;
 use crate::state::Shared;
+use crate::{listen, scrape};
 
 /// Connections served at once; more wait in the kernel's backlog (or are dropped when it is full).
 pub const MAX_CONNECTIONS: usize = 16;
@@ -118,7 +118,7 @@ fn answer<B>(shared: &Shared, req: &Request<B>) -> Response<Body> {
             text(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8")
         }
     } else {
-        pages::status(StatusCode::NOT_FOUND)
+        text(StatusCode::OK, scrape::render(shared), scrape::CONTENT_TYPE)
     };
     shared.snapshot().headers.apply(res.headers_mut(), false);
     res

@@ -41,6 +41,11 @@ impl Admission {
         }
     }
 
+    /// Connections (and the tunnels they became) open now.
+    pub fn open(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Ticket> {
         let ip = ip.to_canonical();
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;

@@ -43,7 +43,12 @@ pub async fn run(mut r: Reconfigure, mut reloads: Reloads, mut shutdown: Shutdow
         }
         sdnotify::reloading();
         if let Some(path) = r.path.clone() {
+            // A reload that took installs a new snapshot; one that failed changes nothing.
+            let before = r.state.snapshot();
             r.reload(&path).await;
+            let took = !Arc::ptr_eq(&before, &r.state.snapshot());
+            drop(before);
+            r.state.metrics.reloaded(took);
         }
         reload::reload_all(&r.reloader).await;
         sdnotify::ready();

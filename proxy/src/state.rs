@@ -1,6 +1,6 @@
 //! What the proxy runs on, in two lifetimes. [`Shared`] lives as long as the process: connection
 //! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), the
-//! buffers' budgets, the log's refusal budget, and the live [`Snapshot`]. A [`Snapshot`] is everything built
+//! buffers' budgets, the log's refusal budget, the metrics, and the live [`Snapshot`]. A [`Snapshot`] is everything built
 //! from one checked `Config`: routes and their actions, security headers, canned refusals, guard settings,
 //! redirect names, upstream groups, rate limits, the maintenance page, the rustls config. It lives in an
 //! `ArcSwap`: a connection takes one when it starts (its TLS config, guard and limits), a request takes one
@@ -21,6 +21,7 @@ use crate::http::action::maintenance::Maintenance;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
+use crate::metrics::{Metrics, RouteCells};
 use crate::ratelimit::RateLimits;
 use crate::telemetry::Refusals;
 use crate::upstream::{Groups, Servers};
@@ -38,6 +39,8 @@ pub struct Shared {
     pub buffers: Arc<Buffers>,
     /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
     pub refusals: Arc<Refusals>,
+    /// What `/metrics` counts as it happens (kept across reloads).
+    pub metrics: Arc<Metrics>,
     /// Shutdown has begun (set by `main` before the drain): the admin listener's `/health` answers 503.
     pub draining: AtomicBool,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
@@ -63,6 +66,8 @@ pub struct Snapshot {
     /// The guard's own refusals, with the security headers (HSTS only in the HTTPS set).
     pub canned_https: Arc<Canned>,
     pub canned_http: Arc<Canned>,
+    /// Each route's request counters, resolved against [`Shared::metrics`] once per snapshot.
+    pub routes: RouteCells,
     /// Hosts a plain-HTTP redirect may point at: every site's names, or any host (empty) when the default
     /// site has none.
     pub redirect_names: Vec<String>,
@@ -84,11 +89,16 @@ impl Shared {
         let admission = Arc::new(Admission::new(l.connections, l.connections_per_ip));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits, refusals.clone()));
         let buffers = Arc::new(Buffers::new(&config));
+        let metrics = Arc::new(Metrics::default());
+        let lasting = Lasting {
+            servers: &servers,
+            refusals: &refusals,
+            metrics: &metrics,
+        };
         let snapshot = Snapshot::new(
             config,
             tls,
-            &servers,
-            &refusals,
+            &lasting,
             maintenance_page,
             https_port,
             rate_limits,
@@ -100,6 +110,7 @@ impl Shared {
             servers,
             buffers,
             refusals,
+            metrics,
             draining: AtomicBool::new(false),
             https_port,
             live: ArcSwap::from_pointee(snapshot),
@@ -123,8 +134,11 @@ impl Shared {
         Snapshot::new(
             config,
             tls,
-            &self.servers,
-            &self.refusals,
+            &Lasting {
+                servers: &self.servers,
+                refusals: &self.refusals,
+                metrics: &self.metrics,
+            },
             maintenance_page,
             self.https_port,
             rate_limits,
@@ -138,12 +152,19 @@ impl Shared {
     }
 }
 
+/// What a snapshot is built on that outlives it: the servers its groups name, the log's refusal budget its
+/// guard shares, the metrics its route counters count into.
+struct Lasting<'a> {
+    servers: &'a Servers,
+    refusals: &'a Arc<Refusals>,
+    metrics: &'a Metrics,
+}
+
 impl Snapshot {
     fn new(
         config: Config,
         tls: Arc<rustls::ServerConfig>,
-        servers: &Servers,
-        refusals: &Arc<Refusals>,
+        lasting: &Lasting<'_>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
         rate_limits: Arc<RateLimits>,
@@ -168,10 +189,11 @@ impl Snapshot {
             },
             header_timeout: config.timeouts.client_header,
             body: crate::pace::Rule::of(&config),
-            refusals: refusals.clone(),
+            refusals: lasting.refusals.clone(),
         });
         Snapshot {
-            upstreams: Groups::new(&config, servers),
+            upstreams: Groups::new(&config, lasting.servers),
+            routes: RouteCells::new(lasting.metrics, &config),
             maintenance: Maintenance::new(&config.maintenance, maintenance_page),
             canned_https: Arc::new(Canned::new(&headers, true)),
             canned_http: Arc::new(Canned::new(&headers, false)),

@@ -68,6 +68,7 @@ pub fn spawn(
         &state.snapshot().config,
         state.sites.clone(),
         state.challenges.clone(),
+        state.metrics.clone(),
         &signals.reloads(),
         &shutdown,
     );

@@ -4,6 +4,7 @@
 //! in `state_dir`, runs the self-check and loads the account, then orders. A reload request (SIGHUP) makes a
 //! site waiting on a retry try at once.
 
+use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +34,7 @@ pub fn spawn(
     config: &Config,
     sites: Arc<Sites>,
     challenges: Arc<Challenges>,
+    metrics: Arc<Metrics>,
     reloads: &Reloads,
     shutdown: &Shutdown,
 ) {
@@ -54,6 +56,7 @@ pub fn spawn(
         settings,
         sites,
         challenges,
+        metrics,
         account: AccountSlot::default(),
     });
     for (site, names) in ordered {
@@ -74,6 +77,8 @@ struct Ctx {
     store: Store,
     sites: Arc<Sites>,
     challenges: Arc<Challenges>,
+    /// Each attempt's outcome, timed (`/metrics`).
+    metrics: Arc<Metrics>,
     account: AccountSlot,
 }
 
@@ -197,6 +202,8 @@ async fn site_task(
         };
         // A reload request (SIGHUP) during the attempt asked for what just happened: it does not start another.
         reloads.seen();
+        ctx.metrics
+            .acme_attempt(&crate::metrics::site_label(&names), outcome.is_ok());
         match outcome {
             Ok(loaded) => {
                 ctx.sites.swap(site, loaded.key.clone());

@@ -1,6 +1,8 @@
 //! One request, in phases: site (the Host, held to the SNI) -> route (longest prefix within the site) ->
 //! request filters (`filters`: body limit, rate limits) -> the route's action (`action`) -> response filters
-//! (security headers, on every response, ours or the app's) -> access log (when the body ends). Each request
+//! (security headers, on every response, ours or the app's) -> the request counted (`metrics::RouteCell`:
+//! by route, method and status class, and its latency to the response head) -> access log (when the body
+//! ends). Each request
 //! takes the live config snapshot when it starts and keeps it to its end. Plain HTTP goes to `redirect`.
 
 use std::convert::Infallible;
@@ -14,6 +16,7 @@ use hyper::body::Incoming;
 use crate::body::Body;
 use crate::http::ctx::{Ctx, Lease};
 use crate::http::{action, filters, forwarded, h2, host, pages, redirect};
+use crate::metrics;
 use crate::state::Shared;
 use crate::telemetry::{Access, Logged};
 
@@ -37,8 +40,12 @@ pub async fn serve(
 ) -> Result<Response<Logged>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot();
+    let method = metrics::method_index(req.method());
     // HTTP/2 is held to the limits the guard holds HTTP/1.1 heads to; refused alike (no access line).
     if let Some(res) = h2::refusal(shared, &snap, peer, &req) {
+        snap.routes
+            .unrouted
+            .count(method, res.status(), start.elapsed());
         return Ok(res.map(|b| Logged::new(b, None)));
     }
     let client = forwarded::client_addr(req.headers(), peer, &snap.config.trusted_proxies);
@@ -60,10 +67,15 @@ pub async fn serve(
         client,
         lease,
     };
-    let mut res = match listener {
-        Listener::Https => https(&ctx, sni, req, access.as_deref_mut()).await,
-        Listener::Http => redirect::handle(shared, &snap, &req),
+    let (mut res, cell) = match listener {
+        Listener::Https => {
+            let (res, route) = https(&ctx, sni, req, access.as_deref_mut()).await;
+            let cell = route.map_or(&snap.routes.unrouted, |(s, r)| snap.routes.route(s, r));
+            (res, cell)
+        }
+        Listener::Http => (redirect::handle(shared, &snap, &req), &snap.routes.redirect),
     };
+    cell.count(method, res.status(), start.elapsed());
     // Response filters.
     snap.headers
         .apply(res.headers_mut(), listener == Listener::Https);
@@ -73,24 +85,32 @@ pub async fn serve(
     Ok(res.map(|b| Logged::new(b, access)))
 }
 
+/// The response, and the (site, route) indices of the route that took the request, if one did.
 async fn https(
     ctx: &Ctx<'_>,
     sni: Option<usize>,
     mut req: Request<Incoming>,
     access: Option<&mut Access>,
-) -> Response<Body> {
+) -> (Response<Body>, Option<(usize, usize)>) {
     let requested = host::requested(&req);
     let Some(site) = site_for(ctx, sni, requested.as_ref()) else {
-        return pages::status(StatusCode::MISDIRECTED_REQUEST);
+        return (pages::status(StatusCode::MISDIRECTED_REQUEST), None);
     };
-    let Some(route) = ctx.snap.config.sites[site].route(req.uri().path()) else {
-        return pages::status(StatusCode::NOT_FOUND);
+    let routes = &ctx.snap.config.sites[site].routes;
+    let path = req.uri().path();
+    let Some(index) = routes.iter().position(|r| r.matches(path)) else {
+        return (pages::status(StatusCode::NOT_FOUND), None);
     };
+    let route = &routes[index];
+    let taken = Some((site, index));
     let admitted = match filters::request(ctx, route, &mut req).await {
         Ok(a) => a,
-        Err(refused) => return refused,
+        Err(refused) => return (refused, taken),
     };
-    action::run(ctx, route, requested, admitted, req, access).await
+    (
+        action::run(ctx, route, requested, admitted, req, access).await,
+        taken,
+    )
 }
 
 /// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,

@@ -18,6 +18,8 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
@@ -28,6 +30,7 @@ use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::h2;
 use crate::http::pipeline::{self, Listener};
 use crate::http::proxyproto;
+use crate::metrics::HandshakeFailure;
 use crate::shutdown::Shutdown;
 use crate::state::{Shared, Snapshot};
 
@@ -197,13 +200,16 @@ async fn https(
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            shared.metrics.handshake_failed(HandshakeFailure::of(&e));
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
+            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
+    shared.metrics.handshake_done();
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
     let conn = Conn::new(lease);
@@ -214,7 +220,7 @@ async fn https(
         let timeout = snap.config.timeouts.client_header;
         let watch = h2::Watch::new(tls, timeout, peer.ip(), shared.refusals.clone());
         let io = Tracked {
-            inner: TokioIo::new(watch),
+            inner: TokioIo::new(Counted::new(watch, &shared)),
             conn: conn.clone(),
         };
         let max_list = h2::header_list_size(&snap.guard.limits);
@@ -238,7 +244,7 @@ async fn https(
             conn.gate.clone(),
         );
         let io = Tracked {
-            inner: TokioIo::new(guard),
+            inner: TokioIo::new(Counted::new(guard, &shared)),
             conn: conn.clone(),
         };
         let c = http1_builder(&snap)
@@ -266,7 +272,7 @@ async fn http(
         conn.gate.clone(),
     );
     let io = Tracked {
-        inner: TokioIo::new(guard),
+        inner: TokioIo::new(Counted::new(guard, &shared)),
         conn: conn.clone(),
     };
     let svc = service!(shared, snap, conn, Listener::Http, None, peer.ip());
@@ -397,5 +403,84 @@ impl<T: Write + Unpin> Write for Tracked<T> {
             this.conn.touched.store(true, Ordering::Relaxed);
         }
         r
+    }
+}
+
+/// A connection's I/O that counts the bytes read and written (`/metrics`): one relaxed atomic add per
+/// read or write that moved bytes, on counters cloned once per connection.
+struct Counted<T> {
+    inner: T,
+    received: Counter,
+    sent: Counter,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, shared: &Shared) -> Counted<T> {
+        Counted {
+            inner,
+            received: shared.metrics.bytes_received.clone(),
+            sent: shared.metrics.bytes_sent.clone(),
+        }
+    }
+
+    fn sent(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r
+            && *n > 0
+        {
+            self.sent.inc_by(*n as u64);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.received.inc_by(n as u64);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.sent(&r);
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.sent(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }

@@ -174,6 +174,11 @@ impl<S: Store> RateLimits<S> {
         }
     }
 
+    /// Each limit's name and how many requests it refused.
+    pub fn rejections(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.limits.iter().map(|l| (&*l.name, l.rejected()))
+    }
+
     /// How many limits there are.
     pub fn count(&self) -> usize {
         self.limits.len()

@@ -359,6 +359,7 @@ pub async fn forward(
             return Err(failure);
         }
         retries -= 1;
+        server.retried_elsewhere();
         tracing::debug!(upstream = %group.name, server = %server.addr, error = %failure, "retrying on another server");
     }
 }

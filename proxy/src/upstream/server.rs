@@ -25,6 +25,9 @@ pub struct Server {
     last_failure: AtomicU64,
     /// The active checks' verdict (true until a check says otherwise; always true without checks).
     checked_up: AtomicBool,
+    /// Every failure so far, and every request sent on to another server after failing here (metrics).
+    failures: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// A request in flight on a server; counted until dropped.
@@ -51,6 +54,8 @@ impl Server {
             out_until: AtomicU64::new(0),
             last_failure: AtomicU64::new(0),
             checked_up: AtomicBool::new(true),
+            failures: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
         }
     }
 
@@ -70,6 +75,21 @@ impl Server {
             && self.out_until.load(Ordering::Relaxed) <= clock(now)
     }
 
+    /// Connect, reset and timeout failures since it was first named.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests that failed here and went on to another server.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// A request that failed here goes on to another server.
+    pub fn retried_elsewhere(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// When it last failed (for "all are down: try the least recently failed"); 0 if never.
     pub fn last_failure(&self) -> u64 {
         self.last_failure.load(Ordering::Relaxed)
@@ -79,6 +99,7 @@ impl Server {
     /// for `fail_timeout`; returns true when this failure took it out (log it once).
     pub fn failed(&self, now: Instant, max_fails: u32, fail_timeout: Duration) -> bool {
         let t = clock(now);
+        self.failures.fetch_add(1, Ordering::Relaxed);
         self.last_failure.store(t, Ordering::Relaxed);
         let fails = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if max_fails == 0 || fails < max_fails {

@@ -144,12 +144,17 @@ pub async fn run(
         let upstream_side = hyper::upgrade::on(&mut res);
         let (mut parts, _) = res.into_parts();
         let proto = parts.headers.get(header::UPGRADE).cloned();
-        tokio::spawn(tunnel::run(
+        let open = ctx.shared.metrics.tunnel_opened();
+        let tunnel = tunnel::run(
             client_side,
             upstream_side,
             ctx.snap.config.timeouts.tunnel_idle,
             ctx.lease.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            tunnel.await;
+            drop(open);
+        });
         hop::strip(&mut parts.headers);
         parts
             .headers
