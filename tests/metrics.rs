@@ -423,3 +423,99 @@ async fn metrics_survive_a_reload_and_count_it() {
         "counted before and after the reload: {m:#?}"
     );
 }
+
+/// `portcullis check --live --config FILE`: (exit code, stdout, stderr).
+fn check_live(config: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = Command::new(binary())
+        .args(["check", "--live", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_live_reads_the_running_instance_over_a_unix_socket() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let dir = TempDir::new("live");
+    let pki = Pki::new(dir.path(), &["localhost"]);
+    let up = Upstream::tcp().await;
+    let socket = dir.path().join("admin.sock");
+    let text = config(
+        &pki,
+        &up.addr_string(),
+        &format!(
+            "[upstream.dead]\nservers = [\"{dead_addr}\"]\n\n[admin]\nlisten = \"unix:{}\"\n",
+            socket.display()
+        ),
+    )
+    .replacen(
+        "[[route]]\npath = \"/\"",
+        "[[route]]\npath = \"/dead/\"\nupstream = \"dead\"\n\n[[route]]\npath = \"/\"",
+        1,
+    );
+    let path = dir.write("portcullis.toml", &text);
+    let mut proxy = Portcullis::run(&path, &[]);
+    assert!(proxy.ready, "{}", proxy.output());
+    let client = portcullis_tests::Client::new(&pki.ca_pem);
+    assert_eq!(client.get(proxy.https_addr(), "/").await.status(), 200);
+
+    let (code, stdout, stderr) = check_live(&path);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("serving"), "{stdout}");
+    let app = format!("upstream app {}: up", up.addr_string());
+    assert!(stdout.contains(&app), "{stdout}");
+    assert!(
+        stdout.contains(&format!("upstream dead {dead_addr}: up")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("certificate default: expires"), "{stdout}");
+    assert!(stdout.contains("reloads: 0 ok, 0 failed"), "{stdout}");
+    assert!(stdout.contains("requests: 1 served"), "{stdout}");
+
+    // The dead server is tried once and taken out: something is down.
+    client.get(proxy.https_addr(), "/dead/").await;
+    let (code, stdout, _) = check_live(&path);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("upstream dead {dead_addr}: DOWN")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&app), "{stdout}");
+
+    // Plain `check` does not ask the instance.
+    let out = Command::new(binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("upstream app"));
+
+    proxy.signal("TERM");
+    assert!(proxy.wait().success());
+    let (code, _, stderr) = check_live(&path);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the admin listener"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_live_needs_an_admin_listener_it_can_name() {
+    let dir = TempDir::new("livenone");
+    let pki = Pki::new(dir.path(), &["localhost"]);
+    let none = dir.write("none.toml", &config(&pki, "127.0.0.1:9", ""));
+    let (code, _, stderr) = check_live(&none);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("no [admin] section"), "{stderr}");
+    let zero = dir.write("zero.toml", &config(&pki, "127.0.0.1:9", ADMIN));
+    let (code, _, stderr) = check_live(&zero);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("port 0"), "{stderr}");
+}

@@ -2,7 +2,8 @@
 //! site what its certificate is (names, issuer, expiry, key, chain order) or, for ACME, what is stored and
 //! when it renews, the maintenance page, then whether the service user can still read every file after the
 //! privilege drop.
-//! Nothing here binds a socket or starts a runtime.
+//! Nothing here binds a socket or starts a runtime. `check --live` (`live.rs`) asks the running instance
+//! instead, through its admin listener.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,6 +12,8 @@ use portcullis_certs::inspect::{Info, format_time};
 use portcullis_config::{CertSource, Config, Site};
 
 use crate::{cli, http, privdrop};
+
+pub mod live;
 
 /// `portcullis check`: the config, then the certificates it names, then whether the service user can still
 /// read them after dropping privileges (and whether the private key is closed to other users).

@@ -1,4 +1,4 @@
-//! The command line (a contract: `run`, `check`, `demo`, `--version`, `--help`) and its exit codes.
+//! The command line (a contract: `run`, `check` (and `check --live`), `demo`, `--version`, `--help`) and its exit codes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +39,10 @@ pub enum Command {
         /// The TOML config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Instead, ask the running instance through the config's [admin] listener: upstream servers,
+        /// certificates, reloads, requests. Exit 1 if it cannot be reached or something is down.
+        #[arg(long)]
+        live: bool,
     },
     /// Serve a demo: a fresh self-signed certificate in front of a small built-in upstream page.
     Demo {

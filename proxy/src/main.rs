@@ -47,7 +47,13 @@ fn main() -> ExitCode {
     // 2. Load and check the config (exit 64 on a bad one). `check` reports on it and ends here; `demo` makes
     //    its own around its built-in upstream.
     let (config, log_format, insecure_keep_root, demo_upstream) = match cli.command {
-        cli::Command::Check { config } => return check::run(&config),
+        cli::Command::Check { config, live } => {
+            return if live {
+                check::live::run(&config)
+            } else {
+                check::run(&config)
+            };
+        }
         cli::Command::Run {
             config,
             log_format,
