@@ -264,6 +264,14 @@ level = "debug"
     }
 
     #[test]
+    fn an_admin_change_needs_a_restart() {
+        let old = parse("");
+        let mut new = parse("[admin]\nlisten = \"127.0.0.1:9180\"\n");
+        assert_eq!(pin(&old, &mut new), ["admin"]);
+        assert_eq!(new.admin, None);
+    }
+
+    #[test]
     fn a_change_of_sites_is_found() {
         let old = parse("");
         assert_eq!(sites_changed(&old, &parse("")), None);
