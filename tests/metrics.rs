@@ -519,3 +519,26 @@ fn check_live_needs_an_admin_listener_it_can_name() {
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("port 0"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_second_instance_does_not_take_a_live_admin_socket() {
+    let dir = TempDir::new("livesock");
+    let pki = Pki::new(dir.path(), &["localhost"]);
+    let socket = dir.path().join("admin.sock");
+    let admin = format!("[admin]\nlisten = \"unix:{}\"\n", socket.display());
+    let first = dir.write("first.toml", &config(&pki, "127.0.0.1:9", &admin));
+    let proxy = Portcullis::run(&first, &[]);
+    assert!(proxy.ready, "{}", proxy.output());
+    let mut second = Portcullis::run(&first, &[]);
+    assert!(!second.ready);
+    assert!(!second.wait().success());
+    assert!(
+        second
+            .output()
+            .contains("another process is listening on this socket"),
+        "{}",
+        second.output()
+    );
+    let (code, stdout, stderr) = check_live(&first);
+    assert_eq!(code, Some(0), "the first still answers: {stdout}{stderr}");
+}

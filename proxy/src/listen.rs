@@ -72,7 +72,7 @@ pub fn bind_or_adopt(listen: &Listen) -> Result<Bound, Error> {
 }
 
 /// Binds `[admin] listen`. A unix socket replaces a stale one left by an earlier run (never another kind of
-/// file), is made 0660 and given to `owner` (the service user and its group, who may then connect, as root
+/// file, nor a socket something still answers on), is made 0660 and given to `owner` (the service user and its group, who may then connect, as root
 /// may).
 pub fn bind_admin(addr: &ServerAddr, owner: (Uid, Gid)) -> Result<Admin, Error> {
     let err = |source| Error::Admin {
@@ -101,7 +101,16 @@ pub fn bind(listen: &Listen) -> Result<Bound, Error> {
 
 fn bind_unix(path: &Path, (uid, gid): (Uid, Gid)) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            // Another instance may be serving on it: a socket someone answers on is not stale.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
