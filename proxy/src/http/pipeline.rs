@@ -1,9 +1,9 @@
 //! One request, in phases: site (the Host, held to the SNI) -> route (longest prefix within the site) ->
 //! request filters (`filters`: body limit, rate limits) -> the route's action (`action`) -> response filters
-//! (security headers, on every response, ours or the app's) -> the request counted (`metrics::RouteCell`:
-//! by route, method and status class, and its latency to the response head) -> access log (when the body
-//! ends). Each request
-//! takes the live config snapshot when it starts and keeps it to its end. Plain HTTP goes to `redirect`.
+//! (the request counted, `metrics::RouteCell`: by route, method and status class, and its latency to the
+//! response head; security headers, on every response, ours or the app's) -> access log (when the body
+//! ends). Each request takes the live config snapshot when it starts and keeps it to its end. Plain HTTP
+//! goes to `redirect`.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
