@@ -542,3 +542,27 @@ async fn a_second_instance_does_not_take_a_live_admin_socket() {
     let (code, stdout, stderr) = check_live(&first);
     assert_eq!(code, Some(0), "the first still answers: {stdout}{stderr}");
 }
+
+#[tokio::test]
+async fn check_live_reads_the_running_instance_over_tcp() {
+    // A port free now (picked at run time, then named in the config, which `check --live` reads).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+    let s = Setup::new("", &admin).await;
+    assert_eq!(s.proxy.admin_addr().port(), port);
+    let path = s.dir.path().join("portcullis.toml");
+    let (code, stdout, stderr) = check_live(&path);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!("http://127.0.0.1:{port}: serving")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("upstream app {}: up", s.upstream.addr_string())),
+        "{stdout}"
+    );
+}
