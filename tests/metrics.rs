@@ -105,12 +105,8 @@ fn check_refuses_an_admin_listener_on_a_public_address_unless_told() {
     let pki = Pki::new(dir.path(), &["localhost"]);
     let text = config(&pki, "127.0.0.1:9", "[admin]\nlisten = \"0.0.0.0:9180\"\n");
     let path = dir.write("portcullis.toml", &text);
-    let out = Command::new(binary())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, _, stderr) = check(&path, false);
+    assert_eq!(code, Some(64), "{stderr}");
     let line = text
         .lines()
         .position(|l| l.starts_with("listen = \"0.0.0.0:9180\""))
@@ -124,15 +120,8 @@ fn check_refuses_an_admin_listener_on_a_public_address_unless_told() {
         "public.toml",
         &text.replace("[admin]\n", "[admin]\npublic = true\n"),
     );
-    let out = Command::new(binary())
-        .args(["check", "--config", public.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = check(&public, false);
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 /// Scrapes until `done` holds (each scrape is a round trip: no sleeps), within a 10 s safety net.
@@ -424,12 +413,13 @@ async fn metrics_survive_a_reload_and_count_it() {
     );
 }
 
-/// `portcullis check --live --config FILE`: (exit code, stdout, stderr).
-fn check_live(config: &std::path::Path) -> (Option<i32>, String, String) {
-    let out = Command::new(binary())
-        .args(["check", "--live", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+/// `portcullis check [--live] --config FILE`: (exit code, stdout, stderr).
+fn check(config: &std::path::Path, live: bool) -> (Option<i32>, String, String) {
+    let mut args = vec!["check", "--config", config.to_str().unwrap()];
+    if live {
+        args.push("--live");
+    }
+    let out = Command::new(binary()).args(&args).output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -465,7 +455,7 @@ async fn check_live_reads_the_running_instance_over_a_unix_socket() {
     let client = portcullis_tests::Client::new(&pki.ca_pem);
     assert_eq!(client.get(proxy.https_addr(), "/").await.status(), 200);
 
-    let (code, stdout, stderr) = check_live(&path);
+    let (code, stdout, stderr) = check(&path, true);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("serving"), "{stdout}");
     let app = format!("upstream app {}: up", up.addr_string());
@@ -480,7 +470,7 @@ async fn check_live_reads_the_running_instance_over_a_unix_socket() {
 
     // The dead server is tried once and taken out: something is down.
     client.get(proxy.https_addr(), "/dead/").await;
-    let (code, stdout, _) = check_live(&path);
+    let (code, stdout, _) = check(&path, true);
     assert_eq!(code, Some(1), "{stdout}");
     assert!(
         stdout.contains(&format!("upstream dead {dead_addr}: DOWN")),
@@ -489,16 +479,13 @@ async fn check_live_reads_the_running_instance_over_a_unix_socket() {
     assert!(stdout.contains(&app), "{stdout}");
 
     // Plain `check` does not ask the instance.
-    let out = Command::new(binary())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("upstream app"));
+    let (code, stdout, stderr) = check(&path, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains("upstream app"), "{stdout}");
 
     proxy.signal("TERM");
     assert!(proxy.wait().success());
-    let (code, _, stderr) = check_live(&path);
+    let (code, _, stderr) = check(&path, true);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("cannot reach the admin listener"),
@@ -511,11 +498,11 @@ fn check_live_needs_an_admin_listener_it_can_name() {
     let dir = TempDir::new("livenone");
     let pki = Pki::new(dir.path(), &["localhost"]);
     let none = dir.write("none.toml", &config(&pki, "127.0.0.1:9", ""));
-    let (code, _, stderr) = check_live(&none);
+    let (code, _, stderr) = check(&none, true);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("no [admin] section"), "{stderr}");
     let zero = dir.write("zero.toml", &config(&pki, "127.0.0.1:9", ADMIN));
-    let (code, _, stderr) = check_live(&zero);
+    let (code, _, stderr) = check(&zero, true);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("port 0"), "{stderr}");
 }
@@ -539,7 +526,7 @@ async fn a_second_instance_does_not_take_a_live_admin_socket() {
         "{}",
         second.output()
     );
-    let (code, stdout, stderr) = check_live(&first);
+    let (code, stdout, stderr) = check(&first, true);
     assert_eq!(code, Some(0), "the first still answers: {stdout}{stderr}");
 }
 
@@ -555,7 +542,7 @@ async fn check_live_reads_the_running_instance_over_tcp() {
     let s = Setup::new("", &admin).await;
     assert_eq!(s.proxy.admin_addr().port(), port);
     let path = s.dir.path().join("portcullis.toml");
-    let (code, stdout, stderr) = check_live(&path);
+    let (code, stdout, stderr) = check(&path, true);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
         stdout.starts_with(&format!("http://127.0.0.1:{port}: serving")),

@@ -18,12 +18,9 @@ pub mod live;
 /// `portcullis check`: the config, then the certificates it names, then whether the service user can still
 /// read them after dropping privileges (and whether the private key is closed to other users).
 pub fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(cli::EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     for w in &config.warnings {
         eprintln!("warning: {w}");
@@ -75,6 +72,14 @@ pub fn run(path: &Path) -> ExitCode {
     }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
+}
+
+/// The config, or its problems printed and exit code 64.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(cli::EXIT_CONFIG)
+    })
 }
 
 /// Prints what `check` knows about one site's certificate; false when it would not be served.

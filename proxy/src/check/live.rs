@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portcullis_certs::inspect::format_time;
-use portcullis_config::{Config, ServerAddr};
+use portcullis_config::ServerAddr;
 
 use crate::cli;
 
@@ -23,12 +23,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ANSWER: u64 = 16 * 1024 * 1024;
 
 pub fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match super::load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(cli::EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     let Some(admin) = &config.admin else {
         eprintln!(

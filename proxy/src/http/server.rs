@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{CONNECTION, HeaderValue};
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -219,10 +218,7 @@ async fn https(
     if h2 {
         let timeout = snap.config.timeouts.client_header;
         let watch = h2::Watch::new(tls, timeout, peer.ip(), shared.refusals.clone());
-        let io = Tracked {
-            inner: TokioIo::new(Counted::new(watch, &shared)),
-            conn: conn.clone(),
-        };
+        let io = Tracked::new(watch, &conn, &shared);
         let max_list = h2::header_list_size(&snap.guard.limits);
         let c = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -243,10 +239,7 @@ async fn https(
             peer.ip(),
             conn.gate.clone(),
         );
-        let io = Tracked {
-            inner: TokioIo::new(Counted::new(guard, &shared)),
-            conn: conn.clone(),
-        };
+        let io = Tracked::new(guard, &conn, &shared);
         let c = http1_builder(&snap)
             .serve_connection(io, svc)
             .with_upgrades();
@@ -271,10 +264,7 @@ async fn http(
         peer.ip(),
         conn.gate.clone(),
     );
-    let io = Tracked {
-        inner: TokioIo::new(Counted::new(guard, &shared)),
-        conn: conn.clone(),
-    };
+    let io = Tracked::new(guard, &conn, &shared);
     let svc = service!(shared, snap, conn, Listener::Http, None, peer.ip());
     let idle = snap.config.timeouts.client_idle;
     let c = http1_builder(&snap).serve_connection(io, svc);
@@ -345,94 +335,37 @@ where
     }
 }
 
-/// A connection's I/O that notes whether any byte moved since the idle check last looked.
+/// A connection's I/O that notes whether any byte moved since the idle check last looked, and counts the
+/// bytes read and written (`/metrics`): one relaxed store and one relaxed add per read or write that moved
+/// bytes, on counters cloned once per connection.
 struct Tracked<T> {
     inner: T,
     conn: Arc<Conn>,
-}
-
-impl<T: Read + Unpin> Read for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            this.conn.touched.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<T: Write + Unpin> Write for Tracked<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            this.conn.touched.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            this.conn.touched.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-/// A connection's I/O that counts the bytes read and written (`/metrics`): one relaxed atomic add per
-/// read or write that moved bytes, on counters cloned once per connection.
-struct Counted<T> {
-    inner: T,
     received: Counter,
     sent: Counter,
 }
 
-impl<T> Counted<T> {
-    fn new(inner: T, shared: &Shared) -> Counted<T> {
-        Counted {
+impl<T> Tracked<T> {
+    fn new(inner: T, conn: &Arc<Conn>, shared: &Shared) -> TokioIo<Tracked<T>> {
+        TokioIo::new(Tracked {
             inner,
+            conn: conn.clone(),
             received: shared.metrics.bytes_received.clone(),
             sent: shared.metrics.bytes_sent.clone(),
-        }
+        })
     }
 
-    fn sent(&self, r: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = r
-            && *n > 0
-        {
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if r.is_ready() {
+            self.conn.touched.store(true, Ordering::Relaxed);
+        }
+        if let Poll::Ready(Ok(n)) = r {
             self.sent.inc_by(*n as u64);
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -441,15 +374,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        if n > 0 {
-            this.received.inc_by(n as u64);
+        if r.is_ready() {
+            this.conn.touched.store(true, Ordering::Relaxed);
+            let n = buf.filled().len().saturating_sub(before);
+            if n > 0 {
+                this.received.inc_by(n as u64);
+            }
         }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -457,7 +393,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.sent(&r);
+        this.wrote(&r);
         r
     }
 
@@ -476,7 +412,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.sent(&r);
+        this.wrote(&r);
         r
     }
 
