@@ -20,4 +20,4 @@ mod task;
 pub mod tls_alpn01;
 
 pub use bootstrap::bootstrap;
-pub use task::spawn;
+pub use task::Acme;
