@@ -200,9 +200,12 @@ async fn site_task(
                 () = tokio::time::sleep(wake) => false,
                 () = reloads.requested() => true,
                 () = shutdown.begun() => return,
-                () = retired.wait() => return,
+                () = retired.wait() => return ended(site),
             };
-            if !forced && SystemTime::now() < when {
+            // SIGHUP means "retry now" to a site waiting on a retry only: a site whose certificate is
+            // good until its renewal orders nothing (each config reload would otherwise renew every
+            // certificate, against the CA's rate limits).
+            if !(forced && retry.is_some()) && SystemTime::now() < when {
                 continue;
             }
         }
@@ -214,7 +217,7 @@ async fn site_task(
             }
             () = shutdown.begun() => return,
             // The site left the config: no certificate is wanted for it any more.
-            () = retired.wait() => return,
+            () = retired.wait() => return ended(site),
         };
         // A reload request (SIGHUP) during the attempt asked for what just happened: it does not start another.
         reloads.seen();
@@ -273,6 +276,14 @@ async fn site_task(
             }
         }
     }
+}
+
+/// A site task's end when a config reload removed its site.
+fn ended(site: &str) {
+    tracing::info!(
+        site,
+        "the site is no longer in the config: its ACME task ends"
+    );
 }
 
 /// One attempt: state_dir writable, this site's lock (or another instance's fresh certificate),
