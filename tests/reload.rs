@@ -326,6 +326,23 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
         assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
     }
 
+    // Its certificate files are followed like those of the sites there at start: replaced, they are
+    // reloaded without a SIGHUP.
+    s.proxy
+        .wait_for_log(|l| l.contains("reload on SIGHUP done"), LIMIT)
+        .unwrap();
+    let b_renewed = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let reloaded = |l: &str| l.contains("certificate reloaded") && l.contains("site=1");
+    // One `certificate reloaded` line for site 1 came from the SIGHUP's pass over every pair.
+    s.proxy
+        .wait_for_nth(reloaded, 2, LIMIT)
+        .unwrap_or_else(|| panic!("b's new files not reloaded:\n{}", s.proxy.output()));
+    assert_eq!(
+        get_as(s.https(), "b.test", true, "/renewed").await,
+        (b_renewed.clone(), 200)
+    );
+    let b_leaf = b_renewed;
+
     // Its routes change like any other; the site itself is kept, certificate and all.
     let routed_to_a = with_b.replace("upstream = \"b\"", "upstream = \"app\"");
     let line = reload(&s, &routed_to_a, 2);

@@ -254,3 +254,87 @@ impl SiteSet {
 fn label(site: usize, names: &[String]) -> String {
     names.first().cloned().unwrap_or_else(|| format!("#{site}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+    use std::path::Path;
+
+    use super::*;
+
+    /// A config of self-signed sites: the default one (no names) and a `[[site]]` per entry of `names`.
+    fn config(names: &[&str], strict: bool) -> Config {
+        let mut text = format!(
+            "strict_sni = {strict}\n[listen]\nhttps = [\"127.0.0.1:8443\"]\n[tls]\nself_signed = true\n\
+             [[route]]\npath = \"/\"\nupstream = \"app\"\n[upstream.app]\nservers = [\"127.0.0.1:5001\"]\n"
+        );
+        for n in names {
+            text.push_str(&format!(
+                "[[site]]\nnames = [\"{n}\"]\ntls = {{ self_signed = true }}\n  [[site.route]]\n  path = \"/\"\n  upstream = \"app\"\n"
+            ));
+        }
+        Config::parse(Path::new("/etc/portcullis/portcullis.toml"), &text).unwrap()
+    }
+
+    /// What the next set is built against once `p` is in force (what `commit` keeps, without its tasks).
+    fn served(p: &Prepared) -> Current {
+        Current {
+            live: p.live.clone(),
+            served: Some((p.sites.clone(), p.strict)),
+        }
+    }
+
+    #[test]
+    fn unchanged_sites_keep_their_certificate_and_new_ones_are_loaded() {
+        let first = load(&config(&["a.test", "b.test"], false)).unwrap();
+        assert_eq!((first.kept(), first.added(), first.removed), (0, 3, 0));
+        let now = served(&first);
+
+        // The same sites: the very same set.
+        let same = now.prepare(&config(&["a.test", "b.test"], false)).unwrap();
+        assert!(same.unchanged && Arc::ptr_eq(&same.sites, &first.sites));
+
+        // a.test goes, c.test comes, b.test moves up: b keeps its certificate (the same `SiteCert`, so
+        // what a reload or renewal swaps into one set the other sees too).
+        let next = now.prepare(&config(&["b.test", "c.test"], false)).unwrap();
+        assert!(!next.unchanged);
+        assert_eq!((next.kept(), next.added(), next.removed), (2, 1, 1));
+        assert!(Arc::ptr_eq(
+            next.sites.cert(1).unwrap(),
+            first.sites.cert(2).unwrap()
+        ));
+        assert_eq!(next.sites.site_for("b.test"), Some(1));
+        assert_eq!(next.sites.site_for("a.test"), None);
+        assert_eq!(next.sites.site_for("c.test"), Some(2));
+        let renewed = portcullis_certs::self_signed(&["b.test".into()]).unwrap();
+        first.sites.swap(2, renewed.clone());
+        assert!(Arc::ptr_eq(&next.sites.current(1).unwrap(), &renewed));
+
+        // The same sites under another SNI rule: a new set around the same certificates.
+        let strict = now.prepare(&config(&["a.test", "b.test"], true)).unwrap();
+        assert!(!strict.unchanged && !Arc::ptr_eq(&strict.sites, &first.sites));
+        assert_eq!((strict.kept(), strict.added()), (3, 0));
+        assert_eq!(strict.sites.site_for_sni(Some("other.test")), None);
+    }
+
+    #[tokio::test]
+    async fn a_site_that_leaves_the_set_ends_its_tasks() {
+        let first = load(&config(&["a.test"], false)).unwrap();
+        let mut retired = first.added[1].retired.clone();
+        let mut now = served(&first);
+        drop(first);
+        let kept = now.prepare(&config(&["a.test"], false)).unwrap();
+        now = served(&kept);
+        drop(kept);
+        assert!(
+            futures_util::FutureExt::now_or_never(retired.wait()).is_none(),
+            "a kept site's tasks go on"
+        );
+        let without = now.prepare(&config(&[], false)).unwrap();
+        now = served(&without);
+        drop(without);
+        retired.wait().await;
+        assert_eq!(now.live.len(), 1);
+    }
+}
