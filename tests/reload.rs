@@ -267,6 +267,26 @@ async fn get_as(addr: SocketAddr, name: &str, h2: bool, path: &str) -> (Vec<u8>,
     (leaf, conn.get(name, path).await.0)
 }
 
+/// Asserts that a GET for `target` on a new connection as `name` (SNI and Host), HTTP/2 or HTTP/1.1, is
+/// shown `leaf`, answered 200, and reached `b` (`to_b`) or the setup's own upstream.
+async fn served(
+    s: &Setup,
+    b: &Upstream,
+    name: &str,
+    h2: bool,
+    target: &str,
+    leaf: &[u8],
+    to_b: bool,
+) {
+    let got = get_as(s.https(), name, h2, target).await;
+    assert_eq!(got, (leaf.to_vec(), 200), "{name}{target} h2={h2}");
+    assert_eq!(
+        who_got(target, &s.upstream, b),
+        (!to_b, to_b),
+        "{name}{target} h2={h2}"
+    );
+}
+
 /// A `[[site]]` for `names` with the certificate `dir/stem.pem` + `dir/stem.key` and one route `/` to
 /// the upstream `up`, defined at `addr`.
 fn site(names: &[&str], dir: &TempDir, stem: &str, up: &str, addr: &str) -> String {
@@ -292,11 +312,7 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
     let default = default_leaf(&s).await;
     // Before: b.test is an unknown name, served by the default site.
-    assert_eq!(
-        get_as(s.https(), "b.test", false, "/before").await,
-        (default.clone(), 200)
-    );
-    assert_eq!(who_got("/before", a, &b), (true, false));
+    served(&s, &b, "b.test", false, "/before", &default, false).await;
 
     let with_b = config(
         &s.pki,
@@ -311,19 +327,11 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     );
     for h2 in [false, true] {
         let target = format!("/added/{h2}");
-        assert_eq!(
-            get_as(s.https(), "b.test", h2, &target).await,
-            (b_leaf.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (false, true), "{target}");
+        served(&s, &b, "b.test", h2, &target, &b_leaf, true).await;
         assert_eq!(b.last().headers["host"], "b.test");
         // The default site is as it was.
         let target = format!("/default/{h2}");
-        assert_eq!(
-            get_as(s.https(), "localhost", h2, &target).await,
-            (default.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+        served(&s, &b, "localhost", h2, &target, &default, false).await;
     }
 
     // Its certificate files are followed like those of the sites there at start: replaced, they are
@@ -337,11 +345,7 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     s.proxy
         .wait_for_nth(reloaded, 2, LIMIT)
         .unwrap_or_else(|| panic!("b's new files not reloaded:\n{}", s.proxy.output()));
-    assert_eq!(
-        get_as(s.https(), "b.test", true, "/renewed").await,
-        (b_renewed.clone(), 200)
-    );
-    let b_leaf = b_renewed;
+    served(&s, &b, "b.test", true, "/renewed", &b_renewed, true).await;
 
     // Its routes change like any other; the site itself is kept, certificate and all.
     let routed_to_a = with_b.replace("upstream = \"b\"", "upstream = \"app\"");
@@ -352,11 +356,7 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     );
     for h2 in [false, true] {
         let target = format!("/rerouted/{h2}");
-        assert_eq!(
-            get_as(s.https(), "b.test", h2, &target).await,
-            (b_leaf.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+        served(&s, &b, "b.test", h2, &target, &b_renewed, false).await;
     }
 }
 
@@ -402,11 +402,7 @@ async fn a_site_removed_by_sighup_is_an_unknown_name_while_its_open_requests_fin
     // site names no host (a catch-all), its routes.
     for h2 in [false, true] {
         let target = format!("/removed/{h2}");
-        assert_eq!(
-            get_as(s.https(), "b.test", h2, &target).await,
-            (default.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+        served(&s, &b, "b.test", h2, &target, &default, false).await;
     }
     // The requests in flight finish on the site they started on; the next one on the same connection is
     // for the sites in force now.
@@ -444,17 +440,9 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
     // Nothing changed: `/` still to a, b.test still site b, c.test unknown.
     for h2 in [false, true] {
         let target = format!("/still/{h2}");
-        assert_eq!(
-            get_as(s.https(), "localhost", h2, &target).await,
-            (default.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+        served(&s, &b, "localhost", h2, &target, &default, false).await;
         let target = format!("/b/{h2}");
-        assert_eq!(
-            get_as(s.https(), "b.test", h2, &target).await,
-            (b_leaf.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (false, true), "{target}");
+        served(&s, &b, "b.test", h2, &target, &b_leaf, true).await;
         assert_eq!(get_as(s.https(), "c.test", h2, "/c").await.0, default);
     }
 }
@@ -478,17 +466,9 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only() {
     assert!(line.contains("config reloaded"), "{line}");
     for h2 in [false, true] {
         let target = format!("/www/{h2}");
-        assert_eq!(
-            get_as(s.https(), "www.b.test", h2, &target).await,
-            (b_leaf.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (false, true), "{target}");
+        served(&s, &b, "www.b.test", h2, &target, &b_leaf, true).await;
         let target = format!("/old-name/{h2}");
-        assert_eq!(
-            get_as(s.https(), "b.test", h2, &target).await,
-            (default.clone(), 200)
-        );
-        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+        served(&s, &b, "b.test", h2, &target, &default, false).await;
     }
 
     // A name its certificate does not cover: refused, naming the file and the name.
@@ -500,11 +480,7 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only() {
     let line = reload(&s, &uncovered, 2);
     assert!(line.contains("config reload failed"), "{line}");
     assert!(line.contains("does not cover other.test"), "{line}");
-    assert_eq!(
-        get_as(s.https(), "www.b.test", true, "/kept").await,
-        (b_leaf, 200)
-    );
-    assert_eq!(who_got("/kept", a, &b), (false, true));
+    served(&s, &b, "www.b.test", true, "/kept", &b_leaf, true).await;
 }
 
 const LIMITED: &str = "[[rate_limit]]\nname = \"slow\"\npaths = [\"/limited\"]\nmethods = [\"GET\"]\nrate = \"1/hour\"\nburst = 2\n";

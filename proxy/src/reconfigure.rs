@@ -73,10 +73,7 @@ impl Reconfigure {
                 );
                 return;
             }
-            Err(e) => {
-                tracing::error!("config reload failed: {e}: the running config is unchanged");
-                return;
-            }
+            Err(e) => return refuse(e),
         };
         for w in &config.warnings {
             tracing::warn!("{w}");
@@ -92,13 +89,7 @@ impl Reconfigure {
         .unwrap_or_else(|e| Err(e.to_string()));
         let page = match page {
             Ok(p) => p,
-            Err(e) => {
-                tracing::error!(
-                    "config reload failed: {}: [maintenance] page: {e}: the running config is unchanged",
-                    path.display()
-                );
-                return;
-            }
+            Err(e) => return refuse(format_args!("{}: [maintenance] page: {e}", path.display())),
         };
         // The sites: those unchanged as they are, every other one's certificate loaded now, off the async
         // threads; a certificate that fails (its file missing, unreadable, not covering the names, ...)
@@ -111,17 +102,8 @@ impl Reconfigure {
         .await
         {
             Ok((config, Ok(p))) => (config, p),
-            Ok((_, Err(e))) => {
-                tracing::error!(
-                    "config reload failed: {}: {e}: the running config is unchanged",
-                    path.display()
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::error!("config reload failed: {e}: the running config is unchanged");
-                return;
-            }
+            Ok((_, Err(e))) => return refuse(format_args!("{}: {e}", path.display())),
+            Err(e) => return refuse(e),
         };
         let same_versions = config.tls.min_version == old.config.tls.min_version;
         let tls = if prepared.unchanged && same_versions {
@@ -135,12 +117,7 @@ impl Reconfigure {
         };
         let tls = match tls {
             Ok(t) => t,
-            Err(e) => {
-                tracing::error!(
-                    "config reload failed: TLS setup: {e}: the running config is unchanged"
-                );
-                return;
-            }
+            Err(e) => return refuse(format_args!("TLS setup: {e}")),
         };
         for key in &pinned {
             tracing::warn!("{key} changed: restart to apply");
@@ -185,6 +162,11 @@ impl Reconfigure {
             "config reloaded"
         );
     }
+}
+
+/// Logs why a reload changes nothing (after any problems of its own, one per line).
+fn refuse(why: impl std::fmt::Display) {
+    tracing::error!("config reload failed: {why}: the running config is unchanged");
 }
 
 /// Puts back into `new` the values fixed at start that it changed, and names each such key: the snapshot
