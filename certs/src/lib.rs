@@ -1,7 +1,7 @@
 //! Portcullis certificates: the one TLS crypto provider (aws-lc-rs, explicit suites and groups), PEM loading
 //! with the key checked against the leaf, self-signed bootstrap (rcgen), and [`Sites`], the
-//! `ResolvesServerCert` that picks a site by SNI, each site's certificate in an `ArcSwap` that hot reloads
-//! swap without touching a listener.
+//! `ResolvesServerCert` that picks a site by SNI, each site's certificate a [`SiteCert`] (an `ArcSwap`) that
+//! hot reloads swap without touching a listener, and that a new `Sites` (a config reload) can share.
 //! No sockets and no HTTP here.
 
 #![forbid(unsafe_code)]

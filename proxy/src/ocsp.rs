@@ -3,7 +3,9 @@
 //! response stapled. Refreshed half way through the response's validity; on failure retried with backoff
 //! while the last good response keeps being stapled until it expires. A certificate without a responder is
 //! served without a staple, and without a warning. Every swap here is a compare-and-swap against the
-//! certificate it was built from: a reload or an ACME renewal that lands meanwhile always wins.
+//! certificate it was built from: a reload or an ACME renewal that lands meanwhile always wins. The task
+//! holds its site's `SiteCert`, not a place in a site set: it goes on across config reloads that keep the
+//! site, and ends when one removes it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,7 +1,9 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
-//! (`http::server::accept`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes), the config reload (SIGHUP, which also re-reads the certificates and re-plans the upstream
-//! health checks), ACME, the rate-limit purge, the upstream pools' sweep and the systemd watchdog.
+//! (`http::server::accept`), and the control tasks: each site's (OCSP stapling, and ACME for an
+//! `acme = true` site; started and ended with the site, see `sites.rs`), the certificate reloader (file
+//! changes), the config reload (SIGHUP, which also re-reads the certificates, changes the sites and
+//! re-plans the upstream health checks), the rate-limit purge, the upstream pools' sweep and the systemd
+//! watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
 //! their own then.
 

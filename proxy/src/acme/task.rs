@@ -27,8 +27,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const ARI_MIN: Duration = Duration::from_secs(60);
 const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
 
-/// What starts the ACME site tasks: the `[acme]` settings in force (fixed at start), their store, the one
-/// account, and where validation answers go. Without `[acme]` it starts nothing.
+/// What starts the ACME site tasks: the `[acme]` settings in force (those of the first config that had an
+/// ACME site; a change needs a restart), their store, the one account, and where validation answers go.
+/// Without `[acme]` it starts nothing.
 #[derive(Clone)]
 pub struct Acme(Option<Arc<Ctx>>);
 
