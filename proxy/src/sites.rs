@@ -229,14 +229,18 @@ impl SiteSet {
                 // Only SIGHUPs after this one are the new task's "retry now".
                 let mut reloads = self.reloads.clone();
                 reloads.seen();
-                self.acme.start(
-                    label,
+                let started = self.acme.start(
+                    label.clone(),
                     a.names,
                     a.cert,
                     a.retired,
                     self.shutdown.clone(),
                     reloads,
                 );
+                // The checker gives every config with an ACME site its `[acme]`: this is only a guard.
+                if !started {
+                    tracing::error!(site = %label, "no [acme] settings: this site's certificate is not ordered");
+                }
             }
             watched.extend(a.watched);
         }
