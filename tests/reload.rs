@@ -448,7 +448,7 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_site_renamed_by_sighup_answers_to_its_new_names_only() {
+async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its_certificate() {
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test", "www.b.test"], None);
@@ -481,6 +481,23 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only() {
     assert!(line.contains("config reload failed"), "{line}");
     assert!(line.contains("does not cover other.test"), "{line}");
     served(&s, &b, "www.b.test", true, "/kept", &b_leaf, true).await;
+
+    // Its certificate moves to other files: the new pair is loaded and served.
+    let moved_leaf = TestCa::new().issue(certs.path(), "moved", &["www.b.test"], None);
+    let moved = config(
+        &s.pki,
+        &a.addr_string(),
+        &site(&["www.b.test"], &certs, "moved", "b", &b.addr_string()),
+    );
+    let line = reload(&s, &moved, 3);
+    assert!(
+        line.contains("sites_added=1") && line.contains("sites_removed=1"),
+        "{line}"
+    );
+    for h2 in [false, true] {
+        let target = format!("/moved/{h2}");
+        served(&s, &b, "www.b.test", h2, &target, &moved_leaf, true).await;
+    }
 }
 
 const LIMITED: &str = "[[rate_limit]]\nname = \"slow\"\npaths = [\"/limited\"]\nmethods = [\"GET\"]\nrate = \"1/hour\"\nburst = 2\n";
