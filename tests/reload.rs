@@ -436,7 +436,10 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
     let line = reload(&s, &broken, 1);
     assert!(line.contains("config reload failed"), "{line}");
     let missing = certs.path().join("c.pem").display().to_string();
-    assert!(line.contains(&missing) && line.contains("site 2"), "{line}");
+    assert!(
+        line.contains(&missing) && line.contains("site 2 (c.test)"),
+        "{line}"
+    );
     // Nothing changed: `/` still to a, b.test still site b, c.test unknown.
     for h2 in [false, true] {
         let target = format!("/still/{h2}");

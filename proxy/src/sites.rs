@@ -73,16 +73,21 @@ struct Added {
     watched: Option<Watched>,
 }
 
-/// Why a site set could not be loaded: which site, and its certificate's error (which names the file).
+/// Why a site set could not be loaded: which site (its place, counting the default site as 0, and its
+/// first name), and its certificate's error (which names the file).
 #[derive(Debug)]
 pub struct LoadError {
     pub site: usize,
+    pub name: Option<String>,
     pub error: Error,
 }
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "site {}: {}", self.site, self.error)
+        match &self.name {
+            Some(n) => write!(f, "site {} ({n}): {}", self.site, self.error),
+            None => write!(f, "site {}: {}", self.site, self.error),
+        }
     }
 }
 
@@ -113,8 +118,11 @@ impl Current {
                 continue;
             }
             same_order = false;
-            let fresh =
-                reload::load_site(config, i, site).map_err(|error| LoadError { site: i, error })?;
+            let fresh = reload::load_site(config, i, site).map_err(|error| LoadError {
+                site: i,
+                name: site.names.first().cloned(),
+                error,
+            })?;
             let cert = SiteCert::new(fresh.loaded.key.clone());
             let (retire, retired) = shutdown::retire();
             added.push(Added {
