@@ -3,7 +3,8 @@
 //! certificate), renewal swapped in under load with zero failed requests, the CA unreachable at start (the
 //! bootstrap certificate serves, retries back off, SIGHUP retries), a restart reusing the stored account and
 //! certificate without a new order, a second instance sharing state_dir ordering nothing while the first
-//! holds the lock, and a self-check that refuses to order for a name this instance does not answer.
+//! holds the lock, a self-check that refuses to order for a name this instance does not answer, and a site
+//! added by a config reload ordering its certificate while the other keeps its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
@@ -540,4 +541,114 @@ async fn a_name_answered_by_another_server_fails_the_self_check_and_orders_nothi
         "{failed}"
     );
     assert_eq!(pebble.orders(), 0, "no order, so no failed authorization");
+}
+
+/// Issue 14: ACME sites change with a config reload. The process starts with `[acme]` and no ACME site;
+/// a reload that adds one starts ACME and its order (the certificate is then served for its name); one
+/// that turns the default site to ACME orders for it while the first keeps its certificate and orders
+/// nothing; one that removes a site ends its task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_sites_added_by_sighup_get_their_certificates_and_the_others_keep_theirs() {
+    let (https, http) = (free_port(), free_port());
+    let pebble = Pebble::start(Options::new(http, https));
+    let dir = TempDir::new("acme-add");
+    let state = dir.path().join("state");
+    let upstream = Upstream::tcp().await;
+    let setup = Setup {
+        pebble: &pebble,
+        state: &state,
+        upstream: &upstream,
+        https,
+        http: Some(http),
+        challenge: "http-01",
+        validation_port: http,
+        // Pebble's DNS answers 127.0.0.1 for new.test; this machine's resolver does not know the name.
+        extra: "self_check = false",
+    };
+    let acme_default = setup.config();
+    let self_signed = acme_default.replacen("acme = true", "self_signed = true", 1);
+    let new_site = "\n[[site]]\nnames = [\"new.test\"]\ntls = { acme = true }\n  [[site.route]]\n  path = \"/\"\n  upstream = \"app\"\n";
+    let config = dir.write("p.toml", &self_signed);
+    let client = pebble.client().await;
+    let p = Portcullis::run(&config, &[]);
+    assert!(p.ready, "{}", p.output());
+    let reload = |text: &str, n: usize| {
+        dir.write("p.toml", text);
+        p.signal("HUP");
+        p.wait_for_nth(|l| l.contains("config reloaded"), n, LIMIT)
+            .unwrap_or_else(|| panic!("no reload {n}:\n{}", p.output()))
+    };
+    let installed = |n: usize| {
+        p.wait_for_nth(|l| l.contains("ACME certificate installed"), n, LIMIT)
+            .unwrap_or_else(|| panic!("no certificate {n}:\n{}", p.output()))
+    };
+
+    // 1. The first ACME site: ACME starts with it.
+    let line = reload(&format!("{self_signed}{new_site}"), 1);
+    assert!(
+        line.contains("sites_added=1") && line.contains("sites_kept=1"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("acme"),
+        "[acme] applied, not refused: {line}"
+    );
+    assert!(installed(1).contains("new.test"));
+    let new_leaf = {
+        let tls = client
+            .tls_with(p.https_addr(), "new.test", client.config(&[b"http/1.1"]))
+            .await;
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/new").header("host", "new.test");
+        let res = send
+            .send_request(req.body(Full::<Bytes>::default()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(upstream.last().headers["host"], "new.test");
+        leaf
+    };
+    assert!(new_leaf.windows(8).any(|w| w == b"new.test"));
+    assert_eq!(pebble.orders(), 1);
+
+    // 2. The default site turns to ACME (another certificate source: a new site); new.test is kept.
+    let line = reload(&format!("{acme_default}{new_site}"), 2);
+    assert!(
+        line.contains("sites_added=1") && line.contains("sites_kept=1"),
+        "{line}"
+    );
+    assert!(installed(2).contains("localhost"));
+    let (status, _) = fresh_get(&client, p.https_addr()).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(any_leaf_for(p.https_addr(), "new.test").await, new_leaf);
+    // The reload's SIGHUP is "retry now" only to a site waiting on a retry: new.test orders nothing.
+    assert_eq!(pebble.orders(), 2, "new.test kept its certificate");
+
+    // 3. new.test goes: its task ends; localhost is kept.
+    let line = reload(&acme_default, 3);
+    assert!(
+        line.contains("sites_removed=1") && line.contains("sites_kept=1"),
+        "{line}"
+    );
+    let ended = wait(&p, "its ACME task ends");
+    assert!(ended.contains("new.test"), "{ended}");
+    assert_eq!(fresh_get(&client, p.https_addr()).await.unwrap().0, 200);
+    assert_eq!(pebble.orders(), 2);
+}
+
+/// The leaf served for SNI `name`, trusting anything.
+async fn any_leaf_for(addr: SocketAddr, name: &str) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(portcullis_tests::client::insecure_config(&[
+            b"http/1.1",
+        ])))
+        .connect(name.to_owned().try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }

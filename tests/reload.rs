@@ -2,17 +2,26 @@
 //! with no failed request, and new requests go where the new config says once `config reloaded` is
 //! logged; a WebSocket opened before keeps working on its old upstream; a broken config changes nothing
 //! and says where it is broken (`FILE:LINE:COL`); a changed listener address is reported as needing a
-//! restart while the rest applies; a rate limit the reload does not touch keeps its counts; systemd hears
+//! restart while the rest applies; sites change live (added with their certificate and routes, removed
+//! while their requests in flight finish, renamed; a new site whose certificate cannot be loaded refuses
+//! the reload whole), over HTTP/1.1 and HTTP/2; a rate limit the reload does not touch keeps its counts; systemd hears
 //! `RELOADING=1` with `MONOTONIC_USEC`, then `READY=1`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portcullis_tests::client::read_until;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_tests::client::{insecure_config, read_until};
 use portcullis_tests::load::Load;
-use portcullis_tests::{Portcullis, Setup, Upstream, config};
+use portcullis_tests::{Portcullis, Setup, TempDir, TestCa, Upstream, config};
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 
 const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
@@ -200,21 +209,298 @@ async fn a_changed_listener_address_needs_a_restart_and_the_rest_applies() {
     assert_eq!(who_got("/same-port", &s.upstream, &b), (false, true));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sites_change_is_refused_whole_as_needing_a_restart() {
-    let s = Setup::new("", "").await;
-    let b = Upstream::tcp().await;
-    let renamed = format!(
-        "names = [\"app.test\"]\n{}",
-        config(&s.pki, &b.addr_string(), "")
+/// A connection made with SNI `sni` by a client that takes any certificate (which one is shown is what these
+/// tests look at), speaking HTTP/2 or HTTP/1.1; each request on it says `Host: sni` (`:authority` on h2).
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    /// The connection and the leaf the handshake showed.
+    async fn open(addr: SocketAddr, sni: &str, h2: bool) -> (Conn, Vec<u8>) {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(insecure_config(alpn)))
+            .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+            .await
+            .unwrap();
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        let io = TokioIo::new(tls);
+        let conn = if h2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Conn::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Conn::H1(send)
+        };
+        (conn, leaf)
+    }
+
+    /// GET `path` for `host`: the status and the body.
+    async fn get(&mut self, host: &str, path: &str) -> (u16, Bytes) {
+        let res = match self {
+            Conn::H1(send) => {
+                send.ready().await.unwrap();
+                let req = Request::get(path).header("host", host);
+                send.send_request(req.body(Full::default()).unwrap()).await
+            }
+            Conn::H2(send) => {
+                send.ready().await.unwrap();
+                let req = Request::get(format!("https://{host}{path}"));
+                send.send_request(req.body(Full::default()).unwrap()).await
+            }
+        }
+        .unwrap();
+        let status = res.status().as_u16();
+        (status, res.into_body().collect().await.unwrap().to_bytes())
+    }
+}
+
+/// One GET on a new connection with SNI and Host `name`: the leaf shown and the status.
+async fn get_as(addr: SocketAddr, name: &str, h2: bool, path: &str) -> (Vec<u8>, u16) {
+    let (mut conn, leaf) = Conn::open(addr, name, h2).await;
+    (leaf, conn.get(name, path).await.0)
+}
+
+/// Asserts that a GET for `target` on a new connection as `name` (SNI and Host), HTTP/2 or HTTP/1.1, is
+/// shown `leaf`, answered 200, and reached `b` (`to_b`) or the setup's own upstream.
+async fn served(
+    s: &Setup,
+    b: &Upstream,
+    name: &str,
+    h2: bool,
+    target: &str,
+    leaf: &[u8],
+    to_b: bool,
+) {
+    let got = get_as(s.https(), name, h2, target).await;
+    assert_eq!(got, (leaf.to_vec(), 200), "{name}{target} h2={h2}");
+    assert_eq!(
+        who_got(target, &s.upstream, b),
+        (!to_b, to_b),
+        "{name}{target} h2={h2}"
     );
-    let line = reload(&s, &renamed, 1);
+}
+
+/// A `[[site]]` for `names` with the certificate `dir/stem.pem` + `dir/stem.key` and one route `/` to
+/// the upstream `up`, defined at `addr`.
+fn site(names: &[&str], dir: &TempDir, stem: &str, up: &str, addr: &str) -> String {
+    let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[[site]]\nnames = [{}]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n  [[site.route]]\n  path = \"/\"\n  upstream = \"{up}\"\n\n[upstream.{up}]\nservers = [\"{addr}\"]\n",
+        names.join(", "),
+        dir.path().join(format!("{stem}.pem")).display(),
+        dir.path().join(format!("{stem}.key")).display(),
+    )
+}
+
+/// The leaf of the default site (the one Setup's config serves for `localhost`).
+async fn default_leaf(s: &Setup) -> Vec<u8> {
+    Conn::open(s.https(), "localhost", false).await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
+    let s = Setup::new("", "").await;
+    let (a, b) = (&s.upstream, Upstream::tcp().await);
+    let certs = TempDir::new("site-b");
+    let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let default = default_leaf(&s).await;
+    // Before: b.test is an unknown name, served by the default site.
+    served(&s, &b, "b.test", false, "/before", &default, false).await;
+
+    let with_b = config(
+        &s.pki,
+        &a.addr_string(),
+        &site(&["b.test"], &certs, "b", "b", &b.addr_string()),
+    );
+    let line = reload(&s, &with_b, 1);
+    assert!(line.contains("config reloaded"), "{line}");
     assert!(
-        line.contains("config reload failed") && line.contains("restart"),
+        line.contains("sites_added=1") && line.contains("sites_kept=1"),
         "{line}"
     );
-    assert_eq!(s.client.get(s.https(), "/unchanged").await.status(), 200);
-    assert_eq!(who_got("/unchanged", &s.upstream, &b), (true, false));
+    for h2 in [false, true] {
+        let target = format!("/added/{h2}");
+        served(&s, &b, "b.test", h2, &target, &b_leaf, true).await;
+        assert_eq!(b.last().headers["host"], "b.test");
+        // The default site is as it was.
+        let target = format!("/default/{h2}");
+        served(&s, &b, "localhost", h2, &target, &default, false).await;
+    }
+
+    // Its certificate files are followed like those of the sites there at start: replaced, they are
+    // reloaded without a SIGHUP.
+    s.proxy
+        .wait_for_log(|l| l.contains("reload on SIGHUP done"), LIMIT)
+        .unwrap();
+    let b_renewed = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let reloaded = |l: &str| l.contains("certificate reloaded") && l.contains("site=1");
+    // One `certificate reloaded` line for site 1 came from the SIGHUP's pass over every pair.
+    s.proxy
+        .wait_for_nth(reloaded, 2, LIMIT)
+        .unwrap_or_else(|| panic!("b's new files not reloaded:\n{}", s.proxy.output()));
+    served(&s, &b, "b.test", true, "/renewed", &b_renewed, true).await;
+
+    // Its routes change like any other; the site itself is kept, certificate and all.
+    let routed_to_a = with_b.replace("upstream = \"b\"", "upstream = \"app\"");
+    let line = reload(&s, &routed_to_a, 2);
+    assert!(
+        line.contains("sites_kept=2") && line.contains("sites_added=0"),
+        "{line}"
+    );
+    for h2 in [false, true] {
+        let target = format!("/rerouted/{h2}");
+        served(&s, &b, "b.test", h2, &target, &b_renewed, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_removed_by_sighup_is_an_unknown_name_while_its_open_requests_finish() {
+    let b = Upstream::tcp().await;
+    let certs = TempDir::new("site-b");
+    let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let b_site = site(&["b.test"], &certs, "b", "b", &b.addr_string());
+    let s = Setup::new("", &b_site).await;
+    let a = &s.upstream;
+    let default = default_leaf(&s).await;
+    // One request in flight on each protocol, on site b, when the reload lands.
+    let mut open = Vec::new();
+    for h2 in [false, true] {
+        let (mut conn, leaf) = Conn::open(s.https(), "b.test", h2).await;
+        assert_eq!(leaf, b_leaf);
+        let slow = tokio::spawn(async move {
+            let got = conn.get("b.test", &format!("/slow/4000?{h2}")).await;
+            (conn, got)
+        });
+        open.push(slow);
+    }
+    let started = Instant::now();
+    while b.in_flight() < 2 {
+        assert!(
+            started.elapsed() < LIMIT,
+            "the slow requests never reached b"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let line = reload(&s, &config(&s.pki, &a.addr_string(), ""), 1);
+    assert!(line.contains("config reloaded"), "{line}");
+    assert!(line.contains("sites_removed=1"), "{line}");
+    // Still answering after the swap (a safety net against a slow reload, not a timing assertion).
+    assert_eq!(
+        b.in_flight(),
+        2,
+        "the slow requests ended before the reload was done"
+    );
+    // A new connection for b.test: an unknown name now, so the default site's certificate and, as that
+    // site names no host (a catch-all), its routes.
+    for h2 in [false, true] {
+        let target = format!("/removed/{h2}");
+        served(&s, &b, "b.test", h2, &target, &default, false).await;
+    }
+    // The requests in flight finish on the site they started on; the next one on the same connection is
+    // for the sites in force now.
+    for (slow, h2) in open.into_iter().zip([false, true]) {
+        let (mut conn, (status, body)) = slow.await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"slow done"[..]), "h2: {h2}");
+        let target = format!("/next/{h2}");
+        assert_eq!(conn.get("b.test", &target).await.0, 200);
+        assert_eq!(who_got(&target, a, &b), (true, false), "{target}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
+    let b = Upstream::tcp().await;
+    let certs = TempDir::new("site-b");
+    let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let s = Setup::new("", &site(&["b.test"], &certs, "b", "b", &b.addr_string())).await;
+    let a = &s.upstream;
+    let default = default_leaf(&s).await;
+    // Site c's files were never written; the same config also moves `/` to b.
+    let broken = config(
+        &s.pki,
+        &b.addr_string(),
+        &format!(
+            "{}{}",
+            site(&["b.test"], &certs, "b", "b", &b.addr_string()),
+            site(&["c.test"], &certs, "c", "c", &a.addr_string())
+        ),
+    );
+    let line = reload(&s, &broken, 1);
+    assert!(line.contains("config reload failed"), "{line}");
+    let missing = certs.path().join("c.pem").display().to_string();
+    assert!(
+        line.contains(&missing) && line.contains("site 2 (c.test)"),
+        "{line}"
+    );
+    // Nothing changed: `/` still to a, b.test still site b, c.test unknown.
+    for h2 in [false, true] {
+        let target = format!("/still/{h2}");
+        served(&s, &b, "localhost", h2, &target, &default, false).await;
+        let target = format!("/b/{h2}");
+        served(&s, &b, "b.test", h2, &target, &b_leaf, true).await;
+        assert_eq!(get_as(s.https(), "c.test", h2, "/c").await.0, default);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its_certificate() {
+    let b = Upstream::tcp().await;
+    let certs = TempDir::new("site-b");
+    let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test", "www.b.test"], None);
+    let s = Setup::new("", &site(&["b.test"], &certs, "b", "b", &b.addr_string())).await;
+    let a = &s.upstream;
+    let default = default_leaf(&s).await;
+    assert_eq!(get_as(s.https(), "www.b.test", false, "/").await.0, default);
+
+    let renamed = config(
+        &s.pki,
+        &a.addr_string(),
+        &site(&["www.b.test"], &certs, "b", "b", &b.addr_string()),
+    );
+    let line = reload(&s, &renamed, 1);
+    assert!(line.contains("config reloaded"), "{line}");
+    for h2 in [false, true] {
+        let target = format!("/www/{h2}");
+        served(&s, &b, "www.b.test", h2, &target, &b_leaf, true).await;
+        let target = format!("/old-name/{h2}");
+        served(&s, &b, "b.test", h2, &target, &default, false).await;
+    }
+
+    // A name its certificate does not cover: refused, naming the file and the name.
+    let uncovered = config(
+        &s.pki,
+        &a.addr_string(),
+        &site(&["other.test"], &certs, "b", "b", &b.addr_string()),
+    );
+    let line = reload(&s, &uncovered, 2);
+    assert!(line.contains("config reload failed"), "{line}");
+    assert!(line.contains("does not cover other.test"), "{line}");
+    served(&s, &b, "www.b.test", true, "/kept", &b_leaf, true).await;
+
+    // Its certificate moves to other files: the new pair is loaded and served.
+    let moved_leaf = TestCa::new().issue(certs.path(), "moved", &["www.b.test"], None);
+    let moved = config(
+        &s.pki,
+        &a.addr_string(),
+        &site(&["www.b.test"], &certs, "moved", "b", &b.addr_string()),
+    );
+    let line = reload(&s, &moved, 3);
+    assert!(
+        line.contains("sites_added=1") && line.contains("sites_removed=1"),
+        "{line}"
+    );
+    for h2 in [false, true] {
+        let target = format!("/moved/{h2}");
+        served(&s, &b, "www.b.test", h2, &target, &moved_leaf, true).await;
+    }
 }
 
 const LIMITED: &str = "[[rate_limit]]\nname = \"slow\"\npaths = [\"/limited\"]\nmethods = [\"GET\"]\nrate = \"1/hour\"\nburst = 2\n";

@@ -1,7 +1,7 @@
 //! Portcullis certificates: the one TLS crypto provider (aws-lc-rs, explicit suites and groups), PEM loading
 //! with the key checked against the leaf, self-signed bootstrap (rcgen), and [`Sites`], the
-//! `ResolvesServerCert` that picks a site by SNI, each site's certificate in an `ArcSwap` that hot reloads
-//! swap without touching a listener.
+//! `ResolvesServerCert` that picks a site by SNI, each site's certificate a [`SiteCert`] (an `ArcSwap`) that
+//! hot reloads swap without touching a listener, and that a new `Sites` (a config reload) can share.
 //! No sockets and no HTTP here.
 
 #![forbid(unsafe_code)]
@@ -97,11 +97,41 @@ pub fn self_signed_loaded(names: &[String]) -> Result<Loaded, Error> {
     Ok(Loaded { key, info })
 }
 
+/// One site's certificate, swapped in place (one pointer) by file reloads, ACME renewals and OCSP staples.
+/// A config reload that keeps a site hands the same `SiteCert` to the next [`Sites`], so that every set
+/// still serving the site sees each swap, and the tasks that swap it need not know which set is in force.
+#[derive(Debug)]
+pub struct SiteCert(ArcSwap<CertifiedKey>);
+
+impl SiteCert {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<SiteCert> {
+        Arc::new(SiteCert(ArcSwap::new(key)))
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.load_full()
+    }
+
+    pub fn swap(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+
+    /// Swaps in `next` only while `expected` is still served (the same `Arc`, compare-and-swap): a task that
+    /// read the certificate, worked on it and built a successor from it (an OCSP staple) never puts back a
+    /// certificate that a reload or an ACME renewal replaced meanwhile. False when it was replaced (then
+    /// nothing changed).
+    pub fn replace(&self, expected: &Arc<CertifiedKey>, next: Arc<CertifiedKey>) -> bool {
+        let previous = self.0.compare_and_swap(expected, next);
+        Arc::ptr_eq(&previous, expected)
+    }
+}
+
 /// The certificates of every site, chosen by SNI: exact names first, then `*.suffix`, then the default
 /// site (or no certificate at all, so a TLS alert, when `strict`). Each site's certificate swaps on its own.
+/// Immutable otherwise: a config reload that changes the sites builds another one.
 #[derive(Debug)]
 pub struct Sites {
-    certs: Vec<ArcSwap<CertifiedKey>>,
+    certs: Vec<Arc<SiteCert>>,
     exact: std::collections::HashMap<String, usize>,
     wildcard: std::collections::HashMap<String, usize>,
     default: usize,
@@ -109,23 +139,19 @@ pub struct Sites {
 }
 
 impl Sites {
-    /// `sites`: each site's names and first certificate, in config order; `default` indexes it.
-    pub fn new(
-        sites: Vec<(Vec<String>, Arc<CertifiedKey>)>,
-        default: usize,
-        strict: bool,
-    ) -> Sites {
+    /// `sites`: each site's names and certificate, in config order; `default` indexes it.
+    pub fn new(sites: Vec<(Vec<String>, Arc<SiteCert>)>, default: usize, strict: bool) -> Sites {
         let mut exact = std::collections::HashMap::new();
         let mut wildcard = std::collections::HashMap::new();
         let mut certs = Vec::with_capacity(sites.len());
-        for (i, (names, key)) in sites.into_iter().enumerate() {
+        for (i, (names, cert)) in sites.into_iter().enumerate() {
             for n in names {
                 match n.strip_prefix("*.") {
                     Some(suffix) => wildcard.entry(suffix.to_ascii_lowercase()).or_insert(i),
                     None => exact.entry(n.to_ascii_lowercase()).or_insert(i),
                 };
             }
-            certs.push(ArcSwap::new(key));
+            certs.push(cert);
         }
         Sites {
             certs,
@@ -164,31 +190,31 @@ impl Sites {
         }
     }
 
+    /// Site `site`'s certificate, to swap or to hand to a task that keeps it fresh.
+    pub fn cert(&self, site: usize) -> Option<&Arc<SiteCert>> {
+        self.certs.get(site)
+    }
+
     pub fn swap(&self, site: usize, key: Arc<CertifiedKey>) {
         if let Some(c) = self.certs.get(site) {
-            c.store(key);
+            c.swap(key);
         }
     }
 
-    /// Swaps in `next` only while site `site` still serves `expected` (the same `Arc`, compare-and-swap):
-    /// a task that read the certificate, worked on it and built a successor from it (an OCSP staple) never
-    /// puts back a certificate that a reload or an ACME renewal replaced meanwhile. False when it was
-    /// replaced (then nothing changed) or there is no such site.
+    /// [`SiteCert::replace`] on site `site` (false too when there is no such site).
     pub fn replace(
         &self,
         site: usize,
         expected: &Arc<CertifiedKey>,
         next: Arc<CertifiedKey>,
     ) -> bool {
-        let Some(c) = self.certs.get(site) else {
-            return false;
-        };
-        let previous = c.compare_and_swap(expected, next);
-        Arc::ptr_eq(&previous, expected)
+        self.certs
+            .get(site)
+            .is_some_and(|c| c.replace(expected, next))
     }
 
     pub fn current(&self, site: usize) -> Option<Arc<CertifiedKey>> {
-        self.certs.get(site).map(ArcSwap::load_full)
+        self.certs.get(site).map(|c| c.current())
     }
 
     pub fn len(&self) -> usize {
@@ -298,8 +324,11 @@ mod tests {
         let b = self_signed(&["b.test".into()]).unwrap();
         let sites = Sites::new(
             vec![
-                (vec!["a.test".into()], a.clone()),
-                (vec!["b.test".into(), "*.b.test".into()], b.clone()),
+                (vec!["a.test".into()], SiteCert::new(a.clone())),
+                (
+                    vec!["b.test".into(), "*.b.test".into()],
+                    SiteCert::new(b.clone()),
+                ),
             ],
             0,
             false,
@@ -308,7 +337,7 @@ mod tests {
         assert_eq!(sites.site_for("x.b.test"), Some(1));
         assert_eq!(sites.site_for_sni(Some("other.test")), Some(0));
         assert_eq!(sites.site_for_sni(None), Some(0));
-        let strict = Sites::new(vec![(vec!["a.test".into()], a)], 0, true);
+        let strict = Sites::new(vec![(vec!["a.test".into()], SiteCert::new(a))], 0, true);
         assert_eq!(strict.site_for_sni(Some("other.test")), None);
         sites.swap(1, sites.current(0).unwrap());
         assert!(Arc::ptr_eq(
@@ -323,7 +352,11 @@ mod tests {
     fn replace_never_undoes_a_swap_made_since_the_read() {
         let old = self_signed(&["a.test".into()]).unwrap();
         let new = self_signed(&["a.test".into()]).unwrap();
-        let sites = Sites::new(vec![(vec!["a.test".into()], old.clone())], 0, false);
+        let sites = Sites::new(
+            vec![(vec!["a.test".into()], SiteCert::new(old.clone()))],
+            0,
+            false,
+        );
         let read = sites.current(0).unwrap();
         let mut stapled = (*read).clone();
         stapled.ocsp = Some(vec![1, 2, 3]);
@@ -343,7 +376,11 @@ mod tests {
     fn self_signed_is_valid_and_swappable() {
         let a = self_signed(&["example.test".into()]).unwrap();
         let b = self_signed(&[]).unwrap();
-        let store = Sites::new(vec![(vec!["example.test".into()], a.clone())], 0, false);
+        let store = Sites::new(
+            vec![(vec!["example.test".into()], SiteCert::new(a.clone()))],
+            0,
+            false,
+        );
         assert!(Arc::ptr_eq(&store.current(0).unwrap(), &a));
         store.swap(0, b.clone());
         assert!(Arc::ptr_eq(&store.current(0).unwrap(), &b));

@@ -24,6 +24,7 @@ mod scrape;
 mod sdnotify;
 mod shutdown;
 mod signals;
+mod sites;
 mod state;
 mod tasks;
 mod telemetry;
@@ -84,9 +85,8 @@ fn run(
     telemetry::init(log_format, &config.log.level);
 
     // 3. Certificates, loaded and checked before anything listens, and the rustls config around them.
-    let (sites, reloader) =
-        reload::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
-    let tls = tls::server_config(sites.clone(), config.tls.min_version)
+    let sites = sites::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
+    let tls = tls::server_config(sites.sites.clone(), config.tls.min_version)
         .map_err(|e| failed(format_args!("TLS setup failed: {e}")))?;
     //    The maintenance page, read once now (as root, like the certificates); unreadable is the config's fault.
     let maintenance_page = http::action::maintenance::load(config.maintenance.page.as_deref())
@@ -142,7 +142,6 @@ fn run(
         config,
         tls,
         sites,
-        reloader,
         maintenance_page,
         bound,
         demo_upstream,
@@ -155,8 +154,7 @@ fn run(
 async fn serve(
     config: Config,
     tls: Arc<rustls::ServerConfig>,
-    sites: Arc<portcullis_certs::Sites>,
-    reloader: Arc<reload::Reloader>,
+    sites: sites::Prepared,
     maintenance_page: Option<bytes::Bytes>,
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
@@ -170,7 +168,7 @@ async fn serve(
     let state = Arc::new(Shared::new(
         config,
         tls,
-        sites,
+        sites.sites.clone(),
         maintenance_page,
         listeners.https_port(),
     ));
@@ -179,7 +177,7 @@ async fn serve(
         demo::start(up, &shutdown)
             .map_err(|e| failed(format_args!("cannot start the demo upstream: {e}")))?;
     }
-    let accepting = tasks::spawn(&state, listeners, reloader, config_path, &signals, shutdown);
+    let accepting = tasks::spawn(&state, listeners, sites, config_path, &signals, shutdown);
     tracing::info!("ready");
     sdnotify::ready();
 

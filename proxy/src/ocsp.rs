@@ -3,7 +3,9 @@
 //! response stapled. Refreshed half way through the response's validity; on failure retried with backoff
 //! while the last good response keeps being stapled until it expires. A certificate without a responder is
 //! served without a staple, and without a warning. Every swap here is a compare-and-swap against the
-//! certificate it was built from: a reload or an ACME renewal that lands meanwhile always wins.
+//! certificate it was built from: a reload or an ACME renewal that lands meanwhile always wins. The task
+//! holds its site's `SiteCert`, not a place in a site set: it goes on across config reloads that keep the
+//! site, and ends when one removes it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,11 +16,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use portcullis_certs::Sites;
+use portcullis_certs::SiteCert;
 use portcullis_certs::ocsp::{self, Checked, Query};
 use rustls::sign::CertifiedKey;
 
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Retired, Shutdown};
 
 /// How often the task looks whether a reload replaced the certificate (which drops the staple).
 const LOOK: Duration = Duration::from_secs(1);
@@ -28,8 +30,10 @@ const RETRY_MAX: Duration = Duration::from_secs(3600);
 /// OCSP responses are small; anything bigger is not one.
 const MAX_RESPONSE: usize = 64 * 1024;
 
-/// Keeps site `site`'s staple fresh until shutdown.
-pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
+/// Keeps the staple of one site's certificate fresh until shutdown, or until a config reload removes the
+/// site (`retired`). `site` names it in the log.
+pub async fn run(cert: Arc<SiteCert>, site: String, mut shutdown: Shutdown, mut retired: Retired) {
+    let site = site.as_str();
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     // The certificate as we last swapped it in (stapled), and the leaf its response is for.
@@ -38,9 +42,7 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
     let mut next = SystemTime::now();
     let mut retry = RETRY_MIN;
     loop {
-        let Some(current) = sites.current(site) else {
-            return;
-        };
+        let current = cert.current();
         let replaced = !ours.as_ref().is_some_and(|o| Arc::ptr_eq(o, &current));
         let now = SystemTime::now();
         if replaced || now >= next {
@@ -54,7 +56,7 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
             {
                 let stapled = ocsp::staple(&current, checked.der.clone());
                 // Refused: replaced again since the read; the next look sees the new one.
-                if sites.replace(site, &current, stapled.clone()) {
+                if cert.replace(&current, stapled.clone()) {
                     ours = Some(stapled);
                 }
             } else if replaced && current.ocsp.is_some() {
@@ -72,7 +74,7 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                         .and_then(|der| ocsp::check(&q, &der, SystemTime::now()))
                     {
                         Ok(checked) => {
-                            match staple_if_current(&sites, site, &leaf, &checked.der) {
+                            match staple_if_current(&cert, &leaf, &checked.der) {
                                 Some(stapled) => {
                                     ours = Some(stapled);
                                     tracing::info!(site, responder = %q.url, "OCSP response stapled");
@@ -93,15 +95,15 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
                             next = SystemTime::now() + retry;
                             retry = (retry * 2).min(RETRY_MAX);
                             // The last good response stays stapled while it is valid; past that, unstaple.
+                            let latest = cert.current();
                             if let Some((_, checked)) = &good
                                 && !checked.valid_at(SystemTime::now())
-                                && let Some(latest) = sites.current(site)
                                 && latest.ocsp.is_some()
                             {
                                 let mut bare = (*latest).clone();
                                 bare.ocsp = None;
                                 let bare = Arc::new(bare);
-                                if sites.replace(site, &latest, bare.clone()) {
+                                if cert.replace(&latest, bare.clone()) {
                                     ours = Some(bare);
                                     good = None;
                                 }
@@ -118,28 +120,22 @@ pub async fn run(sites: Arc<Sites>, site: usize, mut shutdown: Shutdown) {
         }
         tokio::select! {
             () = shutdown.begun() => return,
+            () = retired.wait() => return,
             () = tokio::time::sleep(LOOK) => {}
         }
     }
 }
 
-/// Staples `response` onto site `site`'s certificate if it still has the leaf the response is for. The
+/// Staples `response` onto the site's certificate if it still has the leaf the response is for. The
 /// certificate is read once and the stapled copy swapped in only if it is still the one read
-/// (`Sites::replace`): a reload or renewal between the read and the swap wins. None: not stapled.
-fn staple_if_current(
-    sites: &Sites,
-    site: usize,
-    leaf: &[u8],
-    response: &[u8],
-) -> Option<Arc<CertifiedKey>> {
-    let latest = sites.current(site)?;
+/// (`SiteCert::replace`): a reload or renewal between the read and the swap wins. None: not stapled.
+fn staple_if_current(cert: &SiteCert, leaf: &[u8], response: &[u8]) -> Option<Arc<CertifiedKey>> {
+    let latest = cert.current();
     if latest.cert.first().map(|c| c.as_ref()) != Some(leaf) {
         return None;
     }
     let stapled = ocsp::staple(&latest, response.to_vec());
-    sites
-        .replace(site, &latest, stapled.clone())
-        .then_some(stapled)
+    cert.replace(&latest, stapled.clone()).then_some(stapled)
 }
 
 async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, q: &Query) -> Result<Vec<u8>, String> {
@@ -177,14 +173,14 @@ mod tests {
     fn a_response_for_a_replaced_leaf_keeps_the_new_certificate() {
         let old = portcullis_certs::self_signed(&["a.test".into()]).unwrap();
         let new = portcullis_certs::self_signed(&["a.test".into()]).unwrap();
-        let sites = Sites::new(vec![(vec!["a.test".into()], old.clone())], 0, false);
+        let cert = SiteCert::new(old.clone());
         let old_leaf = old.cert[0].to_vec();
-        sites.swap(0, new.clone());
-        assert!(staple_if_current(&sites, 0, &old_leaf, b"response").is_none());
-        assert!(Arc::ptr_eq(&sites.current(0).unwrap(), &new));
+        cert.swap(new.clone());
+        assert!(staple_if_current(&cert, &old_leaf, b"response").is_none());
+        assert!(Arc::ptr_eq(&cert.current(), &new));
 
-        let stapled = staple_if_current(&sites, 0, &new.cert[0], b"response").unwrap();
-        let served = sites.current(0).unwrap();
+        let stapled = staple_if_current(&cert, &new.cert[0], b"response").unwrap();
+        let served = cert.current();
         assert!(Arc::ptr_eq(&served, &stapled));
         assert_eq!(served.cert, new.cert);
         assert_eq!(served.ocsp.as_deref(), Some(&b"response"[..]));

@@ -4,32 +4,35 @@
 //! upstream groups, timeouts, limits, headers, rate limits, maintenance, the TLS versions); those in flight,
 //! tunnels included, finish on the one they took. Upstream servers named again keep their pools and health,
 //! new ones are added, the active checks are re-planned, unchanged rate limits keep their counts. What is
-//! fixed at start (listener addresses, `[admin]`, `[process]`, `[buffers]`, `[acme]`, the connection caps, the log's
-//! level and format) is not applied: each changed key is logged as needing a restart and the running value
-//! stays in the snapshot. A change to the sites themselves (their number, names, certificate source,
-//! `strict_sni`) is refused whole. Then every certificate pair is read again, and systemd hears
-//! `RELOADING=1` before and `READY=1` after.
+//! fixed at start (listener addresses, `[admin]`, `[process]`, `[buffers]`, a changed `[acme]`, the connection caps,
+//! the log's level and format) is not applied: each changed key is logged as needing a restart and the
+//! running value stays in the snapshot. The sites change live too (`sites.rs`): added, removed, renamed,
+//! another certificate source, `strict_sni`; an unchanged site keeps its certificate and tasks, a new
+//! one's certificate is loaded before anything is swapped (one that fails refuses the reload whole), and
+//! the new `Sites` is in the same snapshot as the routes. Then every certificate pair is read again, and
+//! systemd hears `RELOADING=1` before and `READY=1` after.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use portcullis_config::Config;
 
-use crate::reload::{self, Reloader};
+use crate::reload;
 use crate::sdnotify;
 use crate::shutdown::Shutdown;
 use crate::signals::Reloads;
+use crate::sites::SiteSet;
 use crate::state::Shared;
 use crate::upstream::health::Checks;
 use crate::{http, tls};
 
-/// What a reload works on: the process state, the file to read, the certificate reloader and the running
-/// health checks (this task owns them).
+/// What a reload works on: the process state, the file to read, the site set served (with the certificate
+/// reloader) and the running health checks (this task owns them).
 pub struct Reconfigure {
     pub state: Arc<Shared>,
     /// `None` for the demo, whose config is made at start: SIGHUP re-reads its certificates only.
     pub path: Option<PathBuf>,
-    pub reloader: Arc<Reloader>,
+    pub sites: SiteSet,
     pub checks: Checks,
 }
 
@@ -50,7 +53,7 @@ pub async fn run(mut r: Reconfigure, mut reloads: Reloads, mut shutdown: Shutdow
             drop(before);
             r.state.metrics.reloaded(took);
         }
-        reload::reload_all(&r.reloader).await;
+        reload::reload_all(r.sites.reloader()).await;
         sdnotify::ready();
     }
 }
@@ -75,22 +78,12 @@ impl Reconfigure {
                 );
                 return;
             }
-            Err(e) => {
-                tracing::error!("config reload failed: {e}: the running config is unchanged");
-                return;
-            }
+            Err(e) => return refuse(e),
         };
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
         let old = self.state.snapshot();
-        if let Some(why) = sites_changed(&old.config, &config) {
-            tracing::error!(
-                "config reload failed: {why}: changing the sites needs a restart; the running config is \
-                 unchanged"
-            );
-            return;
-        }
         let pinned = pin(&old.config, &mut config);
         // What can fail comes first, before anything is changed.
         let page_path = config.maintenance.page.clone();
@@ -101,43 +94,64 @@ impl Reconfigure {
         .unwrap_or_else(|e| Err(e.to_string()));
         let page = match page {
             Ok(p) => p,
-            Err(e) => {
-                tracing::error!(
-                    "config reload failed: {}: [maintenance] page: {e}: the running config is unchanged",
-                    path.display()
-                );
-                return;
-            }
+            Err(e) => return refuse(format_args!("{}: [maintenance] page: {e}", path.display())),
         };
-        let tls = if config.tls.min_version == old.config.tls.min_version {
+        // The sites: those unchanged as they are, every other one's certificate loaded now, off the async
+        // threads; a certificate that fails (its file missing, unreadable, not covering the names, ...)
+        // fails the reload.
+        let current = self.sites.current();
+        let (config, prepared) = match tokio::task::spawn_blocking(move || {
+            let prepared = current.prepare(&config);
+            (config, prepared)
+        })
+        .await
+        {
+            Ok((config, Ok(p))) => (config, p),
+            Ok((_, Err(e))) => return refuse(format_args!("{}: {e}", path.display())),
+            Err(e) => return refuse(e),
+        };
+        let same_versions = config.tls.min_version == old.config.tls.min_version;
+        let tls = if prepared.unchanged && same_versions {
             // The same one: its session ticket keys and cache go on, resumption keeps working.
-            old.tls.clone()
+            Ok(old.tls.clone())
+        } else if same_versions {
+            // Other sites, the same ticket keys and cache.
+            tls::with_sites(&old.tls, prepared.sites.clone(), config.tls.min_version)
         } else {
-            match tls::server_config(self.state.sites.clone(), config.tls.min_version) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(
-                        "config reload failed: TLS setup: {e}: the running config is unchanged"
-                    );
-                    return;
-                }
-            }
+            tls::server_config(prepared.sites.clone(), config.tls.min_version)
+        };
+        let tls = match tls {
+            Ok(t) => t,
+            Err(e) => return refuse(format_args!("TLS setup: {e}")),
         };
         for key in &pinned {
             tracing::warn!("{key} changed: restart to apply");
         }
         let servers = self.state.servers.learn(&config);
         let (rate_limits, limits) = old.rate_limits.renew(&config.rate_limits);
-        let next = self.state.next(config, tls, page, Arc::new(rate_limits));
+        let next = self.state.next(
+            config,
+            prepared.sites.clone(),
+            tls,
+            page,
+            Arc::new(rate_limits),
+        );
         let checks = self.checks.replan(&next.config, &next.upstreams);
         let sites = next.config.sites.len();
         let routes: usize = next.config.sites.iter().map(|s| s.routes.len()).sum();
         let upstreams = next.upstreams.len();
         let rate_limits = next.rate_limits.count();
+        let (sites_kept, sites_added, sites_removed) =
+            (prepared.kept(), prepared.added(), prepared.removed);
         self.state.install(next);
         drop(old);
+        // In force: the new sites' tasks start, those of the sites that left end.
+        self.sites.commit(&self.state.snapshot().config, prepared);
         tracing::info!(
             sites,
+            sites_kept,
+            sites_added,
+            sites_removed,
             routes,
             upstreams,
             servers_added = servers.added,
@@ -155,28 +169,9 @@ impl Reconfigure {
     }
 }
 
-/// Why the sites of `new` are not those of `old` (their certificates, names and the SNI rule are fixed at
-/// start: `Sites`, the certificate reloader, OCSP and ACME tasks are per site), if they are not.
-fn sites_changed(old: &Config, new: &Config) -> Option<String> {
-    if old.sites.len() != new.sites.len() {
-        return Some(format!(
-            "the number of sites changed ({} to {})",
-            old.sites.len(),
-            new.sites.len()
-        ));
-    }
-    if old.strict_sni != new.strict_sni {
-        return Some("strict_sni changed".into());
-    }
-    for (i, (a, b)) in old.sites.iter().zip(&new.sites).enumerate() {
-        if a.names != b.names {
-            return Some(format!("site {i}: names changed"));
-        }
-        if a.tls != b.tls {
-            return Some(format!("site {i}: its certificate source changed"));
-        }
-    }
-    None
+/// Logs why a reload changes nothing (after any problems of its own, one per line).
+fn refuse(why: impl std::fmt::Display) {
+    tracing::error!("config reload failed: {why}: the running config is unchanged");
 }
 
 /// Puts back into `new` the values fixed at start that it changed, and names each such key: the snapshot
@@ -201,12 +196,22 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "buffers.memory" => buffers.memory;
         "buffers.disk" => buffers.disk;
         "buffers.max_response" => buffers.max_response;
-        "acme" => acme;
         "admin" => admin;
         "limits.connections" => limits.connections;
         "limits.connections_per_ip" => limits.connections_per_ip;
         "log.level" => log.level;
         "log.format" => log.format;
+    }
+    // `[acme]` (the CA, the account, state_dir) is read at start, and a config without an ACME site has
+    // none: a section that appears (the first ACME site) starts ACME on commit, one that goes (the last
+    // ACME site went) leaves the running one unused; only a change between two needs a restart.
+    match (&old.acme, &new.acme) {
+        (Some(a), Some(b)) if a != b => {
+            keys.push("acme");
+            new.acme = old.acme.clone();
+        }
+        (Some(_), None) => new.acme = old.acme.clone(),
+        _ => {}
     }
     keys
 }
@@ -269,16 +274,5 @@ level = "debug"
         let mut new = parse("[admin]\nlisten = \"127.0.0.1:9180\"\n");
         assert_eq!(pin(&old, &mut new), ["admin"]);
         assert_eq!(new.admin, None);
-    }
-
-    #[test]
-    fn a_change_of_sites_is_found() {
-        let old = parse("");
-        assert_eq!(sites_changed(&old, &parse("")), None);
-        let named = parse(r#"names = ["app.test"]"#);
-        assert_eq!(
-            sites_changed(&old, &named).as_deref(),
-            Some("site 0: names changed")
-        );
     }
 }

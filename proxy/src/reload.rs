@@ -1,4 +1,5 @@
-//! Certificates that never cause an outage: every site's pair is loaded and checked at start, then re-read
+//! Certificates that never cause an outage: every site's pair is loaded and checked at start (or when a
+//! config reload adds the site, before the reload is applied: `sites.rs`), then re-read
 //! when its files change (inotify through `notify`, backed by a 1 s poll of each file's identity) and on
 //! SIGHUP (the config reload calls [`reload_all`]). A new pair is checked (parses, key fits, not expired,
 //! covers the site) before one pointer is swapped; on any failure the last good pair keeps serving and the
@@ -11,9 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use portcullis_certs::inspect::{Info, format_time};
-use portcullis_certs::{Error, Sites};
-use portcullis_config::{CertSource, Config};
-use tokio::sync::mpsc;
+use portcullis_certs::{Error, Loaded, SiteCert};
+use portcullis_config::{CertSource, Config, Site};
+use tokio::sync::{Notify, mpsc};
 
 use crate::shutdown::Shutdown;
 
@@ -23,8 +24,10 @@ const POLL: Duration = Duration::from_secs(1);
 const MISMATCH_RETRY: Duration = Duration::from_millis(250);
 
 /// A site whose certificate comes from files.
-struct Watched {
+pub struct Watched {
+    /// Its place in the site set now served (for the log; a reload that removes a site before it moves it).
     site: usize,
+    cert_slot: Arc<SiteCert>,
     names: Vec<String>,
     cert: PathBuf,
     key: PathBuf,
@@ -49,59 +52,75 @@ fn fingerprint(paths: &[&Path]) -> Option<Fingerprint> {
     Some(Fingerprint(out))
 }
 
-/// The certificates of every site, and what reloads them.
+/// The file-backed certificates of the site set in force, and what reloads them.
+#[derive(Default)]
 pub struct Reloader {
-    sites: Arc<Sites>,
     watched: Mutex<Vec<Watched>>,
+    /// The files followed changed (a config reload): `run` watches their folders again.
+    refolder: Notify,
 }
 
-/// Loads every site's certificate (files checked, or self-signed generated). Any failure here is fatal:
-/// it names the file and the reason.
-pub fn load(config: &Config) -> Result<(Arc<Sites>, Arc<Reloader>), Error> {
-    let mut keys = Vec::with_capacity(config.sites.len());
-    let mut watched = Vec::new();
-    let now = SystemTime::now();
-    for (i, site) in config.sites.iter().enumerate() {
-        let loaded = match &site.tls {
-            CertSource::Files { cert, key } => {
-                let loaded = portcullis_certs::load_checked(cert, key, &site.names)?;
-                watched.push(Watched {
-                    site: i,
-                    names: site.names.clone(),
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    served: fingerprint(&[cert, key]),
-                    refused: None,
-                    info: loaded.info.clone(),
-                });
-                loaded
-            }
-            CertSource::SelfSigned => {
-                let loaded = portcullis_certs::self_signed_loaded(&site.names)?;
-                tracing::info!(site = i, names = ?site.names, "using a self-signed certificate generated at start");
-                loaded
-            }
-            // Stored from an earlier run, else its files, else self-signed: the ACME task takes it from here.
-            CertSource::Acme { files } => {
-                crate::acme::bootstrap(config, i, &site.names, files.as_ref())?
-            }
-        };
-        report_expiry(i, &loaded.info, now);
-        tracing::info!(
-            site = i,
-            serial = %loaded.info.serial,
-            not_after = %format_time(loaded.info.not_after),
-            key = %loaded.info.key_type,
-            "certificate loaded"
-        );
-        keys.push((site.names.clone(), loaded.key));
+/// A site's certificate as loaded for the set about to be served (at start, or a site a config reload
+/// adds), and, for files, what the reloader will follow once the set is in force.
+pub struct Fresh {
+    pub loaded: Loaded,
+    files: Option<(PathBuf, PathBuf, Option<Fingerprint>)>,
+}
+
+impl Fresh {
+    /// What the reloader follows for this site, now that it is served from `cert_slot` at place `site`.
+    pub fn watched(
+        &self,
+        site: usize,
+        names: &[String],
+        cert_slot: &Arc<SiteCert>,
+    ) -> Option<Watched> {
+        let (cert, key, served) = self.files.clone()?;
+        Some(Watched {
+            site,
+            cert_slot: cert_slot.clone(),
+            names: names.to_vec(),
+            cert,
+            key,
+            served,
+            refused: None,
+            info: self.loaded.info.clone(),
+        })
     }
-    let sites = Arc::new(Sites::new(keys, 0, config.strict_sni));
-    let reloader = Arc::new(Reloader {
-        sites: sites.clone(),
-        watched: Mutex::new(watched),
-    });
-    Ok((sites, reloader))
+}
+
+/// Loads site `i`'s certificate (files checked, self-signed generated, ACME bootstrapped), logging what it
+/// serves. An error names the file and the reason: at start it is fatal, on a config reload it refuses the
+/// reload whole.
+pub fn load_site(config: &Config, i: usize, site: &Site) -> Result<Fresh, Error> {
+    let mut files = None;
+    let loaded = match &site.tls {
+        CertSource::Files { cert, key } => {
+            // Taken before the read: a change made while reading is seen by the next poll.
+            let served = fingerprint(&[cert, key]);
+            let loaded = portcullis_certs::load_checked(cert, key, &site.names)?;
+            files = Some((cert.clone(), key.clone(), served));
+            loaded
+        }
+        CertSource::SelfSigned => {
+            let loaded = portcullis_certs::self_signed_loaded(&site.names)?;
+            tracing::info!(site = i, names = ?site.names, "using a self-signed certificate generated at start or by the reload that added the site");
+            loaded
+        }
+        // Stored from an earlier run, else its files, else self-signed: the ACME task takes it from here.
+        CertSource::Acme { files } => {
+            crate::acme::bootstrap(config, i, &site.names, files.as_ref())?
+        }
+    };
+    report_expiry(i, &loaded.info, SystemTime::now());
+    tracing::info!(
+        site = i,
+        serial = %loaded.info.serial,
+        not_after = %format_time(loaded.info.not_after),
+        key = %loaded.info.key_type,
+        "certificate loaded"
+    );
+    Ok(Fresh { loaded, files })
 }
 
 fn report_expiry(site: usize, info: &Info, now: SystemTime) {
@@ -122,6 +141,24 @@ pub struct Outcome {
 }
 
 impl Reloader {
+    /// Follows the file-backed sites of the set put in force: `kept` (each one's place in the new set and
+    /// its certificate, the same as before) go on as they were, files' identities and all; `added` are new;
+    /// any other is no longer followed.
+    pub fn follow(&self, kept: &[(usize, Arc<SiteCert>)], added: Vec<Watched>) {
+        let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Vec::with_capacity(kept.len() + added.len());
+        for w in watched.drain(..) {
+            if let Some((site, _)) = kept.iter().find(|(_, c)| Arc::ptr_eq(c, &w.cert_slot)) {
+                next.push(Watched { site: *site, ..w });
+            }
+        }
+        next.extend(added);
+        next.sort_by_key(|w| w.site);
+        *watched = next;
+        drop(watched);
+        self.refolder.notify_one();
+    }
+
     /// Re-reads every file-backed site whose files changed (all of them when `force`), swapping in each new
     /// pair that passes the checks.
     pub fn reload(&self, force: bool) -> Outcome {
@@ -135,7 +172,7 @@ impl Reloader {
             }
             match portcullis_certs::load_checked(&w.cert, &w.key, &w.names) {
                 Ok(loaded) => {
-                    self.sites.swap(w.site, loaded.key);
+                    w.cert_slot.swap(loaded.key);
                     tracing::info!(
                         site = w.site,
                         serial = %loaded.info.serial,
@@ -202,12 +239,16 @@ impl Reloader {
 /// SIGHUP is the config reload's (`reconfigure.rs`), which then calls [`Reloader::reload`] with `force`.
 pub async fn run(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
     let (tx, mut events) = mpsc::channel::<()>(16);
-    // Kept alive for as long as this task runs; None when inotify is unavailable (the poll still works).
-    let _watcher = if reloader.is_empty() {
-        None
-    } else {
-        watch(&reloader.folders(), tx)
+    // Kept alive for as long as this task runs (replaced when the files followed change); None when inotify
+    // is unavailable (the poll still works) or there is nothing to watch.
+    let watching = |r: &Reloader| {
+        if r.is_empty() {
+            None
+        } else {
+            watch(&r.folders(), tx.clone())
+        }
     };
+    let mut _watcher = watching(&reloader);
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut daily = tokio::time::interval(Duration::from_secs(24 * 3600));
@@ -216,6 +257,10 @@ pub async fn run(reloader: Arc<Reloader>, mut shutdown: Shutdown) {
     loop {
         tokio::select! {
             () = shutdown.begun() => return,
+            () = reloader.refolder.notified() => {
+                _watcher = watching(&reloader);
+                continue;
+            }
             Some(()) = events.recv() => {}
             _ = poll.tick(), if !reloader.is_empty() => {}
             () = tokio::time::sleep(MISMATCH_RETRY), if waiting => {}

@@ -46,7 +46,7 @@ pub fn render(shared: &Shared) -> String {
         "Requests refused (429) by a rate limit, by limit (one changed by a reload counts from 0)",
         limits,
     );
-    certificates(&mut r, shared, &snap);
+    certificates(&mut r, &snap);
     let mut out = String::new();
     // Writing to a String cannot fail; an encoder error would be a bug of ours (say, a bad name).
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &r) {
@@ -105,10 +105,10 @@ fn upstreams(r: &mut Registry, snap: &Snapshot) {
 }
 
 /// Each site name's certificate's notAfter, as served now.
-fn certificates(r: &mut Registry, shared: &Shared, snap: &Snapshot) {
+fn certificates(r: &mut Registry, snap: &Snapshot) {
     let expiry = Family::<Labels, Gauge>::default();
     for (i, site) in snap.config.sites.iter().enumerate() {
-        let Some(key) = shared.sites.current(i) else {
+        let Some(key) = snap.sites.current(i) else {
             continue;
         };
         let Ok(info) = portcullis_certs::inspect::Info::read(&key.cert) else {

@@ -1,6 +1,7 @@
 //! Shutdown as a value passed down: every accept loop, connection and tunnel holds a [`Shutdown`]; the
 //! [`Trigger`] in `main` begins it, with a deadline, and then waits until every holder has dropped its copy
-//! (all connections drained) or the deadline passes.
+//! (all connections drained) or the deadline passes. A site's own end is a value too: its tasks (OCSP,
+//! ACME) hold a [`Retired`] that resolves once a config reload has dropped the site's [`Retire`].
 
 use std::time::Duration;
 
@@ -58,6 +59,30 @@ impl Trigger {
     }
 }
 
+/// Held by the served site set for one site; dropping it (the site left the set) ends that site's tasks.
+#[derive(Debug)]
+pub struct Retire {
+    /// Never sent on: only its drop is seen.
+    _alive: watch::Sender<()>,
+}
+
+/// One site task's view of its site's end.
+#[derive(Debug, Clone)]
+pub struct Retired(watch::Receiver<()>);
+
+/// A site's end, and the view its tasks hold of it.
+pub fn retire() -> (Retire, Retired) {
+    let (tx, rx) = watch::channel(());
+    (Retire { _alive: tx }, Retired(rx))
+}
+
+impl Retired {
+    /// Resolves once the site's [`Retire`] is dropped (at once if it already is).
+    pub async fn wait(&mut self) {
+        while self.0.changed().await.is_ok() {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +101,16 @@ mod tests {
         assert!(waiter.await.unwrap() >= deadline);
         drop(shutdown);
         trigger.drained().await;
+    }
+
+    #[tokio::test]
+    async fn a_site_task_ends_when_its_site_is_dropped() {
+        use futures_util::FutureExt;
+        let (retire, mut retired) = retire();
+        let mut other = retired.clone();
+        assert!(retired.wait().now_or_never().is_none());
+        drop(retire);
+        retired.wait().await;
+        other.wait().await;
     }
 }

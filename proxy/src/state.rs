@@ -1,8 +1,9 @@
 //! What the proxy runs on, in two lifetimes. [`Shared`] lives as long as the process: connection
-//! accounting, ACME challenges, certificate sites, upstream servers (pool and per-server state), the
-//! buffers' budgets, the log's refusal budget, the metrics, and the live [`Snapshot`]. A [`Snapshot`] is everything built
-//! from one checked `Config`: routes and their actions, security headers, canned refusals, guard settings,
-//! redirect names, upstream groups, rate limits, the maintenance page, the rustls config. It lives in an
+//! accounting, ACME challenges, upstream servers (pool and per-server state), the buffers' budgets, the
+//! log's refusal budget, the metrics, and the live [`Snapshot`]. A [`Snapshot`] is everything built from one checked
+//! `Config`: the sites (SNI and Host pick one from the same set), routes and their actions, security
+//! headers, canned refusals, guard settings, redirect names, upstream groups, rate limits, the maintenance
+//! page, the rustls config around those sites. It lives in an
 //! `ArcSwap`: a connection takes one when it starts (its TLS config, guard and limits), a request takes one
 //! when it starts and uses it to its end; a config reload ([`Shared::install`], from `reconfigure.rs`)
 //! swaps in the next for new connections and requests. What must outlive a snapshot is found by a stable
@@ -29,8 +30,6 @@ use crate::upstream::{Groups, Servers};
 /// Process-lifetime state, shared by every connection and task through one `Arc`.
 pub struct Shared {
     pub admission: Arc<Admission>,
-    /// Each site's certificate and names (SNI and Host pick the site).
-    pub sites: Arc<portcullis_certs::Sites>,
     /// ACME challenge responses being validated (HTTP-01 on :80, TLS-ALPN-01 on :443); the ACME task fills it.
     pub challenges: Arc<portcullis_certs::acme::Challenges>,
     /// Every upstream server by address: the keep-alive pool and each server's own state.
@@ -51,6 +50,9 @@ pub struct Shared {
 /// Everything derived from one checked config; immutable once built.
 pub struct Snapshot {
     pub config: Config,
+    /// Each site's names and certificate, in `config.sites` order: the handshake's certificate (through
+    /// `tls`, whose resolver this is), the SNI's site and the Host's site all come from it.
+    pub sites: Arc<portcullis_certs::Sites>,
     pub tls: Arc<rustls::ServerConfig>,
     /// The config's upstream groups, each naming its servers in [`Shared::servers`].
     pub upstreams: Groups,
@@ -97,6 +99,7 @@ impl Shared {
         };
         let snapshot = Snapshot::new(
             config,
+            sites,
             tls,
             &lasting,
             maintenance_page,
@@ -105,7 +108,6 @@ impl Shared {
         );
         Shared {
             admission,
-            sites,
             challenges: Arc::default(),
             servers,
             buffers,
@@ -122,17 +124,20 @@ impl Shared {
         self.live.load_full()
     }
 
-    /// The snapshot of a reloaded config, its groups on [`Shared::servers`] (which must have learnt the
-    /// config's servers first) and with the rate limits `renew` kept or built.
+    /// The snapshot of a reloaded config, with its sites (`tls` built around them), its groups on
+    /// [`Shared::servers`] (which must have learnt the config's servers first) and with the rate limits
+    /// `renew` kept or built.
     pub fn next(
         &self,
         config: Config,
+        sites: Arc<portcullis_certs::Sites>,
         tls: Arc<rustls::ServerConfig>,
         maintenance_page: Option<Bytes>,
         rate_limits: Arc<RateLimits>,
     ) -> Snapshot {
         Snapshot::new(
             config,
+            sites,
             tls,
             &Lasting {
                 servers: &self.servers,
@@ -161,8 +166,10 @@ struct Lasting<'a> {
 }
 
 impl Snapshot {
+    #[allow(clippy::too_many_arguments)] // each is one piece of the snapshot, built by its two callers
     fn new(
         config: Config,
+        sites: Arc<portcullis_certs::Sites>,
         tls: Arc<rustls::ServerConfig>,
         lasting: &Lasting<'_>,
         maintenance_page: Option<Bytes>,
@@ -207,6 +214,7 @@ impl Snapshot {
             guard,
             rate_limits,
             config,
+            sites,
             tls,
         }
     }

@@ -1,7 +1,10 @@
 //! What serving starts once `Shared` exists, every task holding a [`Shutdown`]: one accept loop per listener
-//! (`http::server::accept`), the admin listener (`admin::serve`, the one without a `Shutdown`), and the control tasks: OCSP stapling per site, the certificate reloader (file
-//! changes), the config reload (SIGHUP, which also re-reads the certificates and re-plans the upstream
-//! health checks), ACME, the rate-limit purge, the upstream pools' sweep and the systemd watchdog.
+//! (`http::server::accept`), the admin listener (`admin::serve`, the one without a `Shutdown`), and the
+//! control tasks: each site's (OCSP stapling, and ACME for an
+//! `acme = true` site; started and ended with the site, see `sites.rs`), the certificate reloader (file
+//! changes), the config reload (SIGHUP, which also re-reads the certificates, changes the sites and
+//! re-plans the upstream health checks), the rate-limit purge, the upstream pools' sweep and the systemd
+//! watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
 //! their own then.
 
@@ -16,8 +19,9 @@ use crate::http::pipeline::Listener;
 use crate::reload::Reloader;
 use crate::shutdown::Shutdown;
 use crate::signals::Signals;
+use crate::sites::{Prepared, SiteSet};
 use crate::state::Shared;
-use crate::{acme, admin, http, listen, ocsp, ratelimit, reconfigure, reload, sdnotify, upstream};
+use crate::{admin, http, listen, ratelimit, reconfigure, reload, sdnotify, upstream};
 
 /// The bound sockets, registered with the runtime, each with what it serves, and the admin listener.
 pub struct Listeners(Vec<(Listener, TcpListener)>, Option<admin::Listening>);
@@ -46,32 +50,32 @@ impl Listeners {
 }
 
 /// Starts every task; `shutdown` is handed out and dropped here, so that the drain waits only for them.
-/// `config_path` is the file SIGHUP reads again (`None`: the demo's made-up config). Returns the accept
-/// loops.
+/// `sites` is the site set loaded at start (the first snapshot serves its `Sites`). `config_path` is the
+/// file SIGHUP reads again (`None`: the demo's made-up config). Returns the accept loops.
 pub fn spawn(
     state: &Arc<Shared>,
     listeners: Listeners,
-    reloader: Arc<Reloader>,
+    sites: Prepared,
     config_path: Option<PathBuf>,
     signals: &Signals,
     shutdown: Shutdown,
 ) -> Vec<JoinHandle<()>> {
     let accepting = accept(state, listeners, &shutdown);
-    // OCSP: each site whose certificate names a responder gets its response stapled and refreshed.
-    for site in 0..state.sites.len() {
-        tokio::spawn(ocsp::run(state.sites.clone(), site, shutdown.clone()));
-    }
-    // Certificates: file changes reload them.
-    tokio::spawn(reload::run(reloader.clone(), shutdown.clone()));
-    // ACME: each `acme = true` site gets its certificate ordered, renewed and swapped in.
-    acme::spawn(
+    // Per site: OCSP stapling for a certificate that names a responder, the file watch for one from files,
+    // and for an `acme = true` site its order and renewal task. A config reload starts these for the sites
+    // it adds and ends them for those it removes.
+    let reloader = Arc::new(Reloader::default());
+    let sites = SiteSet::start(
         &state.snapshot().config,
-        state.sites.clone(),
+        sites,
+        reloader.clone(),
         state.challenges.clone(),
         state.metrics.clone(),
-        &signals.reloads(),
-        &shutdown,
+        shutdown.clone(),
+        signals.reloads(),
     );
+    // Certificates: file changes reload them.
+    tokio::spawn(reload::run(reloader, shutdown.clone()));
     // Active health checks: one task per server of an upstream with `health` (each server once); the config
     // reload re-plans them.
     let snapshot = state.snapshot();
@@ -82,7 +86,7 @@ pub fn spawn(
         reconfigure::Reconfigure {
             state: state.clone(),
             path: config_path,
-            reloader,
+            sites,
             checks,
         },
         signals.reloads(),

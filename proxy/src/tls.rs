@@ -1,6 +1,8 @@
 //! The rustls server configuration: protocol versions from the config, ALPN `h2` then `http/1.1`, session
 //! resumption (stateless tickets with rotating keys, plus a session cache for TLS 1.2 clients without
-//! tickets), certificates by SNI from the hot-swappable `portcullis_certs::Sites`.
+//! tickets), certificates by SNI from the hot-swappable `portcullis_certs::Sites`. Each snapshot's config
+//! holds that snapshot's `Sites`: a handshake picks its certificate from the set of the snapshot its
+//! connection took.
 
 use std::sync::Arc;
 
@@ -23,5 +25,19 @@ pub fn server_config(
     c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     c.session_storage = ServerSessionMemoryCache::new(16 * 1024);
+    Ok(Arc::new(c))
+}
+
+/// The config for another site set (a config reload changed the sites), with the same versions: it shares
+/// `previous`'s session ticket keys and session cache, so resumption goes on working across the reload (a
+/// resumed session is bound to its SNI, and the request is held to the new sites like any other).
+pub fn with_sites(
+    previous: &ServerConfig,
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+    min: TlsVersion,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut c = Arc::unwrap_or_clone(server_config(certs, min)?);
+    c.ticketer = previous.ticketer.clone();
+    c.session_storage = previous.session_storage.clone();
     Ok(Arc::new(c))
 }

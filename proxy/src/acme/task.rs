@@ -2,7 +2,8 @@
 //! (RFC 9773) or two thirds of the lifetime (`schedule`), swap each new one in through `Sites` exactly as a
 //! file reload does, and back off on failure (persisted across restarts). Each attempt takes the site's lock
 //! in `state_dir`, runs the self-check and loads the account, then orders. A reload request (SIGHUP) makes a
-//! site waiting on a retry try at once.
+//! site waiting on a retry try at once. A site added by a config reload gets its task then; a site removed
+//! ends its task (an attempt under way is dropped).
 
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -10,13 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portcullis_certs::acme::{self, Ari, Challenges, Retry, SiteStore, Store, schedule};
 use portcullis_certs::inspect::format_time;
-use portcullis_certs::{Loaded, Sites};
-use portcullis_config::{AcmeChallenge, CertSource, Config};
+use portcullis_certs::{Loaded, SiteCert};
+use portcullis_config::{AcmeChallenge, Config};
 
 use super::account::AccountSlot;
 use super::failure::{Failure, LOCK_POLL, LOCK_WAIT, blocking, describe};
 use super::self_check;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Retired, Shutdown};
 use crate::signals::Reloads;
 
 /// One whole attempt (lock, self-check, account, order, download) gives up after this.
@@ -27,70 +28,90 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const ARI_MIN: Duration = Duration::from_secs(60);
 const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
 
-/// Starts one task per `acme = true` site of `config` (none without `[acme]`). Each swaps its certificates
-/// into `sites`, puts the answers to its validations in `challenges` (where the listeners find them), runs
-/// until `shutdown` begins, and takes `reloads` as "retry now".
-pub fn spawn(
-    config: &Config,
-    sites: Arc<Sites>,
-    challenges: Arc<Challenges>,
-    metrics: Arc<Metrics>,
-    reloads: &Reloads,
-    shutdown: &Shutdown,
-) {
-    let Some(settings) = config.acme.clone() else {
-        return;
-    };
-    let ordered: Vec<(usize, Vec<String>)> = config
-        .sites
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| matches!(s.tls, CertSource::Acme { .. }))
-        .map(|(i, s)| (i, s.names.clone()))
-        .collect();
-    if ordered.is_empty() {
-        return;
+/// What starts the ACME site tasks: the `[acme]` settings in force (those of the first config that had an
+/// ACME site; a change needs a restart), their store, the one account, and where validation answers go.
+/// Without `[acme]` it starts nothing.
+#[derive(Clone)]
+pub struct Acme(Option<Arc<Ctx>>);
+
+impl Acme {
+    /// From the config the process started with (`[acme]` is not reloaded); `challenges` is where the
+    /// listeners find the answers to validations, `metrics` where each attempt's outcome is counted.
+    pub fn new(config: &Config, challenges: Arc<Challenges>, metrics: Arc<Metrics>) -> Acme {
+        Acme(config.acme.clone().map(|settings| {
+            Arc::new(Ctx {
+                store: Store::new(&settings),
+                settings,
+                challenges,
+                metrics,
+                account: AccountSlot::default(),
+            })
+        }))
     }
-    let ctx = Arc::new(Ctx {
-        store: Store::new(&settings),
-        settings,
-        sites,
-        challenges,
-        metrics,
-        account: AccountSlot::default(),
-    });
-    for (site, names) in ordered {
+
+    /// Whether sites can have ACME certificates (`[acme]` was there at start).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Starts the task of one `acme = true` site (`site` names it in the log): it swaps its certificates
+    /// into `cert`, runs until `shutdown` begins or the site leaves the config (`retired`), and takes
+    /// `reloads` as "retry now". False (and nothing started) without `[acme]`.
+    pub fn start(
+        &self,
+        site: String,
+        names: Vec<String>,
+        cert: Arc<SiteCert>,
+        retired: Retired,
+        shutdown: Shutdown,
+        reloads: Reloads,
+    ) -> bool {
+        let Some(ctx) = &self.0 else {
+            return false;
+        };
         tokio::spawn(site_task(
             ctx.clone(),
-            site,
-            names,
-            shutdown.clone(),
-            reloads.clone(),
+            Site {
+                label: site,
+                names,
+                cert,
+            },
+            shutdown,
+            retired,
+            reloads,
         ));
+        true
     }
 }
 
-/// What every site's task shares: the settings, the store, where certificates and challenge answers go, and
-/// the one account.
+/// What every site's task shares: the settings, the store, where challenge answers go, and the one
+/// account.
 struct Ctx {
     settings: portcullis_config::Acme,
     store: Store,
-    sites: Arc<Sites>,
     challenges: Arc<Challenges>,
     /// Each attempt's outcome, timed (`/metrics`).
     metrics: Arc<Metrics>,
     account: AccountSlot,
 }
 
+/// One ACME site: how the log names it, the names ordered, and where its certificate is served from.
+struct Site {
+    label: String,
+    names: Vec<String>,
+    cert: Arc<SiteCert>,
+}
+
 /// One site: order when there is no certificate, renew when due, back off on failure, until shutdown.
 async fn site_task(
     ctx: Arc<Ctx>,
-    site: usize,
-    names: Vec<String>,
+    served: Site,
     mut shutdown: Shutdown,
+    mut retired: Retired,
     mut reloads: Reloads,
 ) {
-    let store = ctx.store.site(&names);
+    let (site, names) = (served.label.as_str(), &served.names);
+    let store = ctx.store.site(names);
     // What the self-check's connections hold (`shutdown` itself is waited on below).
     let probes = shutdown.clone();
     let mut current = {
@@ -109,12 +130,9 @@ async fn site_task(
     // Another instance sharing state_dir may have stored a certificate since `bootstrap` chose what to
     // serve: serve what is stored now, so the schedule below and the certificate served agree.
     if let Some(c) = &current
-        && ctx
-            .sites
-            .current(site)
-            .is_none_or(|served| served.cert.first() != c.key.cert.first())
+        && served.cert.current().cert.first() != c.key.cert.first()
     {
-        ctx.sites.swap(site, c.key.clone());
+        served.cert.swap(c.key.clone());
         tracing::info!(site, serial = %c.info.serial, "serving the stored ACME certificate");
     }
     let mut retry = {
@@ -187,26 +205,32 @@ async fn site_task(
                 () = tokio::time::sleep(wake) => false,
                 () = reloads.requested() => true,
                 () = shutdown.begun() => return,
+                () = retired.wait() => return ended(site),
             };
-            if !forced && SystemTime::now() < when {
+            // SIGHUP means "retry now" to a site waiting on a retry only: a site whose certificate is
+            // good until its renewal orders nothing (each config reload would otherwise renew every
+            // certificate, against the CA's rate limits).
+            if !(forced && retry.is_some()) && SystemTime::now() < when {
                 continue;
             }
         }
         planned = None;
         let replaces = ari.as_ref().map(|(a, _)| a.id.clone());
         let outcome = tokio::select! {
-            r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&ctx, site, &names, &store, current.as_ref(), replaces, &probes)) => {
+            r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&ctx, site, names, &store, current.as_ref(), replaces, &probes)) => {
                 r.unwrap_or(Err(Failure::Timeout(ATTEMPT_TIMEOUT)))
             }
             () = shutdown.begun() => return,
+            // The site left the config: no certificate is wanted for it any more.
+            () = retired.wait() => return ended(site),
         };
         // A reload request (SIGHUP) during the attempt asked for what just happened: it does not start another.
         reloads.seen();
         ctx.metrics
-            .acme_attempt(&crate::metrics::site_label(&names), outcome.is_ok());
+            .acme_attempt(&crate::metrics::site_label(names), outcome.is_ok());
         match outcome {
             Ok(loaded) => {
-                ctx.sites.swap(site, loaded.key.clone());
+                served.cert.swap(loaded.key.clone());
                 tracing::info!(
                     site,
                     names = ?names,
@@ -261,11 +285,19 @@ async fn site_task(
     }
 }
 
+/// A site task's end when a config reload removed its site.
+fn ended(site: &str) {
+    tracing::info!(
+        site,
+        "the site is no longer in the config: its ACME task ends"
+    );
+}
+
 /// One attempt: state_dir writable, this site's lock (or another instance's fresh certificate),
 /// the self-check and the account (together), the order, the files.
 async fn attempt(
     ctx: &Ctx,
-    site: usize,
+    site: &str,
     names: &[String],
     store: &SiteStore,
     current: Option<&Loaded>,
@@ -322,7 +354,7 @@ async fn attempt(
 }
 
 /// This site's lock file, waiting (bounded) while another instance orders the same names.
-async fn lock(site: usize, store: &SiteStore) -> Result<acme::Lock, Failure> {
+async fn lock(site: &str, store: &SiteStore) -> Result<acme::Lock, Failure> {
     let started = tokio::time::Instant::now();
     let mut said = false;
     loop {

@@ -29,11 +29,11 @@ pub enum Listener {
 }
 
 /// Serves one request: the response always carries the security headers, and is logged when done.
-/// `sni` is the site the TLS handshake named (None without SNI, or when it named no site).
+/// `sni` is the name the TLS handshake sent (None without SNI).
 pub async fn serve(
     shared: &Shared,
     listener: Listener,
-    sni: Option<usize>,
+    sni: Option<&str>,
     peer: IpAddr,
     lease: &Lease,
     req: Request<Incoming>,
@@ -88,7 +88,7 @@ pub async fn serve(
 /// The response, and the (site, route) indices of the route that took the request, if one did.
 async fn https(
     ctx: &Ctx<'_>,
-    sni: Option<usize>,
+    sni: Option<&str>,
     mut req: Request<Incoming>,
     access: Option<&mut Access>,
 ) -> (Response<Body>, Option<(usize, usize)>) {
@@ -113,14 +113,22 @@ async fn https(
     )
 }
 
-/// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,
+/// The site a request is for: the one its Host names, which must be the one its SNI names (else 421,
 /// RFC 9110 §15.5.20); a Host no site names goes to a default site without names (a catch-all), if any.
-fn site_for(ctx: &Ctx<'_>, sni: Option<usize>, requested: Option<&HeaderValue>) -> Option<usize> {
-    match requested
-        .and_then(host::name)
-        .and_then(|h| ctx.shared.sites.site_for(h))
-    {
-        Some(by_host) => (sni.is_none() || sni == Some(by_host)).then_some(by_host),
+/// Both names are looked up in the request's snapshot, so they are judged against one site set even when a
+/// reload changed the sites since the connection's handshake. An SNI that names no site constrains nothing.
+fn site_for(ctx: &Ctx<'_>, sni: Option<&str>, requested: Option<&HeaderValue>) -> Option<usize> {
+    let sites = &ctx.snap.sites;
+    let host = requested.and_then(host::name);
+    let by_host = host.and_then(|h| sites.site_for(h));
+    let by_sni = match sni {
+        None => None,
+        // The usual case: the Host is the SNI's name, so the same site, without a second lookup.
+        Some(n) if host.is_some_and(|h| h.eq_ignore_ascii_case(n)) => by_host,
+        Some(n) => sites.site_for(n),
+    };
+    match by_host {
+        Some(by_host) => by_sni.is_none_or(|s| s == by_host).then_some(by_host),
         None => {
             let catch_all = ctx
                 .snap
@@ -128,7 +136,7 @@ fn site_for(ctx: &Ctx<'_>, sni: Option<usize>, requested: Option<&HeaderValue>) 
                 .sites
                 .first()
                 .is_some_and(|s| s.names.is_empty());
-            (catch_all && sni.is_none_or(|s| s == 0)).then_some(0)
+            (catch_all && by_sni.is_none_or(|s| s == 0)).then_some(0)
         }
     }
 }

@@ -119,16 +119,21 @@ struct Conn {
     lease: Lease,
     /// HTTP/1.1: tells the guard how a request that asked to upgrade was answered.
     gate: Arc<UpgradeGate>,
+    /// The name the TLS handshake sent (SNI), if any. Each request looks its site up in the request's own
+    /// snapshot, where the Host is looked up too: a config reload can add, remove or rename sites between
+    /// two requests of one connection, and a site's place in one set means nothing in another.
+    sni: Option<Box<str>>,
 }
 
 impl Conn {
-    fn new(lease: Lease) -> Arc<Conn> {
+    fn new(lease: Lease, sni: Option<Box<str>>) -> Arc<Conn> {
         Arc::new(Conn {
             touched: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             close: Notify::new(),
             lease,
             gate: Arc::default(),
+            sni,
         })
     }
 }
@@ -137,17 +142,19 @@ impl Conn {
 /// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
 /// that the future type stays concrete (and `Send`) without boxing every request.
 macro_rules! service {
-    ($shared:expr, $snap:expr, $conn:expr, $kind:expr, $sni:expr, $ip:expr) => {{
+    ($shared:expr, $snap:expr, $conn:expr, $kind:expr, $ip:expr) => {{
         let shared = $shared.clone();
         let conn = $conn.clone();
         let max_requests = $snap.config.limits.max_requests_per_connection;
-        let (kind, sni, ip) = ($kind, $sni, $ip);
+        let (kind, ip) = ($kind, $ip);
         service_fn(move |req| {
             let shared = shared.clone();
             let conn = conn.clone();
             async move {
                 let asks_upgrade = UpgradeGate::asks(&req);
-                let mut res = pipeline::serve(&shared, kind, sni, ip, &conn.lease, req).await?;
+                let mut res =
+                    pipeline::serve(&shared, kind, conn.sni.as_deref(), ip, &conn.lease, req)
+                        .await?;
                 if asks_upgrade {
                     conn.gate
                         .decide(res.status() == http::StatusCode::SWITCHING_PROTOCOLS);
@@ -183,11 +190,9 @@ async fn https(
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
             return Ok(None);
         }
-        // The site this connection's SNI names (requests on it must be for that site).
-        let sni = start
-            .client_hello()
-            .server_name()
-            .and_then(|n| shared.sites.site_for(n));
+        // The name this connection's SNI gives (requests on it must be for its site). The certificate
+        // comes from the sites of `snap.tls`, this connection's snapshot.
+        let sni = start.client_hello().server_name().map(Box::<str>::from);
         start
             .into_stream(snap.tls.clone())
             .await
@@ -211,8 +216,8 @@ async fn https(
     shared.metrics.handshake_done();
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
-    let conn = Conn::new(lease);
-    let svc = service!(shared, snap, conn, Listener::Https, sni, peer.ip());
+    let conn = Conn::new(lease, sni);
+    let svc = service!(shared, snap, conn, Listener::Https, peer.ip());
     let idle = snap.config.timeouts.client_idle;
     let limits = &snap.config.limits;
     if h2 {
@@ -256,7 +261,7 @@ async fn http(
 ) {
     let _ = stream.set_nodelay(true);
     let shutdown = lease.shutdown.clone();
-    let conn = Conn::new(lease);
+    let conn = Conn::new(lease, None);
     let guard = Guard::new(
         stream,
         snap.guard.clone(),
@@ -265,7 +270,7 @@ async fn http(
         conn.gate.clone(),
     );
     let io = Tracked::new(guard, &conn, &shared);
-    let svc = service!(shared, snap, conn, Listener::Http, None, peer.ip());
+    let svc = service!(shared, snap, conn, Listener::Http, peer.ip());
     let idle = snap.config.timeouts.client_idle;
     let c = http1_builder(&snap).serve_connection(io, svc);
     drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
