@@ -65,7 +65,7 @@ pub async fn accept(
             let Some((stream, peer, ticket)) = admit(stream, peer, &shared, &snap).await else {
                 return;
             };
-            let lease = Lease::new(port, shutdown, ticket);
+            let lease = Lease::new(port, peer.ip(), shutdown, ticket);
             match kind {
                 Listener::Https => https(stream, peer, shared, snap, lease).await,
                 Listener::Http => http(stream, peer, shared, snap, lease).await,
@@ -279,6 +279,11 @@ fn http1_builder(snap: &Snapshot) -> http1::Builder {
     let limits = &snap.config.limits;
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
+        // The guard holds each head to `client_header` with one timer per connection; hyper's own would
+        // be a second, allocated per request.
+        .header_read_timeout(None)
+        // One buffer per response: rustls seals it as one record in one write, without gathering slices.
+        .writev(false)
         // The guard has already held each head to our limits; hyper's own are a second line, set wider.
         .max_buf_size(
             usize::try_from(limits.header_bytes)
