@@ -133,7 +133,7 @@ impl Conn {
 
 /// The per-connection service: serves a request, and after `max_requests_per_connection` asks the client
 /// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
-/// that the future type stays concrete (and `Send`) without boxing every request.
+/// that the future type stays concrete (and `Send`) without a `dyn`.
 macro_rules! service {
     ($shared:expr, $snap:expr, $conn:expr, $kind:expr, $sni:expr, $ip:expr) => {{
         let shared = $shared.clone();
@@ -143,7 +143,10 @@ macro_rules! service {
         service_fn(move |req| {
             let shared = shared.clone();
             let conn = conn.clone();
-            async move {
+            // Boxed per request: hyper keeps room for one service future per connection for as long as the
+            // connection lives, and a request's whole state (~6 KiB) would then stay with every idle
+            // keep-alive connection; boxed, an idle connection keeps a pointer.
+            Box::pin(async move {
                 let asks_upgrade = UpgradeGate::asks(&req);
                 let mut res = pipeline::serve(&shared, kind, sni, ip, &conn.lease, req).await?;
                 if asks_upgrade {
@@ -157,7 +160,7 @@ macro_rules! service {
                     conn.close.notify_one();
                 }
                 Ok::<_, std::convert::Infallible>(res)
-            }
+            })
         })
     }};
 }
@@ -171,7 +174,8 @@ async fn https(
 ) {
     let _ = stream.set_nodelay(true);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    // Boxed: the handshake's state is freed when it is done, not kept in the connection's task for its life.
+    let tls = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
         if let Some(config) =
@@ -190,7 +194,7 @@ async fn https(
             .into_stream(snap.tls.clone())
             .await
             .map(|tls| Some((tls, sni)))
-    })
+    }))
     .await;
     let (tls, sni) = match tls {
         Ok(Ok(Some(pair))) => pair,
