@@ -363,3 +363,120 @@ async fn ecdsa_keys_in_sec1_and_pkcs8() {
     );
     serves_key_file(&dir, "p8.pem", "-----BEGIN PRIVATE KEY-----").await;
 }
+
+/// Counts the TLS records a server sends, by reading the record headers of the byte stream under the
+/// client's TLS (content type 23, application data: in TLS 1.3 every record after the handshake).
+struct RecordCounter {
+    inner: tokio::net::TcpStream,
+    seen: Arc<std::sync::Mutex<Records>>,
+}
+
+#[derive(Default)]
+struct Records {
+    header: Vec<u8>,
+    left: usize,
+    application_data: usize,
+}
+
+impl Records {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                self.left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 5 {
+                if self.header[0] == 23 {
+                    self.application_data += 1;
+                }
+                self.left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header.clear();
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for RecordCounter {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.seen.lock().unwrap().feed(&buf.filled()[before..]);
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for RecordCounter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A small response goes out as one TLS record (nginx sends one): head and body are not each their own
+/// record, which would cost a seal and a syscall each and show on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_response_is_one_tls_record() {
+    for buffered in ["true", "false"] {
+        one_record_per_small_response(buffered).await;
+    }
+}
+
+async fn one_record_per_small_response(buffered: &str) {
+    use tokio::io::AsyncWriteExt;
+    let route = format!("upstream = \"app\"\nbuffer_responses = {buffered}");
+    let s = Setup::with("", "", &[("upstream = \"app\"", &route)]).await;
+    let seen = Arc::new(std::sync::Mutex::new(Records::default()));
+    let tcp = tokio::net::TcpStream::connect(s.https()).await.unwrap();
+    let counted = RecordCounter {
+        inner: tcp,
+        seen: seen.clone(),
+    };
+    let name = rustls::pki_types::ServerName::try_from("app.test").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(s.client.config(&[b"http/1.1"])))
+        .connect(name, counted)
+        .await
+        .unwrap();
+    let request = b"GET /bytes/100 HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    // The first response also brings the TLS 1.3 session tickets; the second is counted alone.
+    for round in 0..3 {
+        seen.lock().unwrap().application_data = 0;
+        tls.write_all(request).await.unwrap();
+        tls.flush().await.unwrap();
+        let (status, _, body) = portcullis_tests::client::read_response(&mut tls).await;
+        assert_eq!((status, body.len()), (200, 100));
+        if round > 0 {
+            assert_eq!(
+                seen.lock().unwrap().application_data,
+                1,
+                "round {round}, buffer_responses = {buffered}"
+            );
+        }
+    }
+}

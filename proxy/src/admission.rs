@@ -20,8 +20,25 @@ pub struct Admission {
     max_total: u64,
     /// Past this many open connections the per-address cap applies.
     pressure: u64,
-    per_ip: Mutex<HashMap<IpAddr, u64>>,
+    /// Open connections per address, in shards by address: connections from different clients rarely
+    /// wait on one another's lock (there is no global lock per accept).
+    per_ip: [Mutex<HashMap<IpAddr, u64>>; SHARDS],
     max_per_ip: u64,
+}
+
+/// Shards of the per-address counts (a power of two).
+const SHARDS: usize = 16;
+
+/// The shard of `ip`'s count: a multiplicative hash of its bytes, so that neighbouring addresses spread.
+fn shard(ip: IpAddr) -> usize {
+    let folded = match ip {
+        IpAddr::V4(a) => u64::from(a.to_bits()),
+        IpAddr::V6(a) => {
+            let b = a.to_bits();
+            (b as u64) ^ ((b >> 64) as u64)
+        }
+    };
+    (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS
 }
 
 /// A connection's place; given back on drop.
@@ -36,7 +53,7 @@ impl Admission {
             total: AtomicU64::new(0),
             max_total,
             pressure: max_total / 2,
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             max_per_ip,
         }
     }
@@ -54,7 +71,9 @@ impl Admission {
             return None;
         }
         // A poisoned lock only means another connection task panicked mid-update: the counts are still usable.
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self.per_ip[shard(ip)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
         if total > self.pressure && *n >= self.max_per_ip {
             drop(per_ip);
@@ -72,9 +91,7 @@ impl Admission {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = self
-            .admission
-            .per_ip
+        let mut per_ip = self.admission.per_ip[shard(self.ip)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per_ip.get_mut(&self.ip) {
@@ -115,6 +132,18 @@ mod tests {
         let _d = a.admit(ip("192.0.2.9")).unwrap();
         drop(office);
         assert_eq!(a.total.load(Ordering::Relaxed), 5);
-        assert!(!a.per_ip.lock().unwrap().contains_key(&ip("192.0.2.1")));
+        let gone = ip("192.0.2.1");
+        assert!(!a.per_ip[shard(gone)].lock().unwrap().contains_key(&gone));
+    }
+
+    #[test]
+    fn addresses_spread_over_the_shards() {
+        let mut used = [0usize; SHARDS];
+        for n in 0..=255u8 {
+            used[shard(IpAddr::from([192, 0, 2, n]))] += 1;
+            used[shard(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(n)]))] += 1;
+        }
+        // 512 addresses, 16 shards: none empty, none with more than a quarter.
+        assert!(used.iter().all(|&n| n > 0 && n < 128), "{used:?}");
     }
 }

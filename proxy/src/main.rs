@@ -42,7 +42,17 @@ use tokio::task::JoinHandle;
 
 use crate::state::Shared;
 
+/// benches/allocs' build: every allocation counted, with its call site.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> ExitCode {
+    // Written when main returns (a clean exit: SIGTERM, then the drain).
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::builder()
+        .file_name(std::env::var_os("PORTCULLIS_DHAT").unwrap_or_else(|| "dhat-heap.json".into()))
+        .build();
     // 1. Parse the command line.
     let cli = cli::Cli::parse();
     // 2. Load and check the config (exit 64 on a bad one). `check` reports on it and ends here; `demo` makes

@@ -24,22 +24,36 @@ pub struct Ctx<'a> {
     pub lease: &'a Lease,
 }
 
-/// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), and the
-/// connection's place in the caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
+/// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), the peer's address
+/// as a header value (formatted once per connection, not per request), and the connection's place in the
+/// caps with a shutdown handle. An upgraded request's tunnel keeps a clone, so
 /// that it counts against the caps and the drain waits for it after hyper's connection has ended.
 #[derive(Clone)]
 pub struct Lease {
     pub port: HeaderValue,
+    /// The peer's IP address as text: `X-Forwarded-For` (and `X-Real-IP`) of each request it sends.
+    pub peer: HeaderValue,
     pub shutdown: Shutdown,
     _ticket: Arc<Ticket>,
 }
 
 impl Lease {
-    pub fn new(port: HeaderValue, shutdown: Shutdown, ticket: Ticket) -> Lease {
+    pub fn new(port: HeaderValue, peer: IpAddr, shutdown: Shutdown, ticket: Ticket) -> Lease {
         Lease {
             port,
+            peer: ip_value(peer),
             shutdown,
             _ticket: Arc::new(ticket),
         }
     }
+}
+
+/// `ip` as a header value whose clones share one buffer (a clone is a reference count, not a copy).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let text = bytes::Bytes::from(ip.to_string());
+    // An IP address's text is always a valid header value; the clone turns the buffer into a shared one
+    // now, so that the requests' clones are reference counts.
+    let v = HeaderValue::from_maybe_shared(text).unwrap_or_else(|_| HeaderValue::from_static(""));
+    let _shared = v.clone();
+    v
 }

@@ -69,18 +69,19 @@ fn is_trusted(ip: IpAddr, trusted: &[Cidr]) -> bool {
     trusted.iter().any(|c| c.contains(ip))
 }
 
-/// Rewrites the forwarding headers of a request going upstream. `host` is the Host the client asked for,
-/// `port` the port of the listener it connected to.
+/// Rewrites the forwarding headers of a request going upstream. `peer_text` is `peer` as a header value
+/// (the connection's, made once), `host` the Host the client asked for, `port` the port of the listener it
+/// connected to.
 pub fn set(
     headers: &mut HeaderMap,
     peer: IpAddr,
+    peer_text: &HeaderValue,
     client: IpAddr,
     host: Option<&HeaderValue>,
     port: &HeaderValue,
     trusted: &[Cidr],
 ) {
     let peer_trusted = !trusted.is_empty() && is_trusted(peer, trusted);
-    let peer_text = peer.to_string();
     if peer_trusted {
         // Keep the chain and append the peer, as every proxy in the chain does.
         let chain: Vec<&str> = headers
@@ -88,12 +89,12 @@ pub fn set(
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let xff = if chain.is_empty() {
-            peer_text
+        if chain.is_empty() {
+            headers.insert(X_FORWARDED_FOR, peer_text.clone());
         } else {
-            format!("{}, {peer_text}", chain.join(", "))
-        };
-        set_text(headers, X_FORWARDED_FOR, &xff);
+            let xff = format!("{}, {peer}", chain.join(", "));
+            set_text(headers, X_FORWARDED_FOR, &xff);
+        }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HTTPS);
         }
@@ -110,13 +111,11 @@ pub fn set(
         headers.insert(X_FORWARDED_PROTO, HTTPS);
         headers.insert(X_FORWARDED_PORT, port.clone());
         set_host(headers, host);
-        // Untrusted peer: the client is the peer, so both headers carry one value (formatted once).
-        if let Ok(v) = HeaderValue::from_str(&peer_text) {
-            headers.insert(X_FORWARDED_FOR, v.clone());
-            if client == peer {
-                headers.insert(X_REAL_IP, v);
-                return;
-            }
+        // Untrusted peer: the client is the peer, so both headers carry the connection's one value.
+        headers.insert(X_FORWARDED_FOR, peer_text.clone());
+        if client == peer {
+            headers.insert(X_REAL_IP, peer_text.clone());
+            return;
         }
     }
     set_text(headers, X_REAL_IP, &client.to_string());
@@ -148,6 +147,10 @@ mod tests {
 
     /// Every header a client could use to claim an address, port, prefix or scheme, with spoofed values
     /// (twice each, as a client may repeat a field).
+    fn text(ip: IpAddr) -> HeaderValue {
+        HeaderValue::from_str(&ip.to_string()).unwrap()
+    }
+
     fn spoofed() -> HeaderMap {
         let mut h = HeaderMap::new();
         for name in CLAIMS.into_iter().chain([
@@ -171,6 +174,7 @@ mod tests {
         set(
             &mut h,
             peer,
+            &text(peer),
             client,
             Some(&HeaderValue::from_static("example.com")),
             &PORT,
@@ -196,12 +200,12 @@ mod tests {
         h.insert(X_FORWARDED_PORT, HeaderValue::from_static("443"));
         h.insert(CLAIMS[3].clone(), HeaderValue::from_static("203.0.113.9"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        set(&mut h, peer, peer, None, &PORT, &trusted);
+        set(&mut h, peer, &text(peer), peer, None, &PORT, &trusted);
         assert_eq!(h[&X_FORWARDED_PORT], "443");
         assert_eq!(h["true-client-ip"], "203.0.113.9");
         // Without one, the port is ours.
         let mut h = HeaderMap::new();
-        set(&mut h, peer, peer, None, &PORT, &trusted);
+        set(&mut h, peer, &text(peer), peer, None, &PORT, &trusted);
         assert_eq!(h[&X_FORWARDED_PORT], "8443");
     }
 
@@ -216,7 +220,7 @@ mod tests {
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         let client = client_addr(&h, peer, &trusted);
         assert_eq!(client, "203.0.113.9".parse::<IpAddr>().unwrap());
-        set(&mut h, peer, client, None, &PORT, &trusted);
+        set(&mut h, peer, &text(peer), client, None, &PORT, &trusted);
         assert_eq!(
             h[&X_FORWARDED_FOR],
             "6.6.6.6, 203.0.113.9, 10.1.1.1, 10.0.0.2"

@@ -21,15 +21,18 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Removes hop-by-hop fields, and the fields named in `Connection`, from `headers`.
 pub fn strip(headers: &mut HeaderMap) {
-    // Names listed in Connection are removed first (the list itself goes with CONNECTION below). Collecting
-    // is avoided in the common case of no Connection header at all.
+    // Names listed in Connection are removed first (the list itself goes with CONNECTION below). The usual
+    // ones (`keep-alive`, `close`, `Upgrade`) are skipped before anything is made of them: the list that is
+    // collected is then empty, and an empty Vec allocates nothing.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| !removed_anyway(n))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for n in named {
             headers.remove(n);
@@ -39,6 +42,17 @@ pub fn strip(headers: &mut HeaderMap) {
         headers.remove(h);
     }
     headers.remove(PROXY_CONNECTION);
+}
+
+/// Whether a name listed in `Connection` goes without being named: a fixed hop-by-hop field, or `close`
+/// (a connection option, not a field).
+fn removed_anyway(name: &str) -> bool {
+    name.is_empty()
+        || name.eq_ignore_ascii_case("close")
+        || name.eq_ignore_ascii_case(PROXY_CONNECTION.as_str())
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub async fn accept(
             let Some((stream, peer, ticket)) = admit(stream, peer, &shared, &snap).await else {
                 return;
             };
-            let lease = Lease::new(port, shutdown, ticket);
+            let lease = Lease::new(port, peer.ip(), shutdown, ticket);
             match kind {
                 Listener::Https => https(stream, peer, shared, snap, lease).await,
                 Listener::Http => http(stream, peer, shared, snap, lease).await,
@@ -140,7 +140,7 @@ impl Conn {
 
 /// The per-connection service: serves a request, and after `max_requests_per_connection` asks the client
 /// to go elsewhere (`Connection: close` on HTTP/1.1, GOAWAY on HTTP/2). A macro rather than a function so
-/// that the future type stays concrete (and `Send`) without boxing every request.
+/// that the future type stays concrete (and `Send`) without a `dyn`.
 macro_rules! service {
     ($shared:expr, $snap:expr, $conn:expr, $kind:expr, $ip:expr) => {{
         let shared = $shared.clone();
@@ -150,7 +150,10 @@ macro_rules! service {
         service_fn(move |req| {
             let shared = shared.clone();
             let conn = conn.clone();
-            async move {
+            // Boxed per request: hyper keeps room for one service future per connection for as long as the
+            // connection lives, and a request's whole state (~6 KiB) would then stay with every idle
+            // keep-alive connection; boxed, an idle connection keeps a pointer.
+            Box::pin(async move {
                 let asks_upgrade = UpgradeGate::asks(&req);
                 let mut res =
                     pipeline::serve(&shared, kind, conn.sni.as_deref(), ip, &conn.lease, req)
@@ -166,7 +169,7 @@ macro_rules! service {
                     conn.close.notify_one();
                 }
                 Ok::<_, std::convert::Infallible>(res)
-            }
+            })
         })
     }};
 }
@@ -180,7 +183,8 @@ async fn https(
 ) {
     let _ = stream.set_nodelay(true);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    // Boxed: the handshake's state is freed when it is done, not kept in the connection's task for its life.
+    let tls = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
         if let Some(config) =
@@ -197,7 +201,7 @@ async fn https(
             .into_stream(snap.tls.clone())
             .await
             .map(|tls| Some((tls, sni)))
-    })
+    }))
     .await;
     let (tls, sni) = match tls {
         Ok(Ok(Some(pair))) => pair,
@@ -280,6 +284,11 @@ fn http1_builder(snap: &Snapshot) -> http1::Builder {
     let limits = &snap.config.limits;
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
+        // The guard holds each head to `client_header` with one timer per connection; hyper's own would
+        // be a second, allocated per request.
+        .header_read_timeout(None)
+        // One buffer per response: rustls seals it as one record in one write, without gathering slices.
+        .writev(false)
         // The guard has already held each head to our limits; hyper's own are a second line, set wider.
         .max_buf_size(
             usize::try_from(limits.header_bytes)

@@ -58,6 +58,7 @@ pub async fn run(
     forwarded::set(
         &mut parts.headers,
         ctx.peer,
+        &ctx.lease.peer,
         ctx.client,
         requested.as_ref(),
         &ctx.lease.port,
