@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use portcullis_bench::{BoxError, parse_count, parse_flag, parse_secs};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,34 +29,8 @@ const USAGE: &str = "usage: idle --connect ADDR:PORT --ca CA.pem --connections N
 /// The most response bytes read on one connection: the bench's small response is a few hundred.
 const MAX_RESPONSE: usize = 64 * 1024;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("idle: {e}\n{USAGE}");
-            return ExitCode::from(64);
-        }
-    };
-    // One thread: `benches/run` pins this client to the load generator's core.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("idle: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("idle: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    portcullis_bench::client_main("idle", USAGE, Args::parse, run)
 }
 
 #[derive(Debug)]
@@ -83,37 +57,17 @@ impl Args {
         let mut path = "/".to_owned();
         let mut hold = Duration::from_secs(60);
         let mut timeout = Duration::from_secs(60);
-        let secs = |flag: &str, v: String| -> Result<Duration, String> {
-            let s: f64 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
-            Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {v}: {e}"))
-        };
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
-                "--connect" => {
-                    let v = value()?;
-                    connect = Some(v.parse().map_err(|e| format!("--connect {v}: {e}"))?);
-                }
+                "--connect" => connect = Some(parse_flag(&flag, &value()?)?),
                 "--ca" => ca = Some(PathBuf::from(value()?)),
                 "--name" => name = value()?,
-                "--connections" => {
-                    let v = value()?;
-                    let n: usize = v.parse().map_err(|e| format!("--connections {v}: {e}"))?;
-                    if n == 0 {
-                        return Err("--connections must be at least 1".into());
-                    }
-                    connections = Some(n);
-                }
-                "--concurrency" => {
-                    let v = value()?;
-                    concurrency = v.parse().map_err(|e| format!("--concurrency {v}: {e}"))?;
-                    if concurrency == 0 {
-                        return Err("--concurrency must be at least 1".into());
-                    }
-                }
+                "--connections" => connections = Some(parse_count(&flag, &value()?)?),
+                "--concurrency" => concurrency = parse_count(&flag, &value()?)?,
                 "--path" => path = value()?,
-                "--hold" => hold = secs("--hold", value()?)?,
-                "--timeout" => timeout = secs("--timeout", value()?)?,
+                "--hold" => hold = parse_secs(&flag, &value()?)?,
+                "--timeout" => timeout = parse_secs(&flag, &value()?)?,
                 "-h" | "--help" => return Err("help".into()),
                 other => return Err(format!("unknown argument {other}")),
             }
@@ -134,7 +88,10 @@ impl Args {
 async fn run(args: Args) -> Result<(), BoxError> {
     // Installed first, so that a SIGTERM while connecting is not the default (exit without a word).
     let mut term = signal(SignalKind::terminate())?;
-    let connector = TlsConnector::from(Arc::new(client_config(&args)?));
+    // The shared client (full handshakes, X25519), speaking HTTP/1.1 by ALPN as the request does.
+    let mut config = portcullis_bench::client_config(&args.ca)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(args.name.clone())?;
     let request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", args.path, args.name);
     let request: Arc<[u8]> = Arc::from(request.into_bytes());
@@ -212,26 +169,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     drop(open);
     Ok(())
-}
-
-/// TLS client: aws-lc-rs, X25519 (as `handshake`), resumption off, ALPN http/1.1, the bench CA only.
-fn client_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&args.ca)? {
-        roots.add(cert?)?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate in it", args.ca.display()).into());
-    }
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
 }
 
 /// One connection, one keep-alive request, its whole 200 response read; the connection is handed back open.
