@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use portcullis_bench::{BoxError, parse_count, parse_flag, parse_secs};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -22,34 +22,8 @@ use tokio_rustls::TlsConnector;
 const USAGE: &str = "usage: handshake --connect ADDR:PORT --ca CA.pem [--name localhost] [--duration SECS] \
                      [--concurrency N] [--path /] [--dangerous-skip-verify-after-first]";
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("handshake: {e}\n{USAGE}");
-            return ExitCode::from(64);
-        }
-    };
-    // One thread: `benches/run` pins this client to the load generator's core.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("handshake: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("handshake: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    portcullis_bench::client_main("handshake", USAGE, Args::parse, run)
 }
 
 #[derive(Debug)]
@@ -77,25 +51,11 @@ impl Args {
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
-                "--connect" => {
-                    let v = value()?;
-                    connect = Some(v.parse().map_err(|e| format!("--connect {v}: {e}"))?);
-                }
+                "--connect" => connect = Some(parse_flag(&flag, &value()?)?),
                 "--ca" => ca = Some(PathBuf::from(value()?)),
                 "--name" => name = value()?,
-                "--duration" => {
-                    let v = value()?;
-                    let secs: f64 = v.parse().map_err(|e| format!("--duration {v}: {e}"))?;
-                    duration = Duration::try_from_secs_f64(secs)
-                        .map_err(|e| format!("--duration {v}: {e}"))?;
-                }
-                "--concurrency" => {
-                    let v = value()?;
-                    concurrency = v.parse().map_err(|e| format!("--concurrency {v}: {e}"))?;
-                    if concurrency == 0 {
-                        return Err("--concurrency must be at least 1".into());
-                    }
-                }
+                "--duration" => duration = parse_secs(&flag, &value()?)?,
+                "--concurrency" => concurrency = parse_count(&flag, &value()?)?,
                 "--path" => path = value()?,
                 "--dangerous-skip-verify-after-first" => dangerous_skip_verify_after_first = true,
                 "-h" | "--help" => return Err("help".into()),
@@ -126,7 +86,7 @@ struct Tally {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let verified = client_config(&args)?;
+    let verified = portcullis_bench::client_config(&args.ca)?;
     let connector = TlsConnector::from(Arc::new(verified.clone()));
     let name = ServerName::try_from(args.name.clone())?;
     let request = format!(
@@ -198,27 +158,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Err("no request succeeded".into());
     }
     Ok(())
-}
-
-/// TLS client: aws-lc-rs, resumption off, trusting only the bench CA. (`--concurrency` tasks share it.)
-fn client_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&args.ca)? {
-        roots.add(cert?)?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate in it", args.ca.display()).into());
-    }
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    // The same key exchange on both sides of the comparison: nginx's OpenSSL 3.0 has no ML-KEM, so a hybrid
-    // group would make Portcullis do more work than nginx for the same request.
-    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(config)
 }
 
 /// Requests until the deadline, each on a new connection.
