@@ -52,6 +52,12 @@ pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
 /// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
 pub const BUFFER_REQUESTS: bool = true;
 pub const BUFFER_RESPONSES: bool = true;
+/// No compression unless a route asks for it: a compressed response's length leaks what it holds when
+/// it reflects the client's input next to a secret (BREACH); only the route's owner knows whether it does.
+pub const COMPRESS: bool = false;
+/// Bodies shorter than this go as they are (nginx's `gzip_min_length` idea): the framing costs more
+/// than it saves, and a tiny answer is one packet either way.
+pub const COMPRESS_MIN_SIZE: u64 = 1024;
 /// A static route sends no `Cache-Control` on its files unless it has `cache` (browsers then revalidate
 /// with `If-None-Match`/`If-Modified-Since`, nginx's behaviour); index and fallback answers always carry
 /// `no-cache`, since what a folder URL shows changes with every deploy.

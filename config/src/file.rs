@@ -105,6 +105,8 @@ pub struct Route {
     pub buffer_requests: Option<S<bool>>,
     /// Read the app's response as fast as it writes it, whatever the client's pace (default true).
     pub buffer_responses: Option<S<bool>>,
+    /// gzip/br/zstd for text responses the client accepts them for (default false: BREACH).
+    pub compress: Option<S<bool>>,
 }
 
 /// A size: a whole number of bytes, or a string like "10MiB", "512KiB", "1GiB".

@@ -203,6 +203,9 @@ pub struct Route {
     pub buffer_requests: bool,
     /// The app's response is read as fast as the app writes it, then fed to the client at its pace.
     pub buffer_responses: bool,
+    /// Text responses are compressed (gzip, br or zstd, as the client accepts), within the rules of
+    /// `proxy/src/http/compress.rs`.
+    pub compress: bool,
 }
 
 /// What a route does with a request: forward it to an upstream group, or serve a file. Later issues may add

@@ -1,6 +1,6 @@
 //! One request, in phases: site (the Host, held to the SNI) -> route (longest prefix within the site) ->
 //! request filters (`filters`: body limit, rate limits) -> the route's action (`action`) -> response filters
-//! (security headers, on every response, ours or the app's) -> access log (when the body ends). Each request
+//! (the route's `compress`, then security headers, on every response, ours or the app's) -> access log (when the body ends). Each request
 //! takes the live config snapshot when it starts and keeps it to its end. Plain HTTP goes to `redirect`.
 
 use std::convert::Infallible;
@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::http::ctx::{Ctx, Lease};
-use crate::http::{action, filters, forwarded, h2, host, pages, redirect};
+use crate::http::{action, compress, filters, forwarded, h2, host, pages, redirect};
 use crate::state::Shared;
 use crate::telemetry::{Access, Logged};
 
@@ -90,7 +90,13 @@ async fn https(
         Ok(a) => a,
         Err(refused) => return refused,
     };
-    action::run(ctx, route, requested, admitted, req, access).await
+    // Compression is a response filter of the route's: what it needs from the request is taken now.
+    let asked = route.compress.then(|| compress::Asked::of(&req));
+    let res = action::run(ctx, route, requested, admitted, req, access).await;
+    match asked {
+        Some(asked) => compress::apply(asked, res).await,
+        None => res,
+    }
 }
 
 /// The site a request is for: the one its Host names, which must be the one its SNI named (else 421,
