@@ -20,6 +20,7 @@ use crate::http::action::maintenance::Maintenance;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
+use crate::http::request_id::RequestIds;
 use crate::ratelimit::RateLimits;
 use crate::telemetry::Refusals;
 use crate::upstream::{Groups, Servers};
@@ -37,6 +38,8 @@ pub struct Shared {
     pub buffers: Arc<Buffers>,
     /// The log's budget for lines about refused input (the guard's settings and the rate limits share it).
     pub refusals: Arc<Refusals>,
+    /// Each request's `X-Request-Id` when it brings none we keep (a counter and keys drawn at start).
+    pub request_ids: RequestIds,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
     live: ArcSwap<Snapshot>,
@@ -97,6 +100,7 @@ impl Shared {
             servers,
             buffers,
             refusals,
+            request_ids: RequestIds::default(),
             https_port,
             live: ArcSwap::from_pointee(snapshot),
         }

@@ -245,6 +245,8 @@ pub struct Access {
     pub status: StatusCode,
     pub upstream: Option<Arc<str>>,
     pub bytes: u64,
+    /// Its `X-Request-Id` (checked: visible ASCII).
+    pub request_id: http::HeaderValue,
 }
 
 /// A response body that writes the access line when it is done.
@@ -299,6 +301,7 @@ impl Drop for Logged {
                 bytes = a.bytes,
                 duration_ms = a.start.elapsed().as_secs_f64() * 1000.0,
                 upstream = a.upstream.as_deref().unwrap_or("-"),
+                request_id = a.request_id.to_str().unwrap_or("-"),
             );
         }
     }

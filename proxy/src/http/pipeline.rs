@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::http::ctx::{Ctx, Lease};
+use crate::http::request_id::X_REQUEST_ID;
 use crate::http::{action, compress, filters, forwarded, h2, host, pages, redirect};
 use crate::state::Shared;
 use crate::telemetry::{Access, Logged};
@@ -42,6 +43,9 @@ pub async fn serve(
         return Ok(res.map(|b| Logged::new(b, None)));
     }
     let client = forwarded::client_addr(req.headers(), peer, &snap.config.trusted_proxies);
+    let request_id = shared
+        .request_ids
+        .pick(req.headers(), peer, &snap.config.trusted_proxies);
     let mut access = snap.config.log.access.then(|| {
         Box::new(Access {
             start,
@@ -51,6 +55,7 @@ pub async fn serve(
             status: StatusCode::OK,
             upstream: None,
             bytes: 0,
+            request_id: request_id.clone(),
         })
     });
     let ctx = Ctx {
@@ -59,12 +64,14 @@ pub async fn serve(
         peer,
         client,
         lease,
+        request_id: &request_id,
     };
     let mut res = match listener {
         Listener::Https => https(&ctx, sni, req, access.as_deref_mut()).await,
         Listener::Http => redirect::handle(shared, &snap, &req),
     };
-    // Response filters.
+    // Response filters: the client learns the id its request is known by (the app's own is replaced).
+    res.headers_mut().insert(X_REQUEST_ID, request_id);
     snap.headers
         .apply(res.headers_mut(), listener == Listener::Https);
     if let Some(a) = access.as_deref_mut() {
