@@ -86,6 +86,9 @@ pub const SHUTDOWN: Duration = Duration::from_secs(30);
 pub const LOG_ACCESS: bool = true;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 pub const LOG_LEVEL: &str = "info";
+/// No file: access lines go to standard error with the rest, which journald keeps under systemd (rotated,
+/// indexed, `journalctl -u portcullis`) with nothing to reopen.
+pub const LOG_FILE: Option<&str> = None;
 /// The built-in rate limit (no `[[rate_limit]]` in the file): POSTs to the usual Django/Flask login,
 /// password-reset and token endpoints, per client.
 pub const AUTH_LIMIT_NAME: &str = "auth";

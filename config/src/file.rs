@@ -218,6 +218,8 @@ pub struct Log {
     pub access: Option<S<bool>>,
     pub format: Option<S<String>>,
     pub level: Option<S<String>>,
+    /// The access log goes to this file (reopened on SIGUSR1) instead of standard error.
+    pub file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

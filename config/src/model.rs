@@ -348,6 +348,8 @@ pub struct Log {
     pub access: bool,
     pub format: LogFormat,
     pub level: String,
+    /// Absolute; the access lines go there instead of standard error. Its folder existed at load.
+    pub file: Option<PathBuf>,
 }
 
 /// One named rate limit, checked: which requests it counts, and how many it lets through per client.

@@ -201,6 +201,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "limits.connections_per_ip" => limits.connections_per_ip;
         "log.level" => log.level;
         "log.format" => log.format;
+        "log.file" => log.file;
     }
     keys
 }
