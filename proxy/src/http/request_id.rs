@@ -58,8 +58,10 @@ impl RequestIds {
             text[2 * i] = HEX[usize::from(byte >> 4)];
             text[2 * i + 1] = HEX[usize::from(byte & 0xf)];
         }
-        // Hex digits only: always a valid field value.
-        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+        // One allocation, which the upstream request, the response and the access line then share (a
+        // `Bytes` made from a `Vec` would allocate again when first cloned). Hex digits only: always valid.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+            .unwrap_or(HeaderValue::from_static("-"))
     }
 }
 
