@@ -55,6 +55,12 @@ pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
 /// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
 pub const BUFFER_REQUESTS: bool = true;
 pub const BUFFER_RESPONSES: bool = true;
+/// No compression unless a route asks for it: a compressed response's length leaks what it holds when
+/// it reflects the client's input next to a secret (BREACH); only the route's owner knows whether it does.
+pub const COMPRESS: bool = false;
+/// Bodies shorter than this go as they are (nginx's `gzip_min_length` idea): the framing costs more
+/// than it saves, and a tiny answer is one packet either way.
+pub const COMPRESS_MIN_SIZE: u64 = 1024;
 /// A static route sends no `Cache-Control` on its files unless it has `cache` (browsers then revalidate
 /// with `If-None-Match`/`If-Modified-Since`, nginx's behaviour); index and fallback answers always carry
 /// `no-cache`, since what a folder URL shows changes with every deploy.
@@ -83,6 +89,9 @@ pub const SHUTDOWN: Duration = Duration::from_secs(30);
 pub const LOG_ACCESS: bool = true;
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 pub const LOG_LEVEL: &str = "info";
+/// No file: access lines go to standard error with the rest, which journald keeps under systemd (rotated,
+/// indexed, `journalctl -u portcullis`) with nothing to reopen.
+pub const LOG_FILE: Option<&str> = None;
 /// The built-in rate limit (no `[[rate_limit]]` in the file): POSTs to the usual Django/Flask login,
 /// password-reset and token endpoints, per client.
 pub const AUTH_LIMIT_NAME: &str = "auth";

@@ -116,6 +116,8 @@ pub struct Route {
     pub buffer_requests: Option<S<bool>>,
     /// Read the app's response as fast as it writes it, whatever the client's pace (default true).
     pub buffer_responses: Option<S<bool>>,
+    /// gzip/br/zstd for text responses the client accepts them for (default false: BREACH).
+    pub compress: Option<S<bool>>,
 }
 
 /// A size: a whole number of bytes, or a string like "10MiB", "512KiB", "1GiB".
@@ -227,6 +229,8 @@ pub struct Log {
     pub access: Option<S<bool>>,
     pub format: Option<S<String>>,
     pub level: Option<S<String>>,
+    /// The access log goes to this file (reopened on SIGUSR1) instead of standard error.
+    pub file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

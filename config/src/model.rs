@@ -205,6 +205,9 @@ pub struct Route {
     pub buffer_requests: bool,
     /// The app's response is read as fast as the app writes it, then fed to the client at its pace.
     pub buffer_responses: bool,
+    /// Text responses are compressed (gzip, br or zstd, as the client accepts), within the rules of
+    /// `proxy/src/http/compress.rs`.
+    pub compress: bool,
 }
 
 /// What a route does with a request: forward it to an upstream group, or serve a file. Later issues may add
@@ -356,6 +359,8 @@ pub struct Log {
     pub access: bool,
     pub format: LogFormat,
     pub level: String,
+    /// Absolute; the access lines go there instead of standard error. Its folder existed at load.
+    pub file: Option<PathBuf>,
 }
 
 /// One named rate limit, checked: which requests it counts, and how many it lets through per client.

@@ -137,12 +137,14 @@ impl Checker<'_> {
             let buffer_responses = r
                 .buffer_responses
                 .map_or(defaults::BUFFER_RESPONSES, S::into_inner);
+            let compress = r.compress.map_or(defaults::COMPRESS, S::into_inner);
             out.push(Route {
                 path: path.clone(),
                 action,
                 max_body,
                 buffer_requests,
                 buffer_responses,
+                compress,
             });
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.path.len()));

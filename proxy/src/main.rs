@@ -13,6 +13,7 @@ mod cli;
 mod demo;
 mod http;
 mod listen;
+mod logfile;
 mod metrics;
 mod ocsp;
 mod pace;
@@ -92,7 +93,25 @@ fn run(
     demo_upstream: Option<std::net::TcpListener>,
     insecure_keep_root: bool,
 ) -> Result<ExitCode, ExitCode> {
-    telemetry::init(log_format, &config.log.level);
+    // The access log file, opened now with the privileges we start with (root can open a log in a folder
+    // the service user cannot write); its writer thread starts after the drop.
+    let access_file = match config.log.file.as_deref().map(logfile::AccessFile::open) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => {
+            telemetry::init(log_format, &config.log.level, None);
+            let path = config
+                .log
+                .file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            return Err(bad_config(
+                &config,
+                format_args!("log.file: cannot open {}: {e}", path.display()),
+            ));
+        }
+    };
+    telemetry::init(log_format, &config.log.level, access_file.as_ref());
 
     // 3. Certificates, loaded and checked before anything listens, and the rustls config around them.
     let sites = sites::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
@@ -129,6 +148,8 @@ fn run(
     //    then start the runtime, whose threads are born unprivileged, and prove the drop on every one.
     let dropped =
         privdrop::apply(&plan).map_err(|e| failed(format_args!("cannot drop privileges: {e}")))?;
+    //    The access log's writer thread, born with the credentials every thread has from now on.
+    let _access_log = access_file.as_ref().and_then(logfile::AccessFile::start);
     if dropped.is_none() {
         tracing::warn!(
             "INSECURE: --insecure-keep-root: serving every request as root with every capability; set \
@@ -155,6 +176,7 @@ fn run(
         maintenance_page,
         bound,
         demo_upstream,
+        access_file,
     ))
 }
 
@@ -168,6 +190,7 @@ async fn serve(
     maintenance_page: Option<bytes::Bytes>,
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
+    access_file: Option<logfile::AccessFile>,
 ) -> Result<ExitCode, ExitCode> {
     // SIGHUP reads the config file again; the demo's config is made at start and has none.
     let config_path = demo_upstream.is_none().then(|| config.source.clone());
@@ -188,6 +211,9 @@ async fn serve(
             .map_err(|e| failed(format_args!("cannot start the demo upstream: {e}")))?;
     }
     let accepting = tasks::spawn(&state, listeners, sites, config_path, &signals, shutdown);
+    if let Some(f) = access_file {
+        tokio::spawn(logfile::reopen_on(f, signals.reopens()));
+    }
     tracing::info!("ready");
     sdnotify::ready();
 

@@ -201,6 +201,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "limits.connections_per_ip" => limits.connections_per_ip;
         "log.level" => log.level;
         "log.format" => log.format;
+        "log.file" => log.file;
     }
     // `[acme]` (the CA, the account, state_dir) is read at start, and a config without an ACME site has
     // none: a section that appears (the first ACME site) starts ACME on commit, one that goes (the last

@@ -1,7 +1,8 @@
 //! The one place signals are taken: SIGTERM and SIGINT end [`Signals::until_stop`] (then `main` begins the
-//! drain), and each SIGHUP goes to every [`Reloads`] handed out (the certificate reloader re-reads every
-//! pair; ACME sites waiting on a retry try now). No other module installs a handler. A new signal (SIGUSR1,
-//! say) is one more stream here and one more channel for the tasks that want it.
+//! drain), each SIGHUP goes to every [`Reloads`] handed out by [`Signals::reloads`] (the certificate reloader
+//! re-reads every pair; ACME sites waiting on a retry try now), and each SIGUSR1 to those of
+//! [`Signals::reopens`] (the access log file). No other module installs a handler. A new signal is one more
+//! stream here and one more channel for the tasks that want it.
 
 use std::io;
 
@@ -14,8 +15,11 @@ pub struct Signals {
     terminate: Signal,
     interrupt: Signal,
     hangup: Signal,
+    user1: Signal,
     /// How many SIGHUPs so far; each `Reloads` wakes when it changes.
     reload: watch::Sender<u64>,
+    /// How many SIGUSR1s so far.
+    reopen: watch::Sender<u64>,
 }
 
 /// Which signal asked the process to stop.
@@ -25,19 +29,22 @@ pub enum Stop {
     Interrupt,
 }
 
-/// One task's view of the reload requests (SIGHUP). Requests that come while the task is busy are not
+/// One task's view of the reload requests (SIGHUP), or of the reopen requests (SIGUSR1). Requests that come while the task is busy are not
 /// lost: the next [`Reloads::requested`] returns at once, once for all of them.
 #[derive(Debug, Clone)]
 pub struct Reloads(watch::Receiver<u64>);
 
 impl Signals {
-    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP (from here on SIGHUP no longer ends the process).
+    /// Installs the handlers for SIGTERM, SIGINT, SIGHUP and SIGUSR1 (from here on SIGHUP and SIGUSR1 no
+    /// longer end the process).
     pub fn install() -> io::Result<Signals> {
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
             hangup: signal(SignalKind::hangup())?,
+            user1: signal(SignalKind::user_defined1())?,
             reload: watch::channel(0).0,
+            reopen: watch::channel(0).0,
         })
     }
 
@@ -46,13 +53,20 @@ impl Signals {
         Reloads(self.reload.subscribe())
     }
 
-    /// Dispatches signals until SIGTERM or SIGINT: each SIGHUP meanwhile goes to every [`Reloads`].
+    /// Reopen requests (SIGUSR1) from now on, for one task.
+    pub fn reopens(&self) -> Reloads {
+        Reloads(self.reopen.subscribe())
+    }
+
+    /// Dispatches signals until SIGTERM or SIGINT: each SIGHUP (SIGUSR1) meanwhile goes to every
+    /// [`Reloads`] of `reloads` (`reopens`).
     pub async fn until_stop(&mut self) -> Stop {
         loop {
             tokio::select! {
                 Some(()) = self.terminate.recv() => return Stop::Terminate,
                 Some(()) = self.interrupt.recv() => return Stop::Interrupt,
                 Some(()) = self.hangup.recv() => self.reload.send_modify(|n| *n += 1),
+                Some(()) = self.user1.recv() => self.reopen.send_modify(|n| *n += 1),
                 // No stream can deliver again (the runtime is going away): nothing left to wait for.
                 else => return Stop::Terminate,
             }

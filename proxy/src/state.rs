@@ -22,6 +22,7 @@ use crate::http::action::maintenance::Maintenance;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
 use crate::http::headers::SecurityHeaders;
+use crate::http::request_id::RequestIds;
 use crate::metrics::{Metrics, RouteCells};
 use crate::ratelimit::RateLimits;
 use crate::telemetry::Refusals;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Shutdown has begun (set by `main` before the drain): the admin listener's `/health` answers 503.
     pub draining: AtomicBool,
+    /// Each request's `X-Request-Id` when it brings none we keep (a counter and keys drawn at start).
+    pub request_ids: RequestIds,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
     live: ArcSwap<Snapshot>,
@@ -114,6 +117,7 @@ impl Shared {
             refusals,
             metrics,
             draining: AtomicBool::new(false),
+            request_ids: RequestIds::default(),
             https_port,
             live: ArcSwap::from_pointee(snapshot),
         }

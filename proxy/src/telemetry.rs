@@ -1,4 +1,4 @@
-//! Logging: tracing to stderr, text or JSON. The access log is one `access` event per request, written when
+//! Logging: tracing to stderr, text or JSON; access lines to `[log] file` instead when set (`logfile`). The access log is one `access` event per request, written when
 //! the response body ends (or is dropped), so it carries the bytes sent and the full duration. What any
 //! client can make us log is bounded: libraries' complaints about a peer are debug lines ([`PeerNoise`]),
 //! and our own lines about refused input are capped per kind per second ([`Refusals`], [`refused!`]).
@@ -17,37 +17,56 @@ use portcullis_config::LogFormat;
 use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
 use tracing::{Level, Metadata};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::{self, Filter, Layer as _, SubscriberExt};
+use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{self, Filter, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry};
 
 use crate::body::Body;
+use crate::logfile::AccessFile;
 
 /// At most this many lines per second of each kind of refusal (then a count of the rest).
 pub const REFUSALS_PER_SECOND: u64 = 10;
 
-/// Installs the global subscriber. `RUST_LOG` overrides `level` when set.
-pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let filter = PeerNoise(filter);
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(false);
+/// Installs the global subscriber. `RUST_LOG` overrides `level` when set. With `file`, access lines (target
+/// `access`) go there and everything else to standard error; without, everything goes to standard error.
+pub fn init(format: LogFormat, level: &str, file: Option<&AccessFile>) {
+    let filter =
+        || PeerNoise(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)));
+    let to_file = file.is_some();
+    let mut layers = vec![
+        fmt_layer(format, std::io::stderr)
+            .with_filter(filter().and(filter_fn(move |m| !to_file || m.target() != "access")))
+            .boxed(),
+    ];
+    if let Some(f) = file {
+        layers.push(
+            fmt_layer(format, f.clone())
+                .with_filter(filter().and(filter_fn(|m| m.target() == "access")))
+                .boxed(),
+        );
+    }
     // A second init (only possible in tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => tracing_subscriber::registry()
-            .with(layer.with_filter(filter))
-            .try_init(),
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(
-                layer
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_filter(filter),
-            )
-            .try_init(),
-    };
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+}
+
+/// The text or JSON formatter, writing to `writer`.
+fn fmt_layer<W>(format: LogFormat, writer: W) -> Box<dyn Layer<Registry> + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed(),
+    }
 }
 
 /// The filter, except that what rustls, h2 and hyper log above debug is judged as a debug line of theirs.
@@ -245,6 +264,8 @@ pub struct Access {
     pub status: StatusCode,
     pub upstream: Option<Arc<str>>,
     pub bytes: u64,
+    /// Its `X-Request-Id` (checked: visible ASCII).
+    pub request_id: http::HeaderValue,
 }
 
 /// A response body that writes the access line when it is done.
@@ -299,6 +320,7 @@ impl Drop for Logged {
                 bytes = a.bytes,
                 duration_ms = a.start.elapsed().as_secs_f64() * 1000.0,
                 upstream = a.upstream.as_deref().unwrap_or("-"),
+                request_id = a.request_id.to_str().unwrap_or("-"),
             );
         }
     }

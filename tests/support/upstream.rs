@@ -3,7 +3,8 @@
 //!
 //! Endpoints: `/slow/MS` answers after MS milliseconds; `/bytes/N` streams N bytes (`?accel=no` adds
 //! `X-Accel-Buffering: no`; [`Upstream::responses_sent`] counts those finished); `/sse` sends two events 2 s apart; `/status/N` answers N; `/upload` counts the
-//! body; `/sha256` answers `sha256=HEX len=N` for the body it received; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
+//! body; `/content/N` answers N bytes of text as asked (type, cookie, cache-control, coding, streamed:
+//! see [`content`]); `/sha256` answers `sha256=HEX len=N` for the body it received; `/ws` accepts an upgrade and echoes bytes; `/banner` answers with version banners, hop-by-hop
 //! fields and its own X-Frame-Options; anything else answers 200 with the request headers as text.
 
 use std::convert::Infallible;
@@ -287,6 +288,9 @@ async fn handle(
             .unwrap();
         return Ok(res);
     }
+    if let Some(n) = path.strip_prefix("/content/") {
+        return Ok(content(n.parse().unwrap_or(0), &query));
+    }
     if path == "/upload" {
         return Ok(Response::new(full(format!("received {body_len} bytes"))));
     }
@@ -329,6 +333,70 @@ async fn handle(
         return Ok(res);
     }
     Ok(Response::new(full(headers_text)))
+}
+
+/// `/content/N?type=T&cookie&cc=V&ce=V&etag=V&chunked&pause=MS&accel=no`: N bytes of [`text_body`] as type T
+/// (default `text/html`), with `Set-Cookie`, `Cache-Control: V`, `Content-Encoding: V`, `ETag: V` when
+/// asked; `chunked` streams it in 1 KiB frames with no `Content-Length`, `pause` waits MS ms at half way,
+/// `accel=no` asks the proxy not to buffer it.
+fn content(n: usize, query: &str) -> Response<Body> {
+    let mut res = Response::builder().header("content-type", "text/html; charset=utf-8");
+    let mut chunked = false;
+    let mut pause = 0;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        res = match k {
+            "type" => {
+                res.headers_mut().unwrap().remove("content-type");
+                res.header("content-type", v)
+            }
+            "cookie" => res.header("set-cookie", "session=s3cret; Secure; HttpOnly"),
+            "cc" => res.header("cache-control", v),
+            "ce" => res.header("content-encoding", v),
+            "etag" => res.header("etag", format!("\"{v}\"")),
+            "chunked" => {
+                chunked = true;
+                res
+            }
+            "pause" => {
+                pause = v.parse().unwrap_or(0);
+                res
+            }
+            "accel" => res.header("x-accel-buffering", v),
+            _ => res,
+        };
+    }
+    let body = Bytes::from(text_body(n));
+    if chunked {
+        // With `pause=MS`, the second half comes MS milliseconds after the first.
+        let frames: Vec<Bytes> = body.chunks(1024).map(Bytes::copy_from_slice).collect();
+        let half = frames.len() / 2;
+        let stream = futures_util::stream::unfold((frames, 0), move |(frames, i)| async move {
+            let frame = frames.get(i)?.clone();
+            if i == half && pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Some((Ok::<_, Infallible>(Frame::data(frame)), (frames, i + 1)))
+        });
+        return res.body(StreamBody::new(stream).boxed()).unwrap();
+    }
+    res.header("content-length", n.to_string())
+        .body(full(body))
+        .unwrap()
+}
+
+/// `n` bytes that compress well and are not all text: numbered lines, each ending in one byte of every
+/// value in turn (NUL, CR, LF, 0xFF...), so that a decoder that mangles bytes shows in a digest.
+pub fn text_body(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 64);
+    let mut i = 0u32;
+    while out.len() < n {
+        out.extend_from_slice(format!("<p>line {i}: the quick brown fox</p>").as_bytes());
+        out.push((i % 256) as u8);
+        i += 1;
+    }
+    out.truncate(n);
+    out
 }
 
 /// `n` bytes as a stream of `chunk`-sized frames (never held whole): bodies for the large-body tests.

@@ -1,5 +1,5 @@
 //! The one response/request body type the proxy hands to hyper: a streamed body from the other side, a
-//! buffered one, a small page of our own, a static file, or nothing. An enum, not a `BoxBody`, so no allocation per request
+//! buffered one, a small page of our own, a static file, a compressed one, or nothing. An enum, not a `BoxBody`, so no allocation per request
 //! for the common case. Buffering, so that slow clients never hold the app's workers (gunicorn's sync workers
 //! serve one request each), lives here too: a body is held in memory up to `[buffers] memory_per_request`,
 //! beyond it in an unlinked temporary file in `[process] temp_dir` (`spool.rs`), within budgets every body
@@ -45,6 +45,8 @@ pub enum Body {
     /// A static route's file, read from disk chunk by chunk by tower-http's `ServeDir` (boxed there: only
     /// static responses pay for it).
     Static(File),
+    /// A response compressed for the client (`http/compress.rs`, routes with `compress = true`).
+    Compressed(Compressed),
     /// An HTTP/2 request body (the guard watches HTTP/1.1 ones): as `Limited`, and ended with [`Stalled`]
     /// when its waits break `rule` (`pace.rs`: no frame for `client_body`, or under `min_body_rate` once
     /// the grace is spent). Only time spent waiting for a frame counts. One timer, which exists only once a
@@ -64,6 +66,16 @@ pub struct File(pub tower_http::services::fs::ServeFileSystemResponseBody);
 impl std::fmt::Debug for File {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("File")
+    }
+}
+
+/// A response compressed on its way out (tower-http's encoder around the body it had; boxed: only
+/// compressed responses pay for it).
+pub struct Compressed(pub Pin<Box<tower_http::compression::CompressionBody<Body>>>);
+
+impl std::fmt::Debug for Compressed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compressed")
     }
 }
 
@@ -113,7 +125,7 @@ impl Body {
             Body::Empty => Some(Body::Empty),
             Body::Full(b) => Some(Body::Full(b.clone())),
             Body::Spooled(r) => r.replay().map(Body::Spooled),
-            Body::Static(_) => None,
+            Body::Static(_) | Body::Compressed(_) => None,
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 http_body::Body::is_end_stream(s).then_some(Body::Empty)
             }
@@ -146,6 +158,7 @@ impl http_body::Body for Body {
             Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             Body::Spooled(r) => r.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             Body::Static(f) => Pin::new(&mut f.0).poll_frame(cx).map_err(Into::into),
+            Body::Compressed(c) => c.0.as_mut().poll_frame(cx),
             Body::Limited { inner, left } => limited(Pin::new(inner).poll_frame(cx), left),
             Body::Watched {
                 inner,
@@ -184,6 +197,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Spooled(r) => r.is_end_stream(),
             Body::Static(f) => f.0.is_end_stream(),
+            Body::Compressed(c) => c.0.is_end_stream(),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.is_end_stream()
             }
@@ -198,6 +212,7 @@ impl http_body::Body for Body {
                 .left()
                 .map_or_else(SizeHint::default, SizeHint::with_exact),
             Body::Static(f) => f.0.size_hint(),
+            Body::Compressed(c) => c.0.size_hint(),
             Body::Stream(s) | Body::Limited { inner: s, .. } | Body::Watched { inner: s, .. } => {
                 s.size_hint()
             }

@@ -22,6 +22,8 @@ pub struct Ctx<'a> {
     pub client: IpAddr,
     /// The listener's port, the connection's place in the caps and its shutdown handle.
     pub lease: &'a Lease,
+    /// The request's `X-Request-Id` (`http/request_id.rs`), sent upstream as it is.
+    pub request_id: &'a HeaderValue,
 }
 
 /// What a connection lends its requests: the listener's port (sent as `X-Forwarded-Port`), the peer's address

@@ -65,7 +65,8 @@ pub fn client_addr(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAdd
     client
 }
 
-fn is_trusted(ip: IpAddr, trusted: &[Cidr]) -> bool {
+/// Whether `ip` is one of `trusted_proxies`.
+pub fn is_trusted(ip: IpAddr, trusted: &[Cidr]) -> bool {
     trusted.iter().any(|c| c.contains(ip))
 }
 

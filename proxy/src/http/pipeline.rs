@@ -1,7 +1,7 @@
 //! One request, in phases: site (the Host, held to the SNI) -> route (longest prefix within the site) ->
 //! request filters (`filters`: body limit, rate limits) -> the route's action (`action`) -> response filters
 //! (the request counted, `metrics::RouteCell`: by route, method and status class, and its latency to the
-//! response head; security headers, on every response, ours or the app's) -> access log (when the body
+//! response head; the route's `compress`, then the security headers, on every response, ours or the app's) -> access log (when the body
 //! ends). Each request takes the live config snapshot when it starts and keeps it to its end. Plain HTTP
 //! goes to `redirect`.
 
@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::http::ctx::{Ctx, Lease};
-use crate::http::{action, filters, forwarded, h2, host, pages, redirect};
+use crate::http::request_id::X_REQUEST_ID;
+use crate::http::{action, compress, filters, forwarded, h2, host, pages, redirect};
 use crate::metrics;
 use crate::state::Shared;
 use crate::telemetry::{Access, Logged};
@@ -49,6 +50,9 @@ pub async fn serve(
         return Ok(res.map(|b| Logged::new(b, None)));
     }
     let client = forwarded::client_addr(req.headers(), peer, &snap.config.trusted_proxies);
+    let request_id = shared
+        .request_ids
+        .pick(req.headers(), peer, &snap.config.trusted_proxies);
     let mut access = snap.config.log.access.then(|| {
         Box::new(Access {
             start,
@@ -58,6 +62,7 @@ pub async fn serve(
             status: StatusCode::OK,
             upstream: None,
             bytes: 0,
+            request_id: request_id.clone(),
         })
     });
     let ctx = Ctx {
@@ -66,6 +71,7 @@ pub async fn serve(
         peer,
         client,
         lease,
+        request_id: &request_id,
     };
     let (mut res, cell) = match listener {
         Listener::Https => {
@@ -76,7 +82,8 @@ pub async fn serve(
         Listener::Http => (redirect::handle(shared, &snap, &req), &snap.routes.redirect),
     };
     cell.count(method, res.status(), start.elapsed());
-    // Response filters.
+    // Response filters: the client learns the id its request is known by (the app's own is replaced).
+    res.headers_mut().insert(X_REQUEST_ID, request_id);
     snap.headers
         .apply(res.headers_mut(), listener == Listener::Https);
     if let Some(a) = access.as_deref_mut() {
@@ -107,10 +114,14 @@ async fn https(
         Ok(a) => a,
         Err(refused) => return (refused, taken),
     };
-    (
-        action::run(ctx, route, requested, admitted, req, access).await,
-        taken,
-    )
+    // Compression is a response filter of the route's: what it needs from the request is taken now.
+    let asked = route.compress.then(|| compress::Asked::of(&req));
+    let res = action::run(ctx, route, requested, admitted, req, access).await;
+    let res = match asked {
+        Some(asked) => compress::apply(asked, res).await,
+        None => res,
+    };
+    (res, taken)
 }
 
 /// The site a request is for: the one its Host names, which must be the one its SNI names (else 421,

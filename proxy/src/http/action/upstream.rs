@@ -13,6 +13,7 @@ use crate::body::{self, Body};
 use crate::http::ctx::Ctx;
 use crate::http::filters::{Admitted, closing, timed_out, too_large};
 use crate::http::guard::UpgradeGate;
+use crate::http::request_id::X_REQUEST_ID;
 use crate::http::{forwarded, hop, pages, tunnel};
 use crate::pace::Rule;
 use crate::telemetry::{Access, refused};
@@ -64,6 +65,7 @@ pub async fn run(
         &ctx.lease.port,
         &ctx.snap.config.trusted_proxies,
     );
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     match &requested {
         Some(h) => {
             parts.headers.insert(header::HOST, h.clone());
