@@ -311,3 +311,103 @@ async fn a_temp_dir_that_is_a_symlink_is_refused_at_start() {
     let out = proxy.output();
     assert!(out.contains("temp_dir") && out.contains("symlink"), "{out}");
 }
+
+/// An app that answers every request with a head promising 1000 bytes, sends 10, and dies (closes): what a
+/// worker killed mid-response looks like. Counts the requests it took by method.
+struct DyingApp {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl DyingApp {
+    async fn start() -> DyingApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let head = read_until(&mut conn, "\r\n\r\n").await;
+                    let method = head.split(' ').next().unwrap_or_default().to_owned();
+                    log.lock().unwrap().push(method);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                        .await;
+                    let _ = conn.flush().await;
+                });
+            }
+        });
+        DyingApp { addr, seen }
+    }
+
+    fn took(&self, method: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
+}
+
+/// A buffered response that breaks off (the app died mid-body) has sent the client nothing yet: a GET is
+/// answered by another server, whole, as if the first had refused the connection; a POST is never sent
+/// twice and gets 502. Both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_breaks_off_while_buffered_sends_a_get_elsewhere_and_never_a_post() {
+    let dying = DyingApp::start().await;
+    let servers = format!(
+        "balance = \"round_robin\"\nmax_fails = 0\nservers = [\"{}\", \"",
+        dying.addr
+    );
+    let s = Setup::with("", "", &[("servers = [\"", &servers)]).await;
+    // Three GETs: the retry budget allows three retries a second whatever the traffic (and round robin
+    // sends each request to the dying app first, its retry to the other).
+    for i in 0..3 {
+        let req = Request::get("/bytes/1000")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = if i % 2 == 0 {
+            s.client.send(s.https(), req).await
+        } else {
+            s.client.send_h2(s.https(), req).await
+        };
+        assert_eq!(res.status(), 200, "GET {i}; log:\n{}", s.proxy.output());
+        assert_eq!(res.body().len(), 1000, "GET {i}");
+    }
+    assert!(
+        dying.took("GET") >= 1,
+        "round robin sent no GET to the dying app"
+    );
+    let mut refused = 0;
+    for i in 0..4 {
+        let req = Request::post("/upload")
+            .body(Full::new(Bytes::from_static(b"pay once")))
+            .unwrap();
+        let res = if i % 2 == 0 {
+            s.client.send(s.https(), req).await
+        } else {
+            s.client.send_h2(s.https(), req).await
+        };
+        match res.status().as_u16() {
+            200 => {}
+            502 => {
+                refused += 1;
+                assert!(res.headers().contains_key("strict-transport-security"));
+            }
+            other => panic!("POST {i}: {other}"),
+        }
+    }
+    // Every POST the dying app took was answered 502, and none of them went to the other server too.
+    assert!(refused >= 1, "round robin sent no POST to the dying app");
+    assert_eq!(refused, dying.took("POST"));
+    let posts_elsewhere = s
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts_elsewhere, 4 - refused);
+}

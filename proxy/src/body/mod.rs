@@ -13,7 +13,7 @@ mod spool;
 
 pub use buffers::{Buffers, prepare};
 pub use request::{Refused, collect};
-pub use response::{feed, streaming};
+pub use response::{BrokeOff, feed, streaming};
 pub use spool::Reader;
 
 use bytes::Bytes;

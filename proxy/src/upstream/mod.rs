@@ -23,7 +23,7 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use portcullis_config::Config;
 
-use crate::body::Body;
+use crate::body::{Body, BrokeOff};
 use crate::shutdown::Shutdown;
 use balance::Policy;
 use retry::Budget;
@@ -45,6 +45,10 @@ pub enum Failure {
     /// The group has no server to try (502).
     #[error("no server available")]
     NoServer,
+    /// The response body broke off after its head (the app died mid-response) while being buffered, before
+    /// any of it reached the client (502; an idempotent request goes to another server).
+    #[error("{0}")]
+    BrokeOff(String),
     /// The client's body went past the route's limit while being forwarded (the client's fault: 413).
     #[error("request body too large")]
     BodyTooLarge,
@@ -310,7 +314,8 @@ pub async fn forward(
     group: &Group,
     client: IpAddr,
     mut req: Request<Body>,
-) -> Result<Response<Incoming>, Failure> {
+    finish: Finish<'_>,
+) -> Result<Answer, Failure> {
     origin_form(&mut req);
     let idempotent = retry::idempotent(req.method());
     let now = Instant::now();
@@ -329,12 +334,28 @@ pub async fn forward(
         let elsewhere =
             retries > 0 && (tried.count_ones() as usize) < members && group.budget.has_room(now);
         let failure = match attempt(group, server, req, idempotent, elsewhere).await {
-            Outcome::Response(res) => {
-                if server.succeeded() {
-                    tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
+            // The response is finished (its body buffered, unless it streams) before the server is judged:
+            // a body that breaks off while nothing of it has reached the client is the server failing, and
+            // an idempotent request with a copy goes to another one.
+            Outcome::Response(res, spare) => match finish.run(res).await {
+                Ok(done) => {
+                    if server.succeeded() {
+                        tracing::info!(upstream = %group.name, server = %server.addr, "upstream server is back: it answered");
+                    }
+                    return Ok(done);
                 }
-                return Ok(res);
-            }
+                Err(broke) => {
+                    let f = Failure::BrokeOff(broke.to_string());
+                    failed(group, server, &f);
+                    match spare {
+                        Some(copy) if idempotent => {
+                            req = copy;
+                            f
+                        }
+                        _ => return Err(f),
+                    }
+                }
+            },
             Outcome::Client(f) => return Err(f),
             Outcome::NotSent(back, f) => {
                 failed(group, server, &f);
@@ -364,9 +385,38 @@ pub async fn forward(
     }
 }
 
+/// A response from the app, as [`forward`] finished it.
+pub enum Answer {
+    /// For the client: its body buffered, or streaming.
+    Fed(Response<Body>),
+    /// `101 Switching Protocols`: the connection is the tunnel's now.
+    Switched(Response<Incoming>),
+}
+
+/// How [`forward`] finishes a response head before the server is judged: the body is buffered in `buffers`
+/// unless `buffer` is off, the content type streams (`text/event-stream`) or the app sent
+/// `X-Accel-Buffering: no` (which is removed).
+pub struct Finish<'a> {
+    pub buffers: &'a Arc<crate::body::Buffers>,
+    pub buffer: bool,
+}
+
+impl Finish<'_> {
+    async fn run(&self, mut res: Response<Incoming>) -> Result<Answer, BrokeOff> {
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Answer::Switched(res));
+        }
+        let stream = crate::body::streaming(res.headers_mut(), self.buffer);
+        crate::body::feed(self.buffers, res, stream)
+            .await
+            .map(Answer::Fed)
+    }
+}
+
 /// How one try on one server went.
 enum Outcome {
-    Response(Response<Incoming>),
+    /// A response head, and the copy of the request kept for another server, if any.
+    Response(Response<Incoming>, Option<Request<Body>>),
     /// Nothing reached the app (no connection, or a new one that closed before the request was written):
     /// the request is back, untouched.
     NotSent(Request<Body>, Failure),
@@ -421,7 +471,7 @@ async fn attempt(
                 if reusable(&res) {
                     server.pool.put(send, Instant::now());
                 }
-                return Outcome::Response(res);
+                return Outcome::Response(res, copy);
             }
             Ok(Err(mut e)) => match e.take_message() {
                 Some(back) if reused => {

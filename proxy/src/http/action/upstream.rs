@@ -17,7 +17,7 @@ use crate::http::request_id::X_REQUEST_ID;
 use crate::http::{forwarded, hop, pages, tunnel};
 use crate::pace::Rule;
 use crate::telemetry::{Access, refused};
-use crate::upstream::{self, Failure};
+use crate::upstream::{self, Answer, Failure};
 
 pub async fn run(
     ctx: &Ctx<'_>,
@@ -119,8 +119,19 @@ pub async fn run(
     };
 
     let upstream_req = Request::from_parts(parts, body);
-    let mut res = match upstream::forward(group, ctx.client, upstream_req).await {
-        Ok(res) => res,
+    // The response's body is buffered (unless it streams) before the server is judged: one that breaks off
+    // before the client got anything is a failure an idempotent request may retry elsewhere.
+    let finish = upstream::Finish {
+        buffers: &ctx.shared.buffers,
+        buffer: route.buffer_responses,
+    };
+    let mut res = match upstream::forward(group, ctx.client, upstream_req, finish).await {
+        Ok(Answer::Fed(mut res)) => {
+            hop::strip(res.headers_mut());
+            crate::http::headers::strip_banners(res.headers_mut());
+            return res;
+        }
+        Ok(Answer::Switched(res)) => res,
         Err(Failure::Timeout) => {
             tracing::warn!(upstream = %group.name, "upstream timed out");
             return pages::status(StatusCode::GATEWAY_TIMEOUT);
@@ -133,59 +144,43 @@ pub async fn run(
             }
             return timed_out(h1);
         }
-        Err(e @ (Failure::Connect(_) | Failure::Reset(_) | Failure::NoServer)) => {
+        Err(
+            e
+            @ (Failure::Connect(_) | Failure::Reset(_) | Failure::NoServer | Failure::BrokeOff(_)),
+        ) => {
             tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
             return pages::status(StatusCode::BAD_GATEWAY);
         }
     };
 
-    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some((_, client_side)) = upgrade else {
-            // The app switched protocols without being asked: nothing sane to forward.
-            return pages::status(StatusCode::BAD_GATEWAY);
-        };
-        let upstream_side = hyper::upgrade::on(&mut res);
-        let (mut parts, _) = res.into_parts();
-        let proto = parts.headers.get(header::UPGRADE).cloned();
-        let open = ctx.shared.metrics.tunnel_opened();
-        let tunnel = tunnel::run(
-            client_side,
-            upstream_side,
-            ctx.snap.config.timeouts.tunnel_idle,
-            ctx.lease.clone(),
-        );
-        tokio::spawn(async move {
-            tunnel.await;
-            drop(open);
-        });
-        hop::strip(&mut parts.headers);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(p) = proto {
-            parts.headers.insert(header::UPGRADE, p);
-        }
-        crate::http::headers::strip_banners(&mut parts.headers);
-        return Response::from_parts(parts, Body::Empty);
-    }
-    let (mut parts, body) = res.into_parts();
+    // 101 Switching Protocols: the app took the upgrade.
+    let Some((_, client_side)) = upgrade else {
+        // The app switched protocols without being asked: nothing sane to forward.
+        return pages::status(StatusCode::BAD_GATEWAY);
+    };
+    let upstream_side = hyper::upgrade::on(&mut res);
+    let (mut parts, _) = res.into_parts();
+    let proto = parts.headers.get(header::UPGRADE).cloned();
+    let open = ctx.shared.metrics.tunnel_opened();
+    let tunnel = tunnel::run(
+        client_side,
+        upstream_side,
+        ctx.snap.config.timeouts.tunnel_idle,
+        ctx.lease.clone(),
+    );
+    tokio::spawn(async move {
+        tunnel.await;
+        drop(open);
+    });
     hop::strip(&mut parts.headers);
-    crate::http::headers::strip_banners(&mut parts.headers);
-    // Response buffering, unless the route, the content type or the app asks for streaming.
-    let stream = body::streaming(&mut parts.headers, route.buffer_responses);
-    match body::feed(
-        &ctx.shared.buffers,
-        Response::from_parts(parts, body),
-        stream,
-    )
-    .await
-    {
-        Ok(res) => res,
-        Err(e) => {
-            tracing::warn!(upstream = %group.name, error = %e, "upstream failed");
-            pages::status(StatusCode::BAD_GATEWAY)
-        }
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = proto {
+        parts.headers.insert(header::UPGRADE, p);
     }
+    crate::http::headers::strip_banners(&mut parts.headers);
+    Response::from_parts(parts, Body::Empty)
 }
 
 /// The answer to a request whose body was not buffered whole; it never reached the app. On HTTP/1.1 the
