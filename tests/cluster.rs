@@ -28,8 +28,7 @@ use tokio_rustls::TlsConnector;
 const SHARED: &str = "cluster: session tickets sealed with the cluster's key";
 const UP: &str = "cluster: Redis is up";
 const DOWN: &str = "cluster: Redis is down";
-const LOGIN: &str =
-    "[[rate_limit]]\nname = \"login\"\npaths = [\"/login\"]\nmethods = [\"POST\"]\nrate = \"5/minute\"\nburst = 5\n";
+const LOGIN: &str = "[[rate_limit]]\nname = \"login\"\npaths = [\"/login\"]\nmethods = [\"POST\"]\nrate = \"5/minute\"\nburst = 5\n";
 
 struct Cluster {
     _dir: TempDir,
@@ -105,7 +104,12 @@ fn roots(ca_pem: &str) -> Arc<rustls::RootCertStore> {
 
 /// One request on a new connection: its status, or what failed (a failed request is never a panic here,
 /// so that a test can count them).
-async fn request(client: &Client, addr: SocketAddr, method: &str, path: &str) -> Result<u16, String> {
+async fn request(
+    client: &Client,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<u16, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let tls = TlsConnector::from(Arc::new(client.config(&[b"http/1.1"])))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -120,7 +124,9 @@ async fn request(client: &Client, addr: SocketAddr, method: &str, path: &str) ->
         .uri(path)
         .header("host", "localhost")
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from_static(b"username=admin&password=guess")))
+        .body(Full::new(Bytes::from_static(
+            b"username=admin&password=guess",
+        )))
         .unwrap();
     let res = send.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(res.status().as_u16())
@@ -147,22 +153,27 @@ async fn brute_force(c: &Cluster, rounds: usize) -> (usize, Vec<String>) {
 async fn a_ticket_issued_by_node_1_resumes_on_node_2_and_3() {
     let c = Cluster::start(3, "").await;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let mut config = rustls::ClientConfig::builder_with_provider(
-            portcullis_tests::client::provider(),
-        )
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots(&c.ca_pem))
-        .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(portcullis_tests::client::provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots(&c.ca_pem))
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // TLS 1.2: the session-id cache is each node's own, so only the ticket can resume on another node.
         config.resumption = rustls::client::Resumption::in_memory_sessions(32)
             .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOrTickets);
         for (from, to) in [(0, 1), (1, 2)] {
-            let first = c.client.tls_with(c.https(from), "localhost", config.clone()).await;
+            let first = c
+                .client
+                .tls_with(c.https(from), "localhost", config.clone())
+                .await;
             // TLS 1.3 tickets arrive after the handshake: a request makes sure they were read.
             assert_eq!(get_on(first, "/").await.status(), 200);
-            let second = c.client.tls_with(c.https(to), "localhost", config.clone()).await;
+            let second = c
+                .client
+                .tls_with(c.https(to), "localhost", config.clone())
+                .await;
             assert_eq!(
                 second.get_ref().1.handshake_kind(),
                 Some(rustls::HandshakeKind::Resumed),
@@ -209,7 +220,11 @@ async fn redis_killed_under_load_fails_no_request_then_the_nodes_use_it_again() 
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                let (method, path) = if n % 2 == 0 { ("GET", "/") } else { ("POST", "/login") };
+                let (method, path) = if n % 2 == 0 {
+                    ("GET", "/")
+                } else {
+                    ("POST", "/login")
+                };
                 match request(&client, addr, method, path).await {
                     Ok(200 | 429) => ok += 1,
                     Ok(s) => failed.push(format!("{method} {path}: {s}")),
@@ -233,15 +248,26 @@ async fn redis_killed_under_load_fails_no_request_then_the_nodes_use_it_again() 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for (i, l) in load.into_iter().enumerate() {
         let (ok, failed) = l.await.unwrap();
-        assert!(failed.is_empty(), "node {i}: {ok} served, failed: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "node {i}: {ok} served, failed: {failed:?}"
+        );
         assert!(ok > 0, "node {i} served nothing");
     }
     for i in 0..3 {
         let m = c.metrics(i).await;
         assert_eq!(m.sum("portcullis_cluster_redis_up", &[]), 0.0, "node {i}");
-        assert_eq!(m.sum("portcullis_cluster_redis_down_total", &[]), 1.0, "node {i}");
+        assert_eq!(
+            m.sum("portcullis_cluster_redis_down_total", &[]),
+            1.0,
+            "node {i}"
+        );
         // Logged once, however many requests went without it.
-        let downs = c.nodes[i].lines().iter().filter(|l| l.contains(DOWN)).count();
+        let downs = c.nodes[i]
+            .lines()
+            .iter()
+            .filter(|l| l.contains(DOWN))
+            .count();
         assert_eq!(downs, 1, "node {i}");
     }
 
@@ -258,7 +284,10 @@ async fn redis_killed_under_load_fails_no_request_then_the_nodes_use_it_again() 
     }
     let (passed, failed) = brute_force(&c, 4).await;
     assert!(failed.is_empty(), "{failed:?}");
-    assert!((5..=6).contains(&passed), "{passed} of 12 passed after Redis came back");
+    assert!(
+        (5..=6).contains(&passed),
+        "{passed} of 12 passed after Redis came back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,10 @@ impl Checker<'_> {
         let tls = scheme == Some("rediss");
         match scheme {
             Some("redis" | "rediss") if url.len() > scheme.map_or(0, str::len) + 3 => {}
-            Some("unix" | "redis+unix") if url.split_once("://").is_some_and(|(_, p)| p.starts_with('/')) => {}
+            Some("unix" | "redis+unix")
+                if url
+                    .split_once("://")
+                    .is_some_and(|(_, p)| p.starts_with('/')) => {}
             _ => {
                 self.problem(
                     redis.span(),
@@ -69,7 +72,10 @@ impl Checker<'_> {
             None => defaults::CLUSTER_PREFIX.to_owned(),
             Some(p) => {
                 let text = p.get_ref();
-                if text.is_empty() || text.len() > 64 || text.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                if text.is_empty()
+                    || text.len() > 64
+                    || text.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+                {
                     self.problem(
                         p.span(),
                         "cluster.prefix",
@@ -127,7 +133,10 @@ mod tests {
             c.password_file.as_deref(),
             Some(std::path::Path::new("/etc/portcullis/redis.pass"))
         );
-        assert_eq!((c.prefix.as_str(), c.timeout), ("eu:", Duration::from_millis(50)));
+        assert_eq!(
+            (c.prefix.as_str(), c.timeout),
+            ("eu:", Duration::from_millis(50))
+        );
     }
 
     #[test]
@@ -136,10 +145,16 @@ mod tests {
         let p = problems(&text);
         let line = text.lines().count();
         assert!(p[0].contains(&format!(":{line}:9: cluster.redis")), "{p:?}");
-        assert!(problems(&format!("{EXAMPLE}\n[cluster]\nredis = \"unix://redis.sock\"\n"))[0]
-            .contains("cluster.redis"));
-        assert!(problems(&format!("{EXAMPLE}\n[cluster]\nprefix = \"x:\"\n"))[0]
-            .contains("cluster.redis: is missing"));
+        assert!(
+            problems(&format!(
+                "{EXAMPLE}\n[cluster]\nredis = \"unix://redis.sock\"\n"
+            ))[0]
+                .contains("cluster.redis")
+        );
+        assert!(
+            problems(&format!("{EXAMPLE}\n[cluster]\nprefix = \"x:\"\n"))[0]
+                .contains("cluster.redis: is missing")
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@
 
 mod acme;
 mod admin;
-mod cluster;
 mod check;
 mod cidr;
+mod cluster;
 pub mod defaults;
 mod duration;
 mod error;
@@ -37,10 +37,10 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Cluster, Config, Eab, HeaderRule,
-    Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
-    RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
-    TlsVersion, Upstream,
+    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Cluster, Config, Eab,
+    HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount,
+    Process, Rate, RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind,
+    Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 

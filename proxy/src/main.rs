@@ -195,6 +195,7 @@ fn run(
 /// 7. Serve: the signal handlers, the listeners on the runtime, `Shared`, every task, `READY=1`.
 /// 8. Wait for SIGTERM or SIGINT (SIGHUP meanwhile reloads the config), then drain within the shutdown
 ///    deadline.
+#[allow(clippy::too_many_arguments)] // each is one thing steps 3 to 6 made for step 7, used once here
 async fn serve(
     config: Config,
     tls: Arc<rustls::ServerConfig>,

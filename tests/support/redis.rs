@@ -46,7 +46,14 @@ impl RedisServer {
         let mut child = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])
             .arg(&self.socket)
-            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no"])
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--requirepass", &self.password, "--dir"])
             .arg(&self.dir)
             .stdin(Stdio::null())

@@ -104,12 +104,13 @@ impl Redis {
             let _ = rustls::crypto::CryptoProvider::install_default(Arc::unwrap_or_clone(
                 portcullis_certs::provider(),
             ));
-            let root_cert = match &c.ca_file {
-                None => None,
-                Some(p) => Some(std::fs::read(p).map_err(|e| {
-                    format!("cluster.ca_file: cannot read {}: {e}", p.display())
-                })?),
-            };
+            let root_cert =
+                match &c.ca_file {
+                    None => None,
+                    Some(p) => Some(std::fs::read(p).map_err(|e| {
+                        format!("cluster.ca_file: cannot read {}: {e}", p.display())
+                    })?),
+                };
             redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {

@@ -51,8 +51,9 @@ struct Params {
 
 impl Params {
     fn new(redis: &Redis, name: &str, kind: &str, rate: Rate, burst: u32) -> Params {
-        let interval_us =
-            u64::try_from(rate.interval().as_micros()).unwrap_or(u64::MAX).max(1);
+        let interval_us = u64::try_from(rate.interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let burst = u64::from(burst.max(1));
         Params {
             prefix: format!("{}rl:{name}:{interval_us}x{burst}:{kind}:", redis.prefix),

@@ -95,7 +95,9 @@ impl Tickets {
         };
         // Keys of the ring still young enough to open a ticket are kept (the local ones: this node's tickets).
         for (id, key) in &old.keys {
-            if keys.iter().all(|(k, _)| k != id) && (*id & LOCAL != 0 || now.saturating_sub(*id) <= 1) {
+            if keys.iter().all(|(k, _)| k != id)
+                && (*id & LOCAL != 0 || now.saturating_sub(*id) <= 1)
+            {
                 keys.push((*id, key.clone()));
             }
         }
@@ -150,7 +152,11 @@ impl rustls::server::ProducesTickets for Tickets {
         let (_, key) = ring.keys.iter().find(|(k, _)| *k == id)?;
         let mut body = sealed.to_vec();
         let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(*head), &mut body)
+            .open_in_place(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(*head),
+                &mut body,
+            )
             .ok()?;
         let n = plain.len();
         body.truncate(n);
@@ -207,7 +213,9 @@ pub async fn run(tickets: Arc<Tickets>, redis: Arc<Redis>, mut shutdown: Shutdow
             if shared_now {
                 tracing::info!("cluster: session tickets sealed with the cluster's key");
             } else {
-                tracing::warn!("cluster: session tickets sealed with this node's own key until Redis is back");
+                tracing::warn!(
+                    "cluster: session tickets sealed with this node's own key until Redis is back"
+                );
             }
             was_shared = shared_now;
         }
