@@ -338,3 +338,29 @@ async fn without_redis_the_node_serves_on_its_own_and_says_so_once() {
         .count();
     assert_eq!(warned, 1, "{}", node.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_server_is_reached_through_tls_with_the_configured_ca() {
+    let dir = TempDir::new("cluster-tls");
+    let pki = Pki::new(dir.path(), &[]);
+    let upstream = Upstream::tcp().await;
+    let redis = RedisServer::start_tls(dir.path(), &pki);
+    let text = config(
+        &pki,
+        &upstream.addr_string(),
+        &format!(
+            "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            redis.cluster_toml("")
+        ),
+    );
+    let node = Portcullis::run(&dir.write("p.toml", &text), &[]);
+    assert!(node.ready, "{}", node.output());
+    assert!(
+        node.wait_for_log(|l| l.contains(SHARED), Duration::from_secs(20))
+            .is_some(),
+        "{}",
+        node.output()
+    );
+    let m = Metrics::scrape(node.admin_addr()).await;
+    assert_eq!(m.sum("portcullis_cluster_redis_up", &[]), 1.0);
+}

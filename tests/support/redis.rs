@@ -1,6 +1,7 @@
 //! A real `redis-server` (Debian's) for the cluster tests: started on a unix socket in the test's own
 //! folder (no TCP port), with a password, no persistence, and stopped by PID (SIGKILL, as a crash would).
-//! It can start again on the same socket, empty.
+//! It can start again on the same socket, empty. [`RedisServer::start_tls`] serves TLS on a free loopback
+//! port instead, with a certificate of the test's CA.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,9 @@ pub struct RedisServer {
     pub password: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// `rediss://127.0.0.1:PORT/0` and the CA file, when it serves TLS.
+    tls: Option<(String, PathBuf)>,
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -23,6 +27,40 @@ impl RedisServer {
             password: "correct horse battery staple".into(),
             dir: dir.to_owned(),
             child: None,
+            tls: None,
+            args: Vec::new(),
+        };
+        r.restart();
+        r
+    }
+
+    /// One serving TLS only (no plain port, no socket) on a free loopback port, with `pki`'s leaf.
+    pub fn start_tls(dir: &Path, pki: &crate::Pki) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer {
+            socket: dir.join("unused.sock"),
+            password: "correct horse battery staple".into(),
+            dir: dir.to_owned(),
+            child: None,
+            tls: Some((format!("rediss://127.0.0.1:{port}/0"), pki.ca_path())),
+            args: [
+                "--bind",
+                "127.0.0.1",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &pki.cert.display().to_string(),
+                "--tls-key-file",
+                &pki.key.display().to_string(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec(),
         };
         r.restart();
         r
@@ -32,9 +70,12 @@ impl RedisServer {
     pub fn cluster_toml(&self, extra: &str) -> String {
         let pass = self.dir.join("redis.pass");
         std::fs::write(&pass, format!("{}\n", self.password)).unwrap();
+        let at = match &self.tls {
+            Some((url, ca)) => format!("redis = \"{url}\"\nca_file = \"{}\"", ca.display()),
+            None => format!("redis = \"unix://{}\"", self.socket.display()),
+        };
         format!(
-            "[cluster]\nredis = \"unix://{}\"\npassword_file = \"{}\"\n{extra}\n",
-            self.socket.display(),
+            "[cluster]\n{at}\npassword_file = \"{}\"\n{extra}\n",
             pass.display()
         )
     }
@@ -43,9 +84,14 @@ impl RedisServer {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server is running");
         let _ = std::fs::remove_file(&self.socket);
-        let mut child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&self.socket)
+        let mut command = Command::new("redis-server");
+        command.args(["--port", "0"]);
+        if self.tls.is_some() {
+            command.args(&self.args);
+        } else {
+            command.arg("--unixsocket").arg(&self.socket);
+        }
+        let mut child = command
             .args([
                 "--unixsocketperm",
                 "700",
@@ -66,7 +112,7 @@ impl RedisServer {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("ready to accept connections") {
+                if line.to_lowercase().contains("ready to accept connections") {
                     let _ = tx.send(());
                 }
             }

@@ -164,7 +164,8 @@ impl rustls::server::ProducesTickets for Tickets {
     }
 }
 
-/// Keeps the ring in step with Redis every [`REFRESH`] (at once at start). Ends when shutdown begins.
+/// Keeps the ring in step with Redis every [`REFRESH`] (at once at start, and each second while it has
+/// no shared key for now). Ends when shutdown begins.
 pub async fn run(tickets: Arc<Tickets>, redis: Arc<Redis>, mut shutdown: Shutdown) {
     let script = redis::Script::new(SCRIPT);
     let mut was_shared = false;
@@ -219,8 +220,15 @@ pub async fn run(tickets: Arc<Tickets>, redis: Arc<Redis>, mut shutdown: Shutdow
             }
             was_shared = shared_now;
         }
+        // Without this epoch's shared key, asked again as often as Redis is pinged (no cost while it is
+        // down: the call is not made), so that a node shares tickets within a second of Redis answering.
+        let next = if shared_now {
+            REFRESH
+        } else {
+            super::PING_EVERY
+        };
         tokio::select! {
-            () = tokio::time::sleep(REFRESH) => {}
+            () = tokio::time::sleep(next) => {}
             () = shutdown.begun() => return,
         }
     }
