@@ -364,3 +364,43 @@ async fn a_rediss_server_is_reached_through_tls_with_the_configured_ca() {
     let m = Metrics::scrape(node.admin_addr()).await;
     assert_eq!(m.sum("portcullis_cluster_redis_up", &[]), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_holds_no_request_past_the_timeout() {
+    let c = Cluster::start(2, LOGIN).await;
+    c.redis.pause(true);
+    let mut passed = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 0..12 {
+        let started = std::time::Instant::now();
+        let status = request(&c.client, c.https(i % 2), "POST", "/login").await;
+        slowest = slowest.max(started.elapsed());
+        match status {
+            Ok(200) => passed += 1,
+            Ok(429) => {}
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    // [cluster] timeout is 100 ms: the first counted request on each node waits that long, then the node
+    // decides alone (a generous bound, as a safety net on a loaded machine).
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    // Each node's own budget of 5.
+    assert_eq!(passed, 10);
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert!(
+            node.wait_for_log(|l| l.contains(DOWN), Duration::from_secs(5))
+                .is_some(),
+            "node {i}:\n{}",
+            node.output()
+        );
+    }
+    c.redis.pause(false);
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert!(
+            node.wait_for_nth(|l| l.contains(UP), 2, Duration::from_secs(10))
+                .is_some(),
+            "node {i} never came back:\n{}",
+            node.output()
+        );
+    }
+}

@@ -122,9 +122,22 @@ impl RedisServer {
         self.child = Some(child);
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`), by PID: a Redis that stops answering, its connections open.
+    pub fn pause(&self, stop: bool) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// SIGKILL, by PID, and reaped.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A stopped process dies of SIGKILL as well.
             let _ = c.kill();
             let _ = c.wait();
         }
