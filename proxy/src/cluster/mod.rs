@@ -23,6 +23,10 @@ use crate::shutdown::Shutdown;
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 /// The most a connection attempt may take (in the background: nothing waits on it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The least a ping (in the background too) may take before Redis counts as down: a busy machine's
+/// scheduler alone can delay an answer past a 100 ms `[cluster] timeout`. Round trips a request waits on
+/// are held to that timeout whatever this says.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What `[cluster]` gives a node: the Redis and the ticket keys shared through it.
 #[derive(Debug, Clone)]
@@ -200,7 +204,7 @@ impl Redis {
 pub async fn run(redis: Arc<Redis>, mut shutdown: Shutdown) {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(redis.timeout))
+        .set_response_timeout(Some(redis.timeout.max(PING_TIMEOUT)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
     let mut first = true;
@@ -227,7 +231,7 @@ pub async fn run(redis: Arc<Redis>, mut shutdown: Shutdown) {
             let mut c = ConnectionManager::clone(&c);
             let cmd = redis::cmd("PING");
             let ping = cmd.query_async::<String>(&mut c);
-            match tokio::time::timeout(redis.timeout.max(Duration::from_millis(500)), ping).await {
+            match tokio::time::timeout(redis.timeout.max(PING_TIMEOUT), ping).await {
                 Ok(Ok(_)) => redis.set_up(),
                 Ok(Err(e)) => redis.down(format_args!("ping: {e}")),
                 Err(_) => redis.down("ping: no answer"),
