@@ -117,9 +117,10 @@ impl RedisServer {
                 }
             }
         });
+        // Kept first, so that a server that never becomes ready is still killed on drop.
+        self.child = Some(child);
         rx.recv_timeout(Duration::from_secs(20))
             .expect("redis-server did not become ready");
-        self.child = Some(child);
     }
 
     /// SIGSTOP (`true`) or SIGCONT (`false`), by PID: a Redis that stops answering, its connections open.
