@@ -10,6 +10,12 @@ pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
 /// `[admin]` without `listen`: loopback only (the admin listener has no authentication), on a port of the
 /// 9xxx range exporters use.
 pub const ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// `[cluster] prefix`: every key in Redis starts with it, so that other users of the same Redis (or another
+/// cluster, with its own prefix) do not collide.
+pub const CLUSTER_PREFIX: &str = "portcullis:";
+/// `[cluster] timeout`: a Redis round trip on a LAN takes well under a millisecond; past this the node goes
+/// on with its local state rather than keep a request (or a handshake) waiting.
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_millis(100);
 /// TLS 1.2 and 1.3 (Mozilla "intermediate").
 pub const TLS_MIN_VERSION: TlsVersion = TlsVersion::Tls12;
 pub const HSTS: &str = "max-age=63072000; includeSubDomains";

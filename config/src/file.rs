@@ -40,6 +40,20 @@ pub struct File {
     pub acme: Option<S<Acme>>,
     /// The admin listener (`/metrics`, `/health`); absent: none.
     pub admin: Option<S<Admin>>,
+    /// Several nodes sharing state through Redis; absent: this node's state is its own.
+    pub cluster: Option<S<Cluster>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// `"redis://HOST:PORT/DB"`, `"rediss://HOST:PORT/DB"` or `"unix:///path.sock"`.
+    pub redis: Option<S<String>>,
+    pub password_file: Option<S<String>>,
+    /// The CA that signed a `rediss://` server's certificate (else the system's roots).
+    pub ca_file: Option<S<String>>,
+    pub prefix: Option<S<String>>,
+    pub timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

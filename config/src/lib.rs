@@ -11,6 +11,7 @@ mod acme;
 mod admin;
 mod check;
 mod cidr;
+mod cluster;
 pub mod defaults;
 mod duration;
 mod error;
@@ -36,10 +37,10 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Config, Eab, HeaderRule,
-    Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
-    RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
-    TlsVersion, Upstream,
+    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Cluster, Config, Eab,
+    HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount,
+    Process, Rate, RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind,
+    Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -107,6 +108,7 @@ impl Checker<'_> {
         let maintenance = self.maintenance(f.maintenance);
         let rate_limits = self.rate_limits(f.rate_limit);
         let admin = self.admin(f.admin);
+        let cluster = self.cluster(f.cluster);
         Config {
             source: self.path().to_owned(),
             sites,
@@ -125,6 +127,7 @@ impl Checker<'_> {
             rate_limits,
             acme,
             admin,
+            cluster,
             warnings: Vec::new(),
         }
     }

@@ -37,6 +37,8 @@ pub struct Config {
     pub acme: Option<Acme>,
     /// `[admin]`: the admin listener; `None` without the section (no admin listener).
     pub admin: Option<Admin>,
+    /// `[cluster]`: the Redis several nodes share; `None` without the section (this node's state is its own).
+    pub cluster: Option<Cluster>,
     /// Things that work but deserve a second look (`check` prints them; they do not fail it).
     pub warnings: Vec<Problem>,
 }
@@ -294,6 +296,21 @@ pub struct Maintenance {
     /// While this file exists, everyone outside `allow` gets the page.
     pub flag: Option<PathBuf>,
     pub allow: Vec<Cidr>,
+}
+
+/// `[cluster]`: where several nodes share their rate-limit counts and TLS ticket keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The URL as written: `redis://`, `rediss://` or `unix://` (no credentials in it).
+    pub redis: String,
+    /// The AUTH password's file (its content, trimmed of a final newline, is the password).
+    pub password_file: Option<PathBuf>,
+    /// The CA of a `rediss://` server; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Every key this cluster writes starts with it.
+    pub prefix: String,
+    /// The most one Redis round trip may take before this node does without it.
+    pub timeout: Duration,
 }
 
 /// `[admin]`: where `/metrics` and `/health` are served (plain HTTP/1.1, no authentication).

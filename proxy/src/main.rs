@@ -10,6 +10,7 @@ mod admission;
 mod body;
 mod check;
 mod cli;
+mod cluster;
 mod demo;
 mod http;
 mod listen;
@@ -115,7 +116,17 @@ fn run(
 
     // 3. Certificates, loaded and checked before anything listens, and the rustls config around them.
     let sites = sites::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
-    let tls = tls::server_config(sites.sites.clone(), config.tls.min_version)
+    //    `[cluster]`: its password and CA read now (as root); it connects once the runtime runs.
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(cluster::Node::open)
+        .transpose()
+        .map_err(|e| bad_config(&config, e))?;
+    let tickets = cluster
+        .as_ref()
+        .map(|n| n.tickets.clone() as Arc<dyn rustls::server::ProducesTickets>);
+    let tls = tls::server_config(sites.sites.clone(), config.tls.min_version, tickets)
         .map_err(|e| failed(format_args!("TLS setup failed: {e}")))?;
     //    The maintenance page, read once now (as root, like the certificates); unreadable is the config's fault.
     let maintenance_page = http::action::maintenance::load(config.maintenance.page.as_deref())
@@ -172,6 +183,7 @@ fn run(
     runtime.block_on(serve(
         config,
         tls,
+        cluster,
         sites,
         maintenance_page,
         bound,
@@ -183,9 +195,11 @@ fn run(
 /// 7. Serve: the signal handlers, the listeners on the runtime, `Shared`, every task, `READY=1`.
 /// 8. Wait for SIGTERM or SIGINT (SIGHUP meanwhile reloads the config), then drain within the shutdown
 ///    deadline.
+#[allow(clippy::too_many_arguments)] // each is one thing steps 3 to 6 made for step 7, used once here
 async fn serve(
     config: Config,
     tls: Arc<rustls::ServerConfig>,
+    cluster: Option<cluster::Node>,
     sites: sites::Prepared,
     maintenance_page: Option<bytes::Bytes>,
     bound: listen::Bound,
@@ -204,6 +218,7 @@ async fn serve(
         sites.sites.clone(),
         maintenance_page,
         listeners.https_port(),
+        cluster,
     ));
     let (trigger, shutdown) = shutdown::Trigger::new();
     if let Some(up) = demo_upstream {

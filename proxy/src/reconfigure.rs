@@ -4,7 +4,7 @@
 //! upstream groups, timeouts, limits, headers, rate limits, maintenance, the TLS versions); those in flight,
 //! tunnels included, finish on the one they took. Upstream servers named again keep their pools and health,
 //! new ones are added, the active checks are re-planned, unchanged rate limits keep their counts. What is
-//! fixed at start (listener addresses, `[admin]`, `[process]`, `[buffers]`, a changed `[acme]`, the connection caps,
+//! fixed at start (listener addresses, `[admin]`, `[cluster]`, `[process]`, `[buffers]`, a changed `[acme]`, the connection caps,
 //! the log's level and format) is not applied: each changed key is logged as needing a restart and the
 //! running value stays in the snapshot. The sites change live too (`sites.rs`): added, removed, renamed,
 //! another certificate source, `strict_sni`; an unchanged site keeps its certificate and tasks, a new
@@ -118,7 +118,11 @@ impl Reconfigure {
             // Other sites, the same ticket keys and cache.
             tls::with_sites(&old.tls, prepared.sites.clone(), config.tls.min_version)
         } else {
-            tls::server_config(prepared.sites.clone(), config.tls.min_version)
+            tls::server_config(
+                prepared.sites.clone(),
+                config.tls.min_version,
+                self.state.tickets(),
+            )
         };
         let tls = match tls {
             Ok(t) => t,
@@ -197,6 +201,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "buffers.disk" => buffers.disk;
         "buffers.max_response" => buffers.max_response;
         "admin" => admin;
+        "cluster" => cluster;
         "limits.connections" => limits.connections;
         "limits.connections_per_ip" => limits.connections_per_ip;
         "log.level" => log.level;

@@ -47,12 +47,44 @@ pub fn render(shared: &Shared) -> String {
         limits,
     );
     certificates(&mut r, &snap);
+    if let Some(node) = &shared.cluster {
+        cluster(&mut r, node);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail; an encoder error would be a bug of ours (say, a bad name).
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &r) {
         tracing::error!(error = %e, "cannot encode the metrics");
     }
     out
+}
+
+/// `[cluster]`: whether Redis is in use now, how often it went away, what was done without it.
+fn cluster(r: &mut Registry, node: &crate::cluster::Node) {
+    let (downs, fallbacks) = node.redis.counts();
+    r.register(
+        "cluster_redis_up",
+        "1 while the cluster's Redis answers (shared rate limits and ticket keys), 0 while this node uses its own",
+        gauge(i64::from(node.redis.is_up())),
+    );
+    let c = Counter::<u64>::default();
+    c.inc_by(downs);
+    r.register(
+        "cluster_redis_down",
+        "Times the cluster's Redis stopped answering (logged once each)",
+        c,
+    );
+    let c = Counter::<u64>::default();
+    c.inc_by(fallbacks);
+    r.register(
+        "cluster_fallbacks",
+        "Redis round trips not made (Redis down) or not answered within [cluster] timeout: decided locally",
+        c,
+    );
+    r.register(
+        "cluster_tickets_shared",
+        "1 while new session tickets are sealed with the cluster's key (any node resumes them), 0 with this node's own",
+        gauge(i64::from(node.tickets.shared())),
+    );
 }
 
 /// Each server once (under the first group that names it): up, in flight, failures, retries.

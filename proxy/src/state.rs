@@ -45,6 +45,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Each request's `X-Request-Id` when it brings none we keep (a counter and keys drawn at start).
     pub request_ids: RequestIds,
+    /// `[cluster]` (fixed at start): the shared Redis and the ticket keys kept through it.
+    pub cluster: Option<crate::cluster::Node>,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
     live: ArcSwap<Snapshot>,
@@ -87,12 +89,17 @@ impl Shared {
         sites: Arc<portcullis_certs::Sites>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
+        cluster: Option<crate::cluster::Node>,
     ) -> Shared {
         let l = &config.limits;
         let refusals = Arc::new(Refusals::default());
         let servers = Arc::new(Servers::new(&config));
         let admission = Arc::new(Admission::new(l.connections, l.connections_per_ip));
-        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits, refusals.clone()));
+        let rate_limits = Arc::new(RateLimits::new(
+            &config.rate_limits,
+            refusals.clone(),
+            cluster.as_ref().map(|n| n.redis.clone()),
+        ));
         let buffers = Arc::new(Buffers::new(&config));
         let metrics = Arc::new(Metrics::default());
         let lasting = Lasting {
@@ -118,9 +125,17 @@ impl Shared {
             metrics,
             draining: AtomicBool::new(false),
             request_ids: RequestIds::default(),
+            cluster,
             https_port,
             live: ArcSwap::from_pointee(snapshot),
         }
+    }
+
+    /// The cluster's ticketer, for a TLS config built anew (`None`: each config makes its own keys).
+    pub fn tickets(&self) -> Option<Arc<dyn rustls::server::ProducesTickets>> {
+        self.cluster
+            .as_ref()
+            .map(|n| n.tickets.clone() as Arc<dyn rustls::server::ProducesTickets>)
     }
 
     /// The snapshot in force now; keep it for the whole connection or request.

@@ -3,7 +3,7 @@
 //! control tasks: each site's (OCSP stapling, and ACME for an
 //! `acme = true` site; started and ended with the site, see `sites.rs`), the certificate reloader (file
 //! changes), the config reload (SIGHUP, which also re-reads the certificates, changes the sites and
-//! re-plans the upstream health checks), the rate-limit purge, the upstream pools' sweep and the systemd
+//! re-plans the upstream health checks), the rate-limit purge, `[cluster]`'s Redis connection and ticket keys, the upstream pools' sweep and the systemd
 //! watchdog.
 //! `main` awaits the accept loops when shutdown begins (after them no listener is open); the others end on
 //! their own then.
@@ -60,6 +60,11 @@ pub fn spawn(
     signals: &Signals,
     shutdown: Shutdown,
 ) -> Vec<JoinHandle<()>> {
+    // `[cluster]`: the Redis connection (pinged each second) and the shared ticket keys, before the first
+    // connection is accepted (neither is waited for: until Redis answers, the node's own state serves).
+    if let Some(node) = &state.cluster {
+        node.start(&shutdown);
+    }
     let accepting = accept(state, listeners, &shutdown);
     // Per site: OCSP stapling for a certificate that names a responder, the file watch for one from files,
     // and for an `acme = true` site its order and renewal task. A config reload starts these for the sites

@@ -10,9 +10,11 @@ use portcullis_config::TlsVersion;
 use rustls::server::ServerSessionMemoryCache;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
+/// `tickets`: the cluster's ticketer (`[cluster]`), else ticket keys of this process's own.
 pub fn server_config(
     certs: Arc<dyn rustls::server::ResolvesServerCert>,
     min: TlsVersion,
+    tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions: &[&SupportedProtocolVersion] = match min {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -23,7 +25,10 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(certs);
     c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    c.ticketer = match tickets {
+        Some(t) => t,
+        None => rustls::crypto::aws_lc_rs::Ticketer::new()?,
+    };
     c.session_storage = ServerSessionMemoryCache::new(16 * 1024);
     Ok(Arc::new(c))
 }
@@ -36,7 +41,7 @@ pub fn with_sites(
     certs: Arc<dyn rustls::server::ResolvesServerCert>,
     min: TlsVersion,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut c = Arc::unwrap_or_clone(server_config(certs, min)?);
+    let mut c = Arc::unwrap_or_clone(server_config(certs, min, None)?);
     c.ticketer = previous.ticketer.clone();
     c.session_storage = previous.session_storage.clone();
     Ok(Arc::new(c))

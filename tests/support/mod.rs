@@ -12,6 +12,7 @@ pub mod gunicorn;
 pub mod h2raw;
 pub mod instances;
 pub mod load;
+pub mod redis;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

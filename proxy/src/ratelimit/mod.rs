@@ -4,10 +4,12 @@
 //! - `policy`: which requests a limit counts (method, path, exemptions), the key a client is counted
 //!   under, and the refusal (its log line, `Retry-After`);
 //! - `account`: the bounded body read and the account names found in a form or JSON body;
-//! - `store`: the keyed GCRA state behind [`Store`], today governor's in this process (`Memory`), with its
-//!   memory bound (a timer purge plus a key cap).
+//! - `store`: the keyed GCRA state behind [`Store`]: governor's in this process (`Memory`), with its
+//!   memory bound (a timer purge plus a key cap); with `[cluster]`, each limit is counted in Redis
+//!   (`cluster::Clustered`, which falls back to a `Memory` of its own); [`Counts`] is either.
 
 mod account;
+mod cluster;
 mod policy;
 mod store;
 
@@ -23,29 +25,88 @@ use portcullis_config::RateLimit;
 
 pub use self::policy::{Limit, Refused};
 pub use self::store::{Memory, Store};
+use crate::cluster::Redis;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{Refusals, refused};
+use cluster::{Clustered, GCRA};
 
 /// How often keys whose state is indistinguishable from a fresh one are dropped.
 pub const PURGE_EVERY: Duration = Duration::from_secs(10);
 
-/// Every configured limit of one config, over one kind of store (today's: [`Memory`]). A reload builds the
-/// next with [`RateLimits::renew`], which keeps each limit whose settings did not change, counts and all.
-pub struct RateLimits<S = Memory> {
+/// Every configured limit of one config, over one kind of store ([`Counts`]: this process's memory, or the
+/// cluster's Redis). A reload builds the next with [`RateLimits::renew`], which keeps each limit whose
+/// settings did not change, counts and all.
+pub struct RateLimits<S = Counts> {
     limits: Vec<Arc<Limit<S>>>,
     /// The log's budget for `rate limited` lines (one per refused request otherwise).
     refusals: Arc<Refusals>,
+    /// `[cluster]`: new limits are counted in its Redis.
+    cluster: Option<(Arc<Redis>, Arc<redis::Script>)>,
+}
+
+/// Where one limit counts: this process's memory, or the cluster's Redis (with a memory of its own for
+/// when Redis does not answer).
+pub enum Counts {
+    Local(Memory),
+    Cluster(Clustered),
+}
+
+impl Store for Counts {
+    async fn count_client(&self, client: u128) -> Result<(), Duration> {
+        match self {
+            Counts::Local(m) => m.count_client(client).await,
+            Counts::Cluster(c) => c.count_client(client).await,
+        }
+    }
+
+    async fn count_account(&self, name: &str) -> Result<(), Duration> {
+        match self {
+            Counts::Local(m) => m.count_account(name).await,
+            Counts::Cluster(c) => c.count_account(name).await,
+        }
+    }
+
+    fn purge(&self) {
+        match self {
+            Counts::Local(m) => m.purge(),
+            Counts::Cluster(c) => c.purge(),
+        }
+    }
+
+    fn keys(&self) -> (usize, usize) {
+        match self {
+            Counts::Local(m) => m.keys(),
+            Counts::Cluster(c) => c.keys(),
+        }
+    }
 }
 
 impl RateLimits {
-    /// The limits, counted in this process's memory.
-    pub fn new(config: &[RateLimit], refusals: Arc<Refusals>) -> RateLimits {
-        RateLimits::with_store(config, refusals, Memory::new)
+    /// The limits, counted in this process's memory, or with `cluster` in its Redis.
+    pub fn new(
+        config: &[RateLimit],
+        refusals: Arc<Refusals>,
+        cluster: Option<Arc<Redis>>,
+    ) -> RateLimits {
+        let cluster = cluster.map(|r| (r, Arc::new(redis::Script::new(GCRA))));
+        let mut limits = RateLimits::with_store(config, refusals, |c| counts(c, cluster.as_ref()));
+        limits.cluster = cluster;
+        limits
     }
 
-    /// The limits of a new config, counted in memory: see [`RateLimits::renew_with`].
+    /// The limits of a new config, counted where these are: see [`RateLimits::renew_with`].
     pub fn renew(&self, config: &[RateLimit]) -> (RateLimits, Renewed) {
-        self.renew_with(config, Memory::new)
+        let cluster = self.cluster.clone();
+        let (mut next, renewed) = self.renew_with(config, |c| counts(c, cluster.as_ref()));
+        next.cluster = cluster;
+        (next, renewed)
+    }
+}
+
+fn counts(c: &RateLimit, cluster: Option<&(Arc<Redis>, Arc<redis::Script>)>) -> Counts {
+    match cluster {
+        None => Counts::Local(Memory::new(c)),
+        Some((redis, script)) => Counts::Cluster(Clustered::new(c, redis.clone(), script.clone())),
     }
 }
 
@@ -71,6 +132,7 @@ impl<S: Store> RateLimits<S> {
                 .map(|c| Arc::new(Limit::new(c, store(c))))
                 .collect(),
             refusals,
+            cluster: None,
         }
     }
 
@@ -99,6 +161,7 @@ impl<S: Store> RateLimits<S> {
         let next = RateLimits {
             limits,
             refusals: self.refusals.clone(),
+            cluster: None,
         };
         (next, renewed)
     }
@@ -226,6 +289,7 @@ mod tests {
                 max_keys: 1000,
             }],
             Arc::default(),
+            None,
         );
         assert!(limits.applies(&Method::POST, "/login"));
         assert!(!limits.applies(&Method::GET, "/login"));
@@ -250,7 +314,7 @@ mod tests {
             ipv6_prefix: 64,
             max_keys: 1000,
         };
-        let first = RateLimits::new(&[limit("a", 1), limit("b", 1)], Arc::default());
+        let first = RateLimits::new(&[limit("a", 1), limit("b", 1)], Arc::default(), None);
         let key = 7u128;
         for l in &first.limits {
             assert!(l.store.count_client(key).await.is_ok());
@@ -281,6 +345,7 @@ mod tests {
         let limits = RateLimits::new(
             &crate::demo::config(any, any).unwrap().rate_limits,
             Arc::default(),
+            None,
         );
         let n = 10_000_000u32;
         let t = Instant::now();
