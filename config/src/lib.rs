@@ -36,7 +36,8 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Config, Eab, HeaderRule,
+    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, ClientAuth, ClientAuthMode,
+    Config, CrlExpired, Eab, HeaderRule,
     Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
     RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
     TlsVersion, Upstream,
@@ -80,7 +81,7 @@ impl Checker<'_> {
         let upstreams = self.upstreams(&f.upstream);
         let limits = self.limits(f.limits);
         let routes = if top_level {
-            self.routes("route", f.route, &f.upstream, limits.body)
+            self.routes("route", f.route, &f.upstream, limits.body, false)
         } else {
             Vec::new()
         };
@@ -90,6 +91,7 @@ impl Checker<'_> {
                 names,
                 tls: default_source,
                 routes,
+                client_auth: None,
             });
         }
         for (i, s) in f.site.into_iter().enumerate() {
