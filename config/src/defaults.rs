@@ -66,6 +66,8 @@ pub const CRL_EXPIRED: crate::model::CrlExpired = crate::model::CrlExpired::Warn
 pub const FORWARD_CERT: bool = false;
 /// A route asks for no client certificate unless it says so (or its site's mode is `required`).
 pub const REQUIRE_CLIENT_CERT: bool = false;
+/// A rate limit counts clients by address unless it says `key = "client_cert"`.
+pub const RATE_LIMIT_KEY: crate::model::RateKey = crate::model::RateKey::ClientAddr;
 /// No compression unless a route asks for it: a compressed response's length leaks what it holds when
 /// it reflects the client's input next to a secret (BREACH); only the route's owner knows whether it does.
 pub const COMPRESS: bool = false;

@@ -283,6 +283,8 @@ pub struct RateLimit {
     pub exempt: Option<Vec<S<String>>>,
     pub ipv6_prefix: Option<S<u64>>,
     pub max_keys: Option<S<u64>>,
+    /// "client_addr" or "client_cert": what a client is counted by.
+    pub key: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

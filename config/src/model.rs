@@ -418,6 +418,17 @@ pub struct RateLimit {
     pub ipv6_prefix: u8,
     /// Most client keys (and, separately, account keys) remembered; past it the nearest-to-fresh go first.
     pub max_keys: u64,
+    /// What a client is counted by.
+    pub key: RateKey,
+}
+
+/// What a rate limit counts a client by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    /// Its address (after `trusted_proxies`), IPv6 cut to `ipv6_prefix`.
+    ClientAddr,
+    /// Its verified client certificate (mutual TLS, by SHA-256 fingerprint); its address without one.
+    ClientCert,
 }
 
 /// A path pattern: exact, or a prefix (written with a trailing `*`).

@@ -139,7 +139,11 @@ impl Checker<'_> {
             );
         }
         if c.ca.get_ref().is_empty() {
-            self.problem(c.ca.span(), format!("{key}.ca"), "is empty: give the CA bundle's path");
+            self.problem(
+                c.ca.span(),
+                format!("{key}.ca"),
+                "is empty: give the CA bundle's path",
+            );
         }
         ClientAuth {
             ca: self.resolve(c.ca.get_ref()),
@@ -382,7 +386,10 @@ mod tests {
         .unwrap();
         let a = c.sites[1].client_auth.as_ref().unwrap();
         assert_eq!(a.ca, std::path::Path::new("/etc/portcullis/ca.pem"));
-        assert_eq!(a.crl.as_deref(), Some(std::path::Path::new("/etc/portcullis/crl/")));
+        assert_eq!(
+            a.crl.as_deref(),
+            Some(std::path::Path::new("/etc/portcullis/crl/"))
+        );
         assert_eq!(a.mode, ClientAuthMode::Required);
         assert_eq!(a.crl_expired, CrlExpired::Refuse);
         assert!(a.forward_cert);
@@ -391,18 +398,34 @@ mod tests {
 
         let d = parse(&site("client_auth = { ca = \"ca.pem\" }", "")).unwrap();
         let a = d.sites[1].client_auth.as_ref().unwrap();
-        assert_eq!((a.mode, a.crl_expired, a.forward_cert, a.crl.as_ref()), (ClientAuthMode::Optional, CrlExpired::Warn, false, None));
+        assert_eq!(
+            (a.mode, a.crl_expired, a.forward_cert, a.crl.as_ref()),
+            (ClientAuthMode::Optional, CrlExpired::Warn, false, None)
+        );
         assert!(!d.sites[1].routes[0].require_client_cert);
 
         let p = problems(&site("", "require_client_cert = true"));
         assert!(
             p.iter().any(|l| l.contains(":26:25:")
-                && l.contains("site[0].route[0].require_client_cert: the site has no `client_auth`")),
+                && l.contains(
+                    "site[0].route[0].require_client_cert: the site has no `client_auth`"
+                )),
             "{p:?}"
         );
-        let p = problems(&site("client_auth = { ca = \"ca.pem\", mode = \"sometimes\", crl_expired = \"ignore\" }", ""));
-        assert!(p.iter().any(|l| l.contains("site[0].client_auth.mode: \"sometimes\"")), "{p:?}");
-        assert!(p.iter().any(|l| l.contains("site[0].client_auth.crl_expired: \"ignore\"")), "{p:?}");
+        let p = problems(&site(
+            "client_auth = { ca = \"ca.pem\", mode = \"sometimes\", crl_expired = \"ignore\" }",
+            "",
+        ));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site[0].client_auth.mode: \"sometimes\"")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site[0].client_auth.crl_expired: \"ignore\"")),
+            "{p:?}"
+        );
         let p = problems(&site("client_auth = { mode = \"required\" }", ""));
         assert!(p.iter().any(|l| l.contains("ca")), "{p:?}");
     }

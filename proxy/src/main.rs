@@ -10,6 +10,7 @@ mod admission;
 mod body;
 mod check;
 mod cli;
+mod client_auth;
 mod demo;
 mod http;
 mod listen;
@@ -117,6 +118,9 @@ fn run(
     let sites = sites::load(&config).map_err(|e| bad_config(&config, format_args!("tls: {e}")))?;
     let tls = tls::server_config(sites.sites.clone(), config.tls.min_version)
         .map_err(|e| failed(format_args!("TLS setup failed: {e}")))?;
+    //    Client certificates (mutual TLS): each `client_auth` site's CA and CRLs, and its own config.
+    let client_auth = client_auth::ClientAuths::load(&config, &sites.sites)
+        .map_err(|e| bad_config(&config, e))?;
     //    The maintenance page, read once now (as root, like the certificates); unreadable is the config's fault.
     let maintenance_page = http::action::maintenance::load(config.maintenance.page.as_deref())
         .map_err(|e| bad_config(&config, e))?;
@@ -171,7 +175,7 @@ fn run(
     // 7. and 8.
     runtime.block_on(serve(
         config,
-        tls,
+        (tls, client_auth),
         sites,
         maintenance_page,
         bound,
@@ -185,7 +189,7 @@ fn run(
 ///    deadline.
 async fn serve(
     config: Config,
-    tls: Arc<rustls::ServerConfig>,
+    (tls, client_auth): (Arc<rustls::ServerConfig>, client_auth::ClientAuths),
     sites: sites::Prepared,
     maintenance_page: Option<bytes::Bytes>,
     bound: listen::Bound,
@@ -202,6 +206,7 @@ async fn serve(
         config,
         tls,
         sites.sites.clone(),
+        Arc::new(client_auth),
         maintenance_page,
         listeners.https_port(),
     ));

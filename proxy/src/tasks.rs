@@ -76,6 +76,7 @@ pub fn spawn(
     );
     // Certificates: file changes reload them.
     tokio::spawn(reload::run(reloader, shutdown.clone()));
+    tokio::spawn(crate::client_auth::run(state.clone(), shutdown.clone()));
     // Active health checks: one task per server of an upstream with `health` (each server once); the config
     // reload re-plans them.
     let snapshot = state.snapshot();

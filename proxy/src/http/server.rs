@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::admission::Ticket;
+use crate::http::client_cert::ClientCert;
 use crate::http::ctx::Lease;
 use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::h2;
@@ -197,10 +198,13 @@ async fn https(
         // The name this connection's SNI gives (requests on it must be for its site). The certificate
         // comes from the sites of `snap.tls`, this connection's snapshot.
         let sni = start.client_hello().server_name().map(Box::<str>::from);
-        start
-            .into_stream(snap.tls.clone())
-            .await
-            .map(|tls| Some((tls, sni)))
+        // A `client_auth` site has a config of its own (its verifier, no resumption), picked by the site
+        // the SNI names, as the certificate is.
+        let config = snap
+            .client_auth
+            .tls_for(snap.sites.site_for_sni(sni.as_deref()))
+            .unwrap_or_else(|| snap.tls.clone());
+        start.into_stream(config).await.map(|tls| Some((tls, sni)))
     }))
     .await;
     let (tls, sni) = match tls {
@@ -218,6 +222,12 @@ async fn https(
         }
     };
     shared.metrics.handshake_done();
+    let mut lease = lease;
+    if let crate::client_auth::Verified::Success(id) =
+        crate::client_auth::Verified::of(tls.get_ref().1)
+    {
+        lease.client_cert = Some(Arc::new(ClientCert::of(id)));
+    }
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
     let conn = Conn::new(lease, sni);

@@ -114,6 +114,7 @@ impl<S: Store> RateLimits<S> {
     pub async fn check(
         &self,
         client: IpAddr,
+        cert_key: Option<u128>,
         req: &mut Request<Incoming>,
         max_body: u64,
         body_timeout: Duration,
@@ -126,7 +127,11 @@ impl<S: Store> RateLimits<S> {
             .filter(|l| l.matches(req.method(), req.uri().path()) && !l.exempts(client))
             .collect();
         for limit in &matching {
-            if let Err(wait) = limit.store.count_client(limit.client_key(client)).await {
+            if let Err(wait) = limit
+                .store
+                .count_client(limit.client_key(client, cert_key))
+                .await
+            {
                 return Err(limit.refuse(client, None, wait, &self.refusals));
             }
         }
@@ -223,6 +228,7 @@ mod tests {
                 per_account: None,
                 exempt: vec![],
                 ipv6_prefix: 64,
+                key: portcullis_config::RateKey::ClientAddr,
                 max_keys: 1000,
             }],
             Arc::default(),
@@ -248,6 +254,7 @@ mod tests {
             per_account: None,
             exempt: vec![],
             ipv6_prefix: 64,
+            key: portcullis_config::RateKey::ClientAddr,
             max_keys: 1000,
         };
         let first = RateLimits::new(&[limit("a", 1), limit("b", 1)], Arc::default());
