@@ -71,6 +71,7 @@ impl Ca {
         Leaf {
             chain: vec![cert.der().clone()],
             key: key.serialize_der(),
+            pem: (cert.pem(), key.serialize_pem()),
         }
     }
 
@@ -114,6 +115,8 @@ fn ca_params(cn: &str) -> CertificateParams {
 struct Leaf {
     chain: Vec<CertificateDer<'static>>,
     key: Vec<u8>,
+    /// The certificate and key as PEM, for curl.
+    pem: (String, String),
 }
 
 /// The proxy with four sites on one listener: `localhost` (the default, no client_auth), `mtls.test`
@@ -611,4 +614,52 @@ async fn check_shows_each_sites_client_cas_and_crls() {
         stdout.contains("EXPIRED (every client certificate refused)"),
         "{stdout}"
     );
+}
+
+/// An OpenSSL client (curl, HTTP/1.1 and HTTP/2) with its certificate: served, and the app sees it.
+#[tokio::test]
+async fn curl_with_a_client_certificate_is_served_over_h1_and_h2() {
+    let t = Mtls::start().await;
+    let alice = t.root.client("alice", 1001, (2099, 1, 1));
+    let dir = t.config.parent().unwrap();
+    std::fs::write(dir.join("alice.pem"), &alice.pem.0).unwrap();
+    std::fs::write(dir.join("alice.key"), &alice.pem.1).unwrap();
+    let port = t.addr().port();
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        // The upstream runs on this test's runtime: curl waits on another thread.
+        let mut curl = std::process::Command::new("curl");
+        curl.args([
+            "-sS",
+            "--max-time",
+            "10",
+            flag,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
+        .arg("--cacert")
+        .arg(t.pki.ca_path())
+        .arg("--cert")
+        .arg(dir.join("alice.pem"))
+        .arg("--key")
+        .arg(dir.join("alice.key"))
+        .args(["--resolve", &format!("mtls.test:{port}:127.0.0.1")])
+        .arg(format!("https://mtls.test:{port}/admin/"));
+        let out = tokio::task::spawn_blocking(move || curl.output())
+            .await
+            .unwrap()
+            .expect("curl is needed (Debian package curl)");
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got,
+            format!("200 {version}"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            header(&t.upstream.last(), "x-client-cert-subject"),
+            Some("CN=alice")
+        );
+    }
 }
