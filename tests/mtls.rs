@@ -663,3 +663,93 @@ async fn curl_with_a_client_certificate_is_served_over_h1_and_h2() {
         );
     }
 }
+
+/// A certificate that one site's CA verified speaks for that site only: a client without SNI (served as
+/// the default site, whose CA accepted it) that names another `client_auth` site in its Host gets no
+/// certificate there.
+#[tokio::test]
+async fn a_certificate_verified_for_one_site_does_not_speak_for_another_without_sni() {
+    let dir = TempDir::new("mtls-nosni");
+    let pki = Pki::new(dir.path(), &["mtls.test", "other.test"]);
+    let staff = Ca::root("Staff Root CA");
+    let partners = Ca::root("Partner CA");
+    std::fs::write(dir.path().join("staff.pem"), &staff.pem).unwrap();
+    std::fs::write(dir.path().join("partners.pem"), &partners.pem).unwrap();
+    let upstream = Upstream::tcp().await;
+    let (cert, key) = (pki.cert.display(), pki.key.display());
+    let text = format!(
+        r#"[listen]
+https = ["127.0.0.1:0"]
+http = []
+
+[[site]]
+names = ["mtls.test"]
+tls = {{ cert = "{cert}", key = "{key}" }}
+client_auth = {{ ca = "staff.pem" }}
+  [[site.route]]
+  path = "/"
+  upstream = "app"
+  require_client_cert = true
+
+[[site]]
+names = ["other.test"]
+tls = {{ cert = "{cert}", key = "{key}" }}
+client_auth = {{ ca = "partners.pem" }}
+  [[site.route]]
+  path = "/"
+  upstream = "app"
+  require_client_cert = true
+
+[upstream.app]
+servers = ["{}"]
+
+[process]
+temp_dir = "{}"
+"#,
+        upstream.addr_string(),
+        dir.path().join("buffers").display()
+    );
+    let path = dir.write("portcullis.toml", &text);
+    let proxy = Portcullis::run(&path, &[]);
+    assert!(proxy.ready, "{}", proxy.output());
+    let alice = staff.client("alice", 1, (2099, 1, 1));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::pem::PemObject::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut c = rustls::ClientConfig::builder_with_provider(portcullis_tests::client::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            alice.chain.clone(),
+            PrivateKeyDer::try_from(alice.key.clone()).unwrap(),
+        )
+        .unwrap();
+    c.enable_sni = false;
+    for h2 in [false, true] {
+        c.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let c = Arc::new(c.clone());
+        // The server name only checks the server's certificate here: no SNI is sent.
+        let (res, _) = get(proxy.https_addr(), &c, "mtls.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "h2 {h2}");
+        assert_eq!(
+            header(&upstream.last(), "x-client-cert-subject"),
+            Some("CN=alice")
+        );
+        let (res, _) = get(proxy.https_addr(), &c, "other.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status(),
+            403,
+            "h2 {h2}: a staff certificate spoke for the partner site"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use portcullis_certs::client_auth::Identity;
+use portcullis_config::{ClientAuth, Site};
 
 pub const X_CLIENT_CERT_VERIFIED: HeaderName = HeaderName::from_static("x-client-cert-verified");
 pub const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
@@ -45,11 +46,14 @@ pub struct ClientCert {
     fingerprint: HeaderValue,
     pem: HeaderValue,
     not_after: SystemTime,
+    /// The site whose `client_auth` verified it (its names and settings, in the handshake's snapshot).
+    verified_by: (Vec<String>, ClientAuth),
 }
 
 impl ClientCert {
-    pub fn of(id: Identity) -> ClientCert {
+    pub fn of(id: Identity, site: &Site, auth: &ClientAuth) -> ClientCert {
         ClientCert {
+            verified_by: (site.names.clone(), auth.clone()),
             subject: value(&id.subject),
             issuer: value(&id.issuer),
             serial: value(&id.serial),
@@ -59,6 +63,13 @@ impl ClientCert {
             rate_key: id.key,
             subject_text: id.subject,
         }
+    }
+
+    /// Whether this certificate speaks for a request to `site`: the site that verified it at the
+    /// handshake, with the same `client_auth`. A request may name another site than its handshake (no SNI,
+    /// or a config reload since), and a certificate one site's CA accepted means nothing to another's.
+    pub fn speaks_for(&self, site: &Site) -> bool {
+        site.names == self.verified_by.0 && site.client_auth.as_ref() == Some(&self.verified_by.1)
     }
 
     /// Whether the certificate still holds now (it was verified at the handshake; a long connection may

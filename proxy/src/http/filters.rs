@@ -4,6 +4,8 @@
 //! First of all, a client certificate where the route (`require_client_cert`) or its site's `mode =
 //! "required"` asks for one (403).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -11,6 +13,7 @@ use hyper::body::Incoming;
 use portcullis_config::{ClientAuthMode, Route, Site};
 
 use crate::body::Body;
+use crate::http::client_cert::ClientCert;
 use crate::http::ctx::Ctx;
 use crate::http::pages;
 
@@ -22,6 +25,8 @@ pub struct Admitted {
     pub buffered: Option<Bytes>,
     /// The site has `client_auth` (with its `forward_cert`): the app is told about the client certificate.
     pub client_auth: Option<bool>,
+    /// The connection's client certificate, when it speaks for this request's site.
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// Runs the request filters in order; `Err` is the answer for a request they stop.
@@ -33,11 +38,15 @@ pub async fn request(
 ) -> Result<Admitted, Response<Body>> {
     let h1 = req.version() != Version::HTTP_2;
     // A client certificate, where the route or the site's mode requires one: 403 without a valid one.
+    let client_cert = ctx
+        .lease
+        .client_cert
+        .as_ref()
+        .filter(|c| c.speaks_for(site))
+        .cloned();
     if let Some(auth) = &site.client_auth {
         let required = route.require_client_cert || auth.mode == ClientAuthMode::Required;
-        let valid = ctx
-            .lease
-            .client_cert
+        let valid = client_cert
             .as_ref()
             .is_some_and(|c| c.valid(std::time::SystemTime::now()));
         if required && !valid {
@@ -60,7 +69,7 @@ pub async fn request(
         buffered = limits
             .check(
                 ctx.client,
-                ctx.lease.client_cert.as_ref().map(|c| c.rate_key),
+                client_cert.as_ref().map(|c| c.rate_key),
                 req,
                 route.max_body,
                 body_timeout,
@@ -72,6 +81,7 @@ pub async fn request(
         declared,
         buffered,
         client_auth: site.client_auth.as_ref().map(|a| a.forward_cert),
+        client_cert,
     })
 }
 

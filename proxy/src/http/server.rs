@@ -200,14 +200,18 @@ async fn https(
         let sni = start.client_hello().server_name().map(Box::<str>::from);
         // A `client_auth` site has a config of its own (its verifier, no resumption), picked by the site
         // the SNI names, as the certificate is.
+        let site = snap.sites.site_for_sni(sni.as_deref());
         let config = snap
             .client_auth
-            .tls_for(snap.sites.site_for_sni(sni.as_deref()))
+            .tls_for(site)
             .unwrap_or_else(|| snap.tls.clone());
-        start.into_stream(config).await.map(|tls| Some((tls, sni)))
+        start
+            .into_stream(config)
+            .await
+            .map(|tls| Some((tls, sni, site)))
     }))
     .await;
-    let (tls, sni) = match tls {
+    let (tls, sni, site) = match tls {
         Ok(Ok(Some(pair))) => pair,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -223,10 +227,12 @@ async fn https(
     };
     shared.metrics.handshake_done();
     let mut lease = lease;
-    if let crate::client_auth::Verified::Success(id) =
-        crate::client_auth::Verified::of(tls.get_ref().1)
+    let auth_site = site.and_then(|i| snap.config.sites.get(i));
+    if let Some((site, auth)) = auth_site.and_then(|s| Some((s, s.client_auth.as_ref()?)))
+        && let crate::client_auth::Verified::Success(id) =
+            crate::client_auth::Verified::of(tls.get_ref().1)
     {
-        lease.client_cert = Some(Arc::new(ClientCert::of(id)));
+        lease.client_cert = Some(Arc::new(ClientCert::of(id, site, auth)));
     }
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
