@@ -224,37 +224,45 @@ client_auth = {{ ca = "{ca}", crl = "{stale}", crl_expired = "refuse" }}
         extra: &[CertificateDer<'static>],
         h2: bool,
     ) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(
-                rustls::pki_types::pem::PemObject::from_pem_slice(self.pki.ca_pem.as_bytes())
-                    .unwrap(),
-            )
-            .unwrap();
-        let b = rustls::ClientConfig::builder_with_provider(portcullis_tests::client::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let mut c = match leaf {
-            Some(l) => {
-                let mut chain = l.chain.clone();
-                chain.extend_from_slice(extra);
-                b.with_client_auth_cert(chain, PrivateKeyDer::try_from(l.key.clone()).unwrap())
-                    .unwrap()
-            }
-            None => b.with_no_client_auth(),
-        };
-        c.alpn_protocols = vec![if h2 {
-            b"h2".to_vec()
-        } else {
-            b"http/1.1".to_vec()
-        }];
-        Arc::new(c)
+        Arc::new(client_config(&self.pki, leaf, extra, h2))
     }
 
     fn addr(&self) -> SocketAddr {
         self.proxy.https_addr()
     }
+}
+
+/// A client config trusting `pki`'s CA, sending `leaf` (and `extra` intermediates) if given, offering
+/// `h2` or `http/1.1`.
+fn client_config(
+    pki: &Pki,
+    leaf: Option<&Leaf>,
+    extra: &[CertificateDer<'static>],
+    h2: bool,
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::pem::PemObject::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(portcullis_tests::client::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut c = match leaf {
+        Some(l) => {
+            let mut chain = l.chain.clone();
+            chain.extend_from_slice(extra);
+            b.with_client_auth_cert(chain, PrivateKeyDer::try_from(l.key.clone()).unwrap())
+                .unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    c.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    c
 }
 
 /// GET `path` from `host` (SNI and Host) on a new connection made with `config`; `Err` when the
@@ -303,6 +311,21 @@ async fn get(
             .map_err(|e| format!("request: {e}"))?
     };
     Ok((collect(res).await, resumed))
+}
+
+/// The status of [`get`], which must succeed.
+async fn status(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::StatusCode {
+    get(addr, config, host, path, headers)
+        .await
+        .unwrap()
+        .0
+        .status()
 }
 
 fn header<'a>(r: &'a portcullis_tests::upstream::Recorded, name: &str) -> Option<&'a str> {
@@ -357,14 +380,7 @@ async fn a_valid_client_certificate_reaches_the_app_with_its_identity() {
     );
     // Mode required: the same certificate is served there.
     let c = t.client(Some(&alice), &[], false);
-    assert_eq!(
-        get(t.addr(), &c, "required.test", "/", &[])
-            .await
-            .unwrap()
-            .0
-            .status(),
-        200
-    );
+    assert_eq!(status(t.addr(), &c, "required.test", "/", &[]).await, 200);
 }
 
 #[tokio::test]
@@ -503,14 +519,7 @@ async fn a_certificate_revoked_by_a_new_crl_is_refused_at_the_next_handshake_eve
     );
     let erin = t.root.client("erin", 1005, (2099, 1, 1));
     let c = t.client(Some(&erin), &[], true);
-    assert_eq!(
-        get(t.addr(), &c, "mtls.test", "/admin/", &[])
-            .await
-            .unwrap()
-            .0
-            .status(),
-        200
-    );
+    assert_eq!(status(t.addr(), &c, "mtls.test", "/admin/", &[]).await, 200);
 
     // A broken CRL file: refused whole, the last good set (with both revocations) goes on.
     std::fs::write(
@@ -530,14 +539,7 @@ async fn a_certificate_revoked_by_a_new_crl_is_refused_at_the_next_handshake_eve
     );
     assert!(refused(&carol, vec![], false).await);
     assert!(refused(&dave, vec![t.inter.der.clone()], true).await);
-    assert_eq!(
-        get(t.addr(), &c, "mtls.test", "/", &[])
-            .await
-            .unwrap()
-            .0
-            .status(),
-        200
-    );
+    assert_eq!(status(t.addr(), &c, "mtls.test", "/", &[]).await, 200);
 }
 
 #[tokio::test]
@@ -551,14 +553,7 @@ async fn an_expired_crl_is_logged_and_with_refuse_refuses_every_certificate() {
     let alice = t.root.client("alice", 1001, (2099, 1, 1));
     let c = t.client(Some(&alice), &[], false);
     assert!(get(t.addr(), &c, "strict.test", "/", &[]).await.is_err());
-    assert_eq!(
-        get(t.addr(), &c, "mtls.test", "/", &[])
-            .await
-            .unwrap()
-            .0
-            .status(),
-        200
-    );
+    assert_eq!(status(t.addr(), &c, "mtls.test", "/", &[]).await, 200);
 }
 
 #[tokio::test]
@@ -573,25 +568,19 @@ async fn a_client_cert_rate_limit_counts_each_certificate_on_its_own() {
         false,
     );
     let bob = t.client(Some(&t.root.client("bob", 1007, (2099, 1, 1))), &[], true);
-    let status = |c: Arc<rustls::ClientConfig>| {
+    let login = |c: Arc<rustls::ClientConfig>| {
         let addr = t.addr();
-        async move {
-            get(addr, &c, "mtls.test", "/login", &[])
-                .await
-                .unwrap()
-                .0
-                .status()
-        }
+        async move { status(addr, &c, "mtls.test", "/login", &[]).await }
     };
-    assert_eq!(status(alice.clone()).await, 200);
-    assert_eq!(status(alice.clone()).await, 429);
+    assert_eq!(login(alice.clone()).await, 200);
+    assert_eq!(login(alice.clone()).await, 429);
     // Same address, another certificate: counted on its own.
-    assert_eq!(status(bob.clone()).await, 200);
-    assert_eq!(status(bob).await, 429);
+    assert_eq!(login(bob.clone()).await, 200);
+    assert_eq!(login(bob).await, 429);
     // No certificate: counted by address, which no certificate's count touched.
     let none = t.client(None, &[], false);
-    assert_eq!(status(none.clone()).await, 200);
-    assert_eq!(status(none).await, 429);
+    assert_eq!(login(none.clone()).await, 200);
+    assert_eq!(login(none).await, 429);
 }
 
 #[tokio::test]
@@ -713,27 +702,10 @@ temp_dir = "{}"
     let proxy = Portcullis::run(&path, &[]);
     assert!(proxy.ready, "{}", proxy.output());
     let alice = staff.client("alice", 1, (2099, 1, 1));
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::pem::PemObject::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut c = rustls::ClientConfig::builder_with_provider(portcullis_tests::client::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            alice.chain.clone(),
-            PrivateKeyDer::try_from(alice.key.clone()).unwrap(),
-        )
-        .unwrap();
-    c.enable_sni = false;
     for h2 in [false, true] {
-        c.alpn_protocols = vec![if h2 {
-            b"h2".to_vec()
-        } else {
-            b"http/1.1".to_vec()
-        }];
-        let c = Arc::new(c.clone());
+        let mut c = client_config(&pki, Some(&alice), &[], h2);
+        c.enable_sni = false;
+        let c = Arc::new(c);
         // The server name only checks the server's certificate here: no SNI is sent.
         let (res, _) = get(proxy.https_addr(), &c, "mtls.test", "/", &[])
             .await

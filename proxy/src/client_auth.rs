@@ -209,9 +209,9 @@ fn expired(site: usize, c: &portcullis_certs::client_auth::CrlInfo, policy: CrlE
     );
 }
 
-/// Runs until shutdown: the 1 s poll of the CA and CRL files of the snapshot in force, and the hourly
-/// reminder of expired CRLs.
-pub async fn run(shared: Arc<crate::state::Shared>, mut shutdown: Shutdown) {
+/// Runs until shutdown: the 1 s poll of the CA and CRL files of the snapshot in force (`current` gives
+/// its `ClientAuths`), and the hourly reminder of expired CRLs.
+pub async fn run(current: impl Fn() -> Arc<ClientAuths>, mut shutdown: Shutdown) {
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hourly = tokio::time::interval(EXPIRED_REMINDER);
@@ -220,10 +220,10 @@ pub async fn run(shared: Arc<crate::state::Shared>, mut shutdown: Shutdown) {
         tokio::select! {
             () = shutdown.begun() => return,
             _ = poll.tick() => {
-                let auths = shared.snapshot().client_auth.clone();
+                let auths = current();
                 let _ = tokio::task::spawn_blocking(move || auths.reload(false)).await;
             }
-            _ = hourly.tick() => shared.snapshot().client_auth.remind(),
+            _ = hourly.tick() => current().remind(),
         }
     }
 }
