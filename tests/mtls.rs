@@ -328,6 +328,50 @@ async fn status(
         .status()
 }
 
+/// A connection kept open for several requests to `mtls.test`.
+enum Open {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Open {
+    async fn connect(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> Open {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("mtls.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            Open::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Open::H1(send)
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> u16 {
+        let res = match self {
+            Open::H1(send) => {
+                let req = Request::get(path).header("host", "mtls.test");
+                send.send_request(req.body(Full::default()).unwrap()).await
+            }
+            Open::H2(send) => {
+                let req = Request::get(format!("https://mtls.test{path}"));
+                send.send_request(req.body(Full::default()).unwrap()).await
+            }
+        };
+        collect(res.unwrap()).await.status().as_u16()
+    }
+}
+
 fn header<'a>(r: &'a portcullis_tests::upstream::Recorded, name: &str) -> Option<&'a str> {
     r.headers.get(name).map(|v| v.to_str().unwrap())
 }
@@ -483,6 +527,17 @@ async fn a_certificate_revoked_by_a_new_crl_is_refused_at_the_next_handshake_eve
     get(t.addr(), &resuming, "mtls.test", "/", &[])
         .await
         .unwrap();
+    // Connections that stay open across the revocation (HTTP/1.1 keep-alive, HTTP/2).
+    let mut open = Vec::new();
+    for h2 in [false, true] {
+        let mut conn = Open::connect(t.addr(), &t.client(Some(&carol), &[], h2)).await;
+        assert_eq!(conn.get("/admin/").await, 200);
+        assert_eq!(
+            header(&t.upstream.last(), "x-client-cert-verified"),
+            Some("SUCCESS")
+        );
+        open.push(conn);
+    }
 
     // One file at a time, each change one reload (its log line the readiness signal).
     let reloads = |n| {
@@ -502,6 +557,19 @@ async fn a_certificate_revoked_by_a_new_crl_is_refused_at_the_next_handshake_eve
         t.inter.crl(&[2002], 2100).der().as_ref(),
     );
     assert!(reloads(2).is_some(), "no reload:\n{}", t.proxy.output());
+    // Their next request is checked against the new CRLs: FAILED:revoked, and 403 where one is required.
+    for conn in &mut open {
+        assert_eq!(conn.get("/").await, 200);
+        assert_eq!(
+            header(&t.upstream.last(), "x-client-cert-verified"),
+            Some("FAILED:revoked")
+        );
+        assert_eq!(
+            header(&t.upstream.last(), "x-client-cert-subject"),
+            Some("CN=carol")
+        );
+        assert_eq!(conn.get("/admin/").await, 403);
+    }
     let refused = |leaf: &Leaf, extra: Vec<CertificateDer<'static>>, h2| {
         let c = t.client(Some(leaf), &extra, h2);
         let addr = t.addr();

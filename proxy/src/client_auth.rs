@@ -20,6 +20,7 @@ use portcullis_certs::client_auth::{Identity, TrustInfo};
 use portcullis_certs::inspect::format_time;
 use portcullis_config::{ClientAuth, Config, CrlExpired, TlsVersion};
 use rustls::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
 
 use crate::shutdown::Shutdown;
 
@@ -37,12 +38,18 @@ pub struct ClientAuths {
 pub struct SiteTrust {
     site: usize,
     pub auth: ClientAuth,
-    tls: ArcSwap<ServerConfig>,
+    tls: ArcSwap<InForce>,
     info: ArcSwap<TrustInfo>,
     certs: Arc<Sites>,
     min: TlsVersion,
     /// Identity of the files last loaded, and of the last set refused (not retried until it changes).
     files: Mutex<(Option<Files>, Option<Files>)>,
+}
+
+/// A site's config and the verifier in it, swapped together.
+pub struct InForce {
+    pub tls: Arc<ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
 }
 
 /// Which bytes the CA file and the CRL folder hold now: each file's path, inode, size and mtime.
@@ -65,9 +72,12 @@ impl ClientAuths {
                     site.names.first().map_or("default", String::as_str)
                 )
             })?;
-            let tls =
-                crate::tls::mtls_config(certs.clone(), config.tls.min_version, trust.verifier)
-                    .map_err(|e| format!("site {i}: client_auth: {e}"))?;
+            let tls = crate::tls::mtls_config(
+                certs.clone(),
+                config.tls.min_version,
+                trust.verifier.clone(),
+            )
+            .map_err(|e| format!("site {i}: client_auth: {e}"))?;
             report(
                 i,
                 &trust.info,
@@ -77,7 +87,10 @@ impl ClientAuths {
             sites.push(Some(Arc::new(SiteTrust {
                 site: i,
                 auth: auth.clone(),
-                tls: ArcSwap::new(tls),
+                tls: ArcSwap::from_pointee(InForce {
+                    tls,
+                    verifier: trust.verifier,
+                }),
                 info: ArcSwap::from_pointee(trust.info),
                 certs: certs.clone(),
                 min: config.tls.min_version,
@@ -88,9 +101,15 @@ impl ClientAuths {
     }
 
     /// The config for a handshake served as `site`, when the site asks for client certificates.
-    pub fn tls_for(&self, site: Option<usize>) -> Option<Arc<ServerConfig>> {
+    pub fn tls_for(&self, site: Option<usize>) -> Option<Arc<InForce>> {
         let t = self.site(site?)?;
         Some(t.tls.load_full())
+    }
+
+    /// The verifier in force for `site` now (a connection's certificate is checked again against it once
+    /// it changed).
+    pub fn verifier(&self, site: usize) -> Option<Arc<dyn ClientCertVerifier>> {
+        Some(self.site(site)?.tls.load().verifier.clone())
     }
 
     pub fn site(&self, site: usize) -> Option<&Arc<SiteTrust>> {
@@ -125,13 +144,21 @@ impl SiteTrust {
         let built = portcullis_certs::client_auth::load(&self.auth)
             .map_err(|e| e.to_string())
             .and_then(|trust| {
-                crate::tls::mtls_config(self.certs.clone(), self.min, trust.verifier)
-                    .map(|tls| (tls, trust.info))
+                crate::tls::mtls_config(self.certs.clone(), self.min, trust.verifier.clone())
+                    .map(|tls| {
+                        (
+                            InForce {
+                                tls,
+                                verifier: trust.verifier,
+                            },
+                            trust.info,
+                        )
+                    })
                     .map_err(|e| e.to_string())
             });
         match built {
             Ok((tls, info)) => {
-                self.tls.store(tls);
+                self.tls.store(Arc::new(tls));
                 report(
                     self.site,
                     &info,
@@ -231,7 +258,7 @@ pub async fn run(current: impl Fn() -> Arc<ClientAuths>, mut shutdown: Shutdown)
 /// What a connection's client certificate is, read once when its handshake is done.
 pub enum Verified {
     /// A client certificate verified at the handshake, and what it says.
-    Success(Identity),
+    Success(Identity, Vec<rustls::pki_types::CertificateDer<'static>>),
     /// No certificate was sent (a site whose mode is optional).
     None,
 }
@@ -240,9 +267,10 @@ impl Verified {
     /// After the handshake of a connection to a `client_auth` site: rustls verified every certificate it
     /// accepted, so a certificate here is a verified one.
     pub fn of(conn: &rustls::ServerConnection) -> Verified {
-        match conn.peer_certificates().and_then(|c| c.first()) {
+        let chain = conn.peer_certificates().unwrap_or_default();
+        match chain.first() {
             Some(leaf) => match Identity::read(leaf) {
-                Ok(id) => Verified::Success(id),
+                Ok(id) => Verified::Success(id, chain.to_vec()),
                 // Verified by webpki yet unreadable by x509-parser: served as no certificate.
                 Err(e) => {
                     tracing::warn!("verified client certificate unreadable: {e}");

@@ -6,10 +6,14 @@
 
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use portcullis_certs::client_auth::Identity;
 use portcullis_config::{ClientAuth, Site};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use std::sync::Arc;
 
 pub const X_CLIENT_CERT_VERIFIED: HeaderName = HeaderName::from_static("x-client-cert-verified");
 pub const X_CLIENT_CERT_SUBJECT: HeaderName = HeaderName::from_static("x-client-cert-subject");
@@ -31,7 +35,7 @@ pub const NAMES: [HeaderName; 6] = [
 
 const SUCCESS: HeaderValue = HeaderValue::from_static("SUCCESS");
 const NONE: HeaderValue = HeaderValue::from_static("NONE");
-const EXPIRED: HeaderValue = HeaderValue::from_static("FAILED:certificate expired");
+const EXPIRED: HeaderValue = HeaderValue::from_static("FAILED:expired");
 
 /// A connection's verified client certificate, as ready header values (their clones share one buffer).
 #[derive(Debug)]
@@ -48,11 +52,41 @@ pub struct ClientCert {
     not_after: SystemTime,
     /// The site whose `client_auth` verified it (its names and settings, in the handshake's snapshot).
     verified_by: (Vec<String>, ClientAuth),
+    /// The chain the client sent, leaf first: checked again when the site's CA or CRLs change.
+    chain: Vec<CertificateDer<'static>>,
+    /// The verifier it was last checked against, and what that said (`None`: it passed).
+    checked: ArcSwap<Checked>,
+}
+
+/// One check of a connection's certificate.
+struct Checked {
+    verifier: Arc<dyn ClientCertVerifier>,
+    failed: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked")
+            .field("failed", &self.failed)
+            .finish()
+    }
 }
 
 impl ClientCert {
-    pub fn of(id: Identity, site: &Site, auth: &ClientAuth) -> ClientCert {
+    /// `verifier` is the one the handshake passed.
+    pub fn of(
+        id: Identity,
+        chain: Vec<CertificateDer<'static>>,
+        site: &Site,
+        auth: &ClientAuth,
+        verifier: Arc<dyn ClientCertVerifier>,
+    ) -> ClientCert {
         ClientCert {
+            chain,
+            checked: ArcSwap::from_pointee(Checked {
+                verifier,
+                failed: None,
+            }),
             verified_by: (site.names.clone(), auth.clone()),
             subject: value(&id.subject),
             issuer: value(&id.issuer),
@@ -72,32 +106,89 @@ impl ClientCert {
         site.names == self.verified_by.0 && site.client_auth.as_ref() == Some(&self.verified_by.1)
     }
 
-    /// Whether the certificate still holds now (it was verified at the handshake; a long connection may
-    /// outlive it).
-    pub fn valid(&self, now: SystemTime) -> bool {
-        now <= self.not_after
+    /// `X-Client-Cert-Verified` for a request now, against the site's verifier `now_verifier` (the one in
+    /// force): `SUCCESS`, or `FAILED:<reason>` when the certificate expired since the handshake or a CA or
+    /// CRL change since refuses it. The chain is checked again once per change, not per request.
+    pub fn verdict(&self, now_verifier: &Arc<dyn ClientCertVerifier>) -> HeaderValue {
+        if SystemTime::now() > self.not_after {
+            return EXPIRED;
+        }
+        let last = self.checked.load();
+        let same = std::ptr::eq(
+            Arc::as_ptr(&last.verifier).cast::<()>(),
+            Arc::as_ptr(now_verifier).cast::<()>(),
+        );
+        if same {
+            return last.failed.clone().unwrap_or(SUCCESS);
+        }
+        drop(last);
+        let failed = match self.chain.split_first() {
+            Some((leaf, intermediates)) => now_verifier
+                .verify_client_cert(leaf, intermediates, UnixTime::now())
+                .err()
+                .map(|e| failed(&e)),
+            None => Some(HeaderValue::from_static("FAILED:no certificate")),
+        };
+        self.checked.store(Arc::new(Checked {
+            verifier: now_verifier.clone(),
+            failed: failed.clone(),
+        }));
+        failed.unwrap_or(SUCCESS)
     }
 }
 
+/// `SUCCESS`, the one verdict that lets a request through where a certificate is required.
+pub fn is_success(verdict: &HeaderValue) -> bool {
+    verdict == SUCCESS
+}
+
+/// `FAILED:<reason>`: rustls's words for the common cases, kept short.
+fn failed(e: &rustls::Error) -> HeaderValue {
+    use rustls::CertificateError as C;
+    let reason = match e {
+        rustls::Error::InvalidCertificate(C::Revoked) => "revoked".to_owned(),
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "expired".to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown issuer".to_owned(),
+        rustls::Error::InvalidCertificate(C::ExpiredRevocationList) => "CRL expired".to_owned(),
+        rustls::Error::InvalidCertificate(C::UnknownRevocationStatus) => {
+            "unknown revocation status".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let text: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&format!("FAILED:{text}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("FAILED:certificate refused"))
+}
+
 /// Removes the client's fields, then, on a `client_auth` site (`site_auth`: its `forward_cert`), sets ours
-/// from the connection's certificate.
-pub fn set(headers: &mut HeaderMap, site_auth: Option<bool>, cert: Option<&ClientCert>) {
+/// from the connection's certificate and its verdict for this request.
+pub fn set(
+    headers: &mut HeaderMap,
+    site_auth: Option<bool>,
+    cert: Option<(&ClientCert, &HeaderValue)>,
+) {
     for n in NAMES {
         headers.remove(n);
     }
     let Some(forward) = site_auth else {
         return;
     };
-    let Some(c) = cert else {
+    let Some((c, verdict)) = cert else {
         headers.insert(X_CLIENT_CERT_VERIFIED, NONE);
         return;
     };
-    let verdict = if c.valid(SystemTime::now()) {
-        SUCCESS
-    } else {
-        EXPIRED
-    };
-    headers.insert(X_CLIENT_CERT_VERIFIED, verdict);
+    headers.insert(X_CLIENT_CERT_VERIFIED, verdict.clone());
     headers.insert(X_CLIENT_CERT_SUBJECT, c.subject.clone());
     headers.insert(X_CLIENT_CERT_ISSUER, c.issuer.clone());
     headers.insert(X_CLIENT_CERT_SERIAL, c.serial.clone());

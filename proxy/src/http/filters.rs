@@ -10,10 +10,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use portcullis_config::{ClientAuthMode, Route, Site};
+use portcullis_config::{ClientAuthMode, Route};
 
 use crate::body::Body;
-use crate::http::client_cert::ClientCert;
+use crate::http::client_cert::{self, ClientCert};
 use crate::http::ctx::Ctx;
 use crate::http::pages;
 
@@ -25,30 +25,34 @@ pub struct Admitted {
     pub buffered: Option<Bytes>,
     /// The site has `client_auth` (with its `forward_cert`): the app is told about the client certificate.
     pub client_auth: Option<bool>,
-    /// The connection's client certificate, when it speaks for this request's site.
-    pub client_cert: Option<Arc<ClientCert>>,
+    /// The connection's client certificate, when it speaks for this request's site, and its verdict.
+    pub client_cert: Option<(Arc<ClientCert>, HeaderValue)>,
 }
 
 /// Runs the request filters in order; `Err` is the answer for a request they stop.
 pub async fn request(
     ctx: &Ctx<'_>,
-    site: &Site,
+    site_index: usize,
     route: &Route,
     req: &mut Request<Incoming>,
 ) -> Result<Admitted, Response<Body>> {
     let h1 = req.version() != Version::HTTP_2;
     // A client certificate, where the route or the site's mode requires one: 403 without a valid one.
+    let site = &ctx.snap.config.sites[site_index];
     let client_cert = ctx
         .lease
         .client_cert
         .as_ref()
         .filter(|c| c.speaks_for(site))
-        .cloned();
+        .and_then(|c| {
+            let verifier = ctx.snap.client_auth.verifier(site_index)?;
+            Some((c.clone(), c.verdict(&verifier)))
+        });
     if let Some(auth) = &site.client_auth {
         let required = route.require_client_cert || auth.mode == ClientAuthMode::Required;
         let valid = client_cert
             .as_ref()
-            .is_some_and(|c| c.valid(std::time::SystemTime::now()));
+            .is_some_and(|(_, v)| client_cert::is_success(v));
         if required && !valid {
             return Err(pages::status(StatusCode::FORBIDDEN));
         }
@@ -69,7 +73,7 @@ pub async fn request(
         buffered = limits
             .check(
                 ctx.client,
-                client_cert.as_ref().map(|c| c.rate_key),
+                client_cert.as_ref().map(|(c, _)| c.rate_key),
                 req,
                 route.max_body,
                 body_timeout,

@@ -111,8 +111,7 @@ async fn https(
     };
     let route = &routes[index];
     let taken = Some((site, index));
-    let admitted = match filters::request(ctx, &ctx.snap.config.sites[site], route, &mut req).await
-    {
+    let admitted = match filters::request(ctx, site, route, &mut req).await {
         Ok(a) => a,
         Err(refused) => return (refused, taken),
     };

@@ -201,17 +201,17 @@ async fn https(
         // A `client_auth` site has a config of its own (its verifier, no resumption), picked by the site
         // the SNI names, as the certificate is.
         let site = snap.sites.site_for_sni(sni.as_deref());
-        let config = snap
-            .client_auth
-            .tls_for(site)
-            .unwrap_or_else(|| snap.tls.clone());
+        let mtls = snap.client_auth.tls_for(site);
+        let config = mtls
+            .as_ref()
+            .map_or_else(|| snap.tls.clone(), |m| m.tls.clone());
         start
             .into_stream(config)
             .await
-            .map(|tls| Some((tls, sni, site)))
+            .map(|tls| Some((tls, sni, site, mtls.map(|m| m.verifier.clone()))))
     }))
     .await;
-    let (tls, sni, site) = match tls {
+    let (tls, sni, site, verifier) = match tls {
         Ok(Ok(Some(pair))) => pair,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -229,10 +229,11 @@ async fn https(
     let mut lease = lease;
     let auth_site = site.and_then(|i| snap.config.sites.get(i));
     if let Some((site, auth)) = auth_site.and_then(|s| Some((s, s.client_auth.as_ref()?)))
-        && let crate::client_auth::Verified::Success(id) =
+        && let Some(verifier) = verifier
+        && let crate::client_auth::Verified::Success(id, chain) =
             crate::client_auth::Verified::of(tls.get_ref().1)
     {
-        lease.client_cert = Some(Arc::new(ClientCert::of(id, site, auth)));
+        lease.client_cert = Some(Arc::new(ClientCert::of(id, chain, site, auth, verifier)));
     }
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();

@@ -68,7 +68,7 @@ pub async fn run(
     client_cert::set(
         &mut parts.headers,
         admitted.client_auth,
-        admitted.client_cert.as_deref(),
+        admitted.client_cert.as_ref().map(|(c, v)| (&**c, v)),
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     match &requested {
