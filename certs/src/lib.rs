@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod client_auth;
 pub mod inspect;
 pub mod ocsp;
 

@@ -61,6 +61,19 @@ pub const BUFFER_MAX_RESPONSE: u64 = 1024 * 1024 * 1024;
 /// A route buffers both ways unless it says otherwise (gunicorn's sync workers need it).
 pub const BUFFER_REQUESTS: bool = true;
 pub const BUFFER_RESPONSES: bool = true;
+/// A site with `client_auth` still serves clients without a certificate unless told otherwise: the
+/// routes that need one say so (`require_client_cert`), and the app sees `X-Client-Cert-Verified: NONE`.
+pub const CLIENT_AUTH_MODE: crate::model::ClientAuthMode = crate::model::ClientAuthMode::Optional;
+/// An expired CRL is logged loudly but does not lock every client out: a CA that is late publishing its
+/// CRL should page someone, not take the site down (`crl_expired = "refuse"` for the strict choice).
+pub const CRL_EXPIRED: crate::model::CrlExpired = crate::model::CrlExpired::Warn;
+/// The client's whole certificate is not sent to the app unless asked: the subject, issuer, serial and
+/// fingerprint are enough to identify it, and a PEM header is large.
+pub const FORWARD_CERT: bool = false;
+/// A route asks for no client certificate unless it says so (or its site's mode is `required`).
+pub const REQUIRE_CLIENT_CERT: bool = false;
+/// A rate limit counts clients by address unless it says `key = "client_cert"`.
+pub const RATE_LIMIT_KEY: crate::model::RateKey = crate::model::RateKey::ClientAddr;
 /// No compression unless a route asks for it: a compressed response's length leaks what it holds when
 /// it reflects the client's input next to a secret (BREACH); only the route's owner knows whether it does.
 pub const COMPRESS: bool = false;

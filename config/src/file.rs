@@ -132,6 +132,24 @@ pub struct Route {
     pub buffer_responses: Option<S<bool>>,
     /// gzip/br/zstd for text responses the client accepts them for (default false: BREACH).
     pub compress: Option<S<bool>>,
+    /// 403 without a verified client certificate (the site needs `client_auth`).
+    pub require_client_cert: Option<S<bool>>,
+}
+
+/// A site's `client_auth = { ca, crl, mode, crl_expired, forward_cert }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM bundle of the CA certificates client certificates must chain to.
+    pub ca: S<String>,
+    /// A folder of CRLs (PEM or DER), every file in it read.
+    pub crl: Option<S<String>>,
+    /// "optional" or "required".
+    pub mode: Option<S<String>>,
+    /// "warn" or "refuse": what an expired CRL does.
+    pub crl_expired: Option<S<String>>,
+    /// Send the client's certificate (URL-encoded PEM) to the app.
+    pub forward_cert: Option<S<bool>>,
 }
 
 /// A size: a whole number of bytes, or a string like "10MiB", "512KiB", "1GiB".
@@ -279,6 +297,8 @@ pub struct RateLimit {
     pub exempt: Option<Vec<S<String>>>,
     pub ipv6_prefix: Option<S<u64>>,
     pub max_keys: Option<S<u64>>,
+    /// "client_addr" or "client_cert": what a client is counted by.
+    pub key: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +314,8 @@ pub struct PerAccount {
 pub struct Site {
     pub names: S<Vec<S<String>>>,
     pub tls: S<Tls>,
+    /// Client certificates (mutual TLS): the CA they must chain to, the CRL folder, optional or required.
+    pub client_auth: Option<S<ClientAuth>>,
     #[serde(default)]
     pub route: Vec<S<Route>>,
 }

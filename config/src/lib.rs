@@ -37,10 +37,10 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Cluster, Config, Eab,
-    HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount,
-    Process, Rate, RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind,
-    Timeouts, Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, ClientAuth, ClientAuthMode,
+    Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance,
+    PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route, SecurityHeaders, ServerAddr,
+    Site, Static, StaticKind, Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -81,7 +81,7 @@ impl Checker<'_> {
         let upstreams = self.upstreams(&f.upstream);
         let limits = self.limits(f.limits);
         let routes = if top_level {
-            self.routes("route", f.route, &f.upstream, limits.body)
+            self.routes("route", f.route, &f.upstream, limits.body, false)
         } else {
             Vec::new()
         };
@@ -91,6 +91,7 @@ impl Checker<'_> {
                 names,
                 tls: default_source,
                 routes,
+                client_auth: None,
             });
         }
         for (i, s) in f.site.into_iter().enumerate() {

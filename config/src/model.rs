@@ -92,6 +92,40 @@ pub struct Site {
     pub names: Vec<String>,
     pub tls: CertSource,
     pub routes: Vec<Route>,
+    /// Client certificates (mutual TLS) for this site; `None`: none asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A site's `client_auth`: what a client certificate must chain to and not be revoked by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM bundle of trust anchors (roots or intermediates; each one is trusted as it is).
+    pub ca: PathBuf,
+    /// Folder of CRLs, every file read (PEM or DER); `None`: no revocation checking.
+    pub crl: Option<PathBuf>,
+    pub mode: ClientAuthMode,
+    pub crl_expired: CrlExpired,
+    /// The client's certificate goes to the app as URL-encoded PEM (`X-Client-Cert`).
+    pub forward_cert: bool,
+}
+
+/// Whether a handshake without a client certificate goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// A client without a certificate is served (`X-Client-Cert-Verified: NONE`); routes with
+    /// `require_client_cert` answer it 403. A certificate that is sent must verify.
+    Optional,
+    /// A handshake without a valid certificate fails.
+    Required,
+}
+
+/// What a CRL past its `nextUpdate` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlExpired {
+    /// Logged loudly (at load and hourly); certificates are still checked against it.
+    Warn,
+    /// Every client certificate of the site is refused until a current CRL is in the folder.
+    Refuse,
 }
 
 impl Site {
@@ -210,6 +244,8 @@ pub struct Route {
     /// Text responses are compressed (gzip, br or zstd, as the client accepts), within the rules of
     /// `proxy/src/http/compress.rs`.
     pub compress: bool,
+    /// A request without a verified client certificate is answered 403 (the site has `client_auth`).
+    pub require_client_cert: bool,
 }
 
 /// What a route does with a request: forward it to an upstream group, or serve a file. Later issues may add
@@ -399,6 +435,17 @@ pub struct RateLimit {
     pub ipv6_prefix: u8,
     /// Most client keys (and, separately, account keys) remembered; past it the nearest-to-fresh go first.
     pub max_keys: u64,
+    /// What a client is counted by.
+    pub key: RateKey,
+}
+
+/// What a rate limit counts a client by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    /// Its address (after `trusted_proxies`), IPv6 cut to `ipv6_prefix`.
+    ClientAddr,
+    /// Its verified client certificate (mutual TLS, by SHA-256 fingerprint); its address without one.
+    ClientCert,
 }
 
 /// A path pattern: exact, or a prefix (written with a trailing `*`).

@@ -9,7 +9,7 @@ use crate::check::Checker;
 use crate::cidr::Cidr;
 use crate::defaults;
 use crate::file::{self, S};
-use crate::model::{PathMatch, PerAccount, Rate, RateLimit};
+use crate::model::{PathMatch, PerAccount, Rate, RateKey, RateLimit};
 use crate::routes::segment_like_prefix;
 
 /// The limit that applies when the config has no `[[rate_limit]]`.
@@ -27,6 +27,7 @@ pub fn builtin() -> RateLimit {
         exempt: Vec::new(),
         ipv6_prefix: defaults::RATE_LIMIT_IPV6_PREFIX,
         max_keys: defaults::RATE_LIMIT_MAX_KEYS,
+        key: defaults::RATE_LIMIT_KEY,
     }
 }
 
@@ -150,6 +151,21 @@ impl Checker<'_> {
                 }
                 Some(m) => *m.get_ref(),
             };
+            let client_key = match l.key {
+                None => defaults::RATE_LIMIT_KEY,
+                Some(k) => match k.get_ref().as_str() {
+                    "client_addr" => RateKey::ClientAddr,
+                    "client_cert" => RateKey::ClientCert,
+                    other => {
+                        self.problem(
+                            k.span(),
+                            key("key"),
+                            format!("{other:?}: use \"client_addr\" or \"client_cert\""),
+                        );
+                        defaults::RATE_LIMIT_KEY
+                    }
+                },
+            };
             out.push(RateLimit {
                 name,
                 paths,
@@ -160,6 +176,7 @@ impl Checker<'_> {
                 exempt,
                 ipv6_prefix,
                 max_keys,
+                key: client_key,
             });
         }
         out

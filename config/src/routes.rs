@@ -18,6 +18,7 @@ impl Checker<'_> {
         routes: Vec<S<file::Route>>,
         ups: &BTreeMap<String, S<file::Upstream>>,
         default_body: u64,
+        client_auth: bool,
     ) -> Vec<Route> {
         if routes.is_empty() {
             self.problem(
@@ -138,6 +139,18 @@ impl Checker<'_> {
                 .buffer_responses
                 .map_or(defaults::BUFFER_RESPONSES, S::into_inner);
             let compress = r.compress.map_or(defaults::COMPRESS, S::into_inner);
+            let require_client_cert = match r.require_client_cert {
+                Some(v) if *v.get_ref() && !client_auth => {
+                    self.problem(
+                        v.span(),
+                        format!("{key}[{i}].require_client_cert"),
+                        "the site has no `client_auth`: give the site `client_auth = { ca = ... }`",
+                    );
+                    false
+                }
+                Some(v) => v.into_inner(),
+                None => defaults::REQUIRE_CLIENT_CERT,
+            };
             out.push(Route {
                 path: path.clone(),
                 action,
@@ -145,6 +158,7 @@ impl Checker<'_> {
                 buffer_requests,
                 buffer_responses,
                 compress,
+                require_client_cert,
             });
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.path.len()));

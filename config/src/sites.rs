@@ -9,7 +9,7 @@ use std::ops::Range;
 use crate::check::Checker;
 use crate::defaults;
 use crate::file::{self, S};
-use crate::model::{CertSource, Site, Tls, TlsVersion};
+use crate::model::{CertSource, ClientAuth, ClientAuthMode, CrlExpired, Site, Tls, TlsVersion};
 
 impl Checker<'_> {
     pub(crate) fn names(&mut self, names: Option<S<Vec<S<String>>>>) -> Vec<String> {
@@ -79,8 +79,79 @@ impl Checker<'_> {
                 CertSource::SelfSigned
             }
         };
-        let routes = self.routes(&format!("site[{i}].route"), s.route, ups, default_body);
-        Site { names, tls, routes }
+        let client_auth = s
+            .client_auth
+            .map(|c| self.client_auth(&format!("site[{i}].client_auth"), c));
+        let routes = self.routes(
+            &format!("site[{i}].route"),
+            s.route,
+            ups,
+            default_body,
+            client_auth.is_some(),
+        );
+        Site {
+            names,
+            tls,
+            routes,
+            client_auth,
+        }
+    }
+
+    /// `client_auth = { ca, crl, mode, crl_expired, forward_cert }`: paths resolved against the config's
+    /// folder, the words checked. The files themselves are read by the proxy (at start and on change).
+    fn client_auth(&mut self, key: &str, c: S<file::ClientAuth>) -> ClientAuth {
+        let c = c.into_inner();
+        let mode = match c.mode {
+            None => defaults::CLIENT_AUTH_MODE,
+            Some(m) => match m.get_ref().as_str() {
+                "optional" => ClientAuthMode::Optional,
+                "required" => ClientAuthMode::Required,
+                other => {
+                    self.problem(
+                        m.span(),
+                        format!("{key}.mode"),
+                        format!("{other:?}: use \"optional\" or \"required\""),
+                    );
+                    defaults::CLIENT_AUTH_MODE
+                }
+            },
+        };
+        let crl_expired = match c.crl_expired {
+            None => defaults::CRL_EXPIRED,
+            Some(m) => match m.get_ref().as_str() {
+                "warn" => CrlExpired::Warn,
+                "refuse" => CrlExpired::Refuse,
+                other => {
+                    self.problem(
+                        m.span(),
+                        format!("{key}.crl_expired"),
+                        format!("{other:?}: use \"warn\" or \"refuse\""),
+                    );
+                    defaults::CRL_EXPIRED
+                }
+            },
+        };
+        if c.crl.is_none() && crl_expired == CrlExpired::Refuse {
+            self.warning(
+                c.ca.span(),
+                format!("{key}.crl_expired"),
+                "has no effect without `crl` (a folder of CRLs)",
+            );
+        }
+        if c.ca.get_ref().is_empty() {
+            self.problem(
+                c.ca.span(),
+                format!("{key}.ca"),
+                "is empty: give the CA bundle's path",
+            );
+        }
+        ClientAuth {
+            ca: self.resolve(c.ca.get_ref()),
+            crl: c.crl.map(|p| self.resolve(p.get_ref())),
+            mode,
+            crl_expired,
+            forward_cert: c.forward_cert.map_or(defaults::FORWARD_CERT, S::into_inner),
+        }
     }
 
     /// A host name may belong to one site only, or SNI and Host could not pick one.
@@ -259,7 +330,7 @@ fn valid_host_name(n: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{Action, CertSource, TlsVersion};
+    use crate::model::{Action, CertSource, ClientAuthMode, CrlExpired, TlsVersion};
     use crate::testing::{EXAMPLE, parse, problems};
 
     #[test]
@@ -299,5 +370,63 @@ mod tests {
             p.iter().any(|l| l.contains("site[0].route[0].upstream")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn client_auth_is_checked_and_a_route_that_requires_it_needs_it() {
+        let site = |ca: &str, route: &str| {
+            format!(
+                "{EXAMPLE}\n[[site]]\nnames = [\"app.test\"]\ntls = {{ self_signed = true }}\n{ca}\n  [[site.route]]\n  path = \"/admin/\"\n  upstream = \"app\"\n  {route}\n"
+            )
+        };
+        let c = parse(&site(
+            "client_auth = { ca = \"ca.pem\", crl = \"crl/\", mode = \"required\", crl_expired = \"refuse\", forward_cert = true }",
+            "require_client_cert = true",
+        ))
+        .unwrap();
+        let a = c.sites[1].client_auth.as_ref().unwrap();
+        assert_eq!(a.ca, std::path::Path::new("/etc/portcullis/ca.pem"));
+        assert_eq!(
+            a.crl.as_deref(),
+            Some(std::path::Path::new("/etc/portcullis/crl/"))
+        );
+        assert_eq!(a.mode, ClientAuthMode::Required);
+        assert_eq!(a.crl_expired, CrlExpired::Refuse);
+        assert!(a.forward_cert);
+        assert!(c.sites[1].routes[0].require_client_cert);
+        assert!(c.sites[0].client_auth.is_none());
+
+        let d = parse(&site("client_auth = { ca = \"ca.pem\" }", "")).unwrap();
+        let a = d.sites[1].client_auth.as_ref().unwrap();
+        assert_eq!(
+            (a.mode, a.crl_expired, a.forward_cert, a.crl.as_ref()),
+            (ClientAuthMode::Optional, CrlExpired::Warn, false, None)
+        );
+        assert!(!d.sites[1].routes[0].require_client_cert);
+
+        let p = problems(&site("", "require_client_cert = true"));
+        assert!(
+            p.iter().any(|l| l.contains(":26:25:")
+                && l.contains(
+                    "site[0].route[0].require_client_cert: the site has no `client_auth`"
+                )),
+            "{p:?}"
+        );
+        let p = problems(&site(
+            "client_auth = { ca = \"ca.pem\", mode = \"sometimes\", crl_expired = \"ignore\" }",
+            "",
+        ));
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site[0].client_auth.mode: \"sometimes\"")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("site[0].client_auth.crl_expired: \"ignore\"")),
+            "{p:?}"
+        );
+        let p = problems(&site("client_auth = { mode = \"required\" }", ""));
+        assert!(p.iter().any(|l| l.contains("ca")), "{p:?}");
     }
 }

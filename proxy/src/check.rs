@@ -28,6 +28,7 @@ pub fn run(path: &Path) -> ExitCode {
     let mut bad = false;
     for (i, site) in config.sites.iter().enumerate() {
         bad |= !report_site(path, i, site);
+        bad |= !client_auth_report(path, i, site);
         for line in acme_report(&config, site) {
             println!("  acme         {line}");
         }
@@ -72,6 +73,68 @@ pub fn run(path: &Path) -> ExitCode {
     }
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
+}
+
+/// A `client_auth` site's CA and CRLs as `run` would load them: each CA's subject and expiry, the CRL
+/// count, each CRL's issuer and next update (expired ones said so); false when `run` would refuse them.
+fn client_auth_report(path: &Path, i: usize, site: &Site) -> bool {
+    let Some(auth) = &site.client_auth else {
+        return true;
+    };
+    let mode = match auth.mode {
+        portcullis_config::ClientAuthMode::Optional => "optional",
+        portcullis_config::ClientAuthMode::Required => "required",
+    };
+    println!(
+        "  client_auth  mode {mode}, CA bundle {}",
+        auth.ca.display()
+    );
+    let trust = match portcullis_certs::client_auth::load(auth) {
+        Ok(t) => t.info,
+        Err(e) => {
+            eprintln!("{}: site {i}: client_auth: {e}", path.display());
+            return false;
+        }
+    };
+    let now = std::time::SystemTime::now();
+    for (subject, not_after) in trust.ca_subjects.iter().zip(&trust.ca_not_after) {
+        let expired = if *not_after < now { " EXPIRED" } else { "" };
+        println!(
+            "  client CA    {subject} (expires {}{expired})",
+            format_time(*not_after)
+        );
+    }
+    match &auth.crl {
+        None => println!("  CRLs         none (no revocation checking)"),
+        Some(dir) => println!(
+            "  CRLs         {} in {}, next update {}",
+            trust.crls.len(),
+            dir.display(),
+            trust
+                .next_update()
+                .map_or_else(|| "none".to_owned(), format_time)
+        ),
+    }
+    for c in &trust.crls {
+        let next = c.next_update.map_or_else(|| "none".to_owned(), format_time);
+        let expired = if c.next_update.is_some_and(|n| n < now) {
+            match auth.crl_expired {
+                portcullis_config::CrlExpired::Warn => " EXPIRED (logged, still used)",
+                portcullis_config::CrlExpired::Refuse => {
+                    " EXPIRED (every client certificate refused)"
+                }
+            }
+        } else {
+            ""
+        };
+        println!(
+            "  CRL          {}: issuer {}, {} revoked, next update {next}{expired}",
+            c.path.display(),
+            c.issuer,
+            c.revoked
+        );
+    }
+    true
 }
 
 /// The config, or its problems printed and exit code 64.

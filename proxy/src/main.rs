@@ -10,6 +10,7 @@ mod admission;
 mod body;
 mod check;
 mod cli;
+mod client_auth;
 mod cluster;
 mod demo;
 mod http;
@@ -128,6 +129,9 @@ fn run(
         .map(|n| n.tickets.clone() as Arc<dyn rustls::server::ProducesTickets>);
     let tls = tls::server_config(sites.sites.clone(), config.tls.min_version, tickets)
         .map_err(|e| failed(format_args!("TLS setup failed: {e}")))?;
+    //    Client certificates (mutual TLS): each `client_auth` site's CA and CRLs, and its own config.
+    let client_auth = client_auth::ClientAuths::load(&config, &sites.sites)
+        .map_err(|e| bad_config(&config, e))?;
     //    The maintenance page, read once now (as root, like the certificates); unreadable is the config's fault.
     let maintenance_page = http::action::maintenance::load(config.maintenance.page.as_deref())
         .map_err(|e| bad_config(&config, e))?;
@@ -182,7 +186,7 @@ fn run(
     // 7. and 8.
     runtime.block_on(serve(
         config,
-        tls,
+        (tls, client_auth),
         cluster,
         sites,
         maintenance_page,
@@ -198,7 +202,7 @@ fn run(
 #[allow(clippy::too_many_arguments)] // each is one thing steps 3 to 6 made for step 7, used once here
 async fn serve(
     config: Config,
-    tls: Arc<rustls::ServerConfig>,
+    (tls, client_auth): (Arc<rustls::ServerConfig>, client_auth::ClientAuths),
     cluster: Option<cluster::Node>,
     sites: sites::Prepared,
     maintenance_page: Option<bytes::Bytes>,
@@ -216,6 +220,7 @@ async fn serve(
         config,
         tls,
         sites.sites.clone(),
+        Arc::new(client_auth),
         maintenance_page,
         listeners.https_port(),
         cluster,

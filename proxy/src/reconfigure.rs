@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use portcullis_config::Config;
 
+use crate::client_auth::ClientAuths;
 use crate::reload;
 use crate::sdnotify;
 use crate::shutdown::Shutdown;
@@ -128,6 +129,20 @@ impl Reconfigure {
             Ok(t) => t,
             Err(e) => return refuse(format_args!("TLS setup: {e}")),
         };
+        // Client certificates: every `client_auth` site's CA and CRLs read again, around the new sites.
+        let (config, client_auth) = match tokio::task::spawn_blocking({
+            let sites = prepared.sites.clone();
+            move || {
+                let auths = ClientAuths::load(&config, &sites);
+                (config, auths)
+            }
+        })
+        .await
+        {
+            Ok((config, Ok(a))) => (config, Arc::new(a)),
+            Ok((_, Err(e))) => return refuse(format_args!("{}: {e}", path.display())),
+            Err(e) => return refuse(e),
+        };
         for key in &pinned {
             tracing::warn!("{key} changed: restart to apply");
         }
@@ -136,7 +151,7 @@ impl Reconfigure {
         let next = self.state.next(
             config,
             prepared.sites.clone(),
-            tls,
+            (tls, client_auth),
             page,
             Arc::new(rate_limits),
         );

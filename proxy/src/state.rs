@@ -18,6 +18,7 @@ use portcullis_config::Config;
 
 use crate::admission::Admission;
 use crate::body::Buffers;
+use crate::client_auth::ClientAuths;
 use crate::http::action::maintenance::Maintenance;
 use crate::http::guard::{Canned, Settings};
 use crate::http::head::Limits;
@@ -59,6 +60,8 @@ pub struct Snapshot {
     /// `tls`, whose resolver this is), the SNI's site and the Host's site all come from it.
     pub sites: Arc<portcullis_certs::Sites>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// The `client_auth` sites' own configs (their verifiers, reloaded in place), chosen by SNI.
+    pub client_auth: Arc<ClientAuths>,
     /// The config's upstream groups, each naming its servers in [`Shared::servers`].
     pub upstreams: Groups,
     /// `[maintenance]`: the page as ready bytes, `allow`, and the flag file's last look.
@@ -87,6 +90,7 @@ impl Shared {
         config: Config,
         tls: Arc<rustls::ServerConfig>,
         sites: Arc<portcullis_certs::Sites>,
+        client_auth: Arc<ClientAuths>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
         cluster: Option<crate::cluster::Node>,
@@ -110,7 +114,7 @@ impl Shared {
         let snapshot = Snapshot::new(
             config,
             sites,
-            tls,
+            (tls, client_auth),
             &lasting,
             maintenance_page,
             https_port,
@@ -150,7 +154,7 @@ impl Shared {
         &self,
         config: Config,
         sites: Arc<portcullis_certs::Sites>,
-        tls: Arc<rustls::ServerConfig>,
+        tls: (Arc<rustls::ServerConfig>, Arc<ClientAuths>),
         maintenance_page: Option<Bytes>,
         rate_limits: Arc<RateLimits>,
     ) -> Snapshot {
@@ -189,7 +193,7 @@ impl Snapshot {
     fn new(
         config: Config,
         sites: Arc<portcullis_certs::Sites>,
-        tls: Arc<rustls::ServerConfig>,
+        (tls, client_auth): (Arc<rustls::ServerConfig>, Arc<ClientAuths>),
         lasting: &Lasting<'_>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
@@ -235,6 +239,7 @@ impl Snapshot {
             config,
             sites,
             tls,
+            client_auth,
         }
     }
 }

@@ -81,6 +81,12 @@ pub fn spawn(
     );
     // Certificates: file changes reload them.
     tokio::spawn(reload::run(reloader, shutdown.clone()));
+    // Client CAs and CRLs: those of the snapshot in force, reloaded when their files change.
+    let live = state.clone();
+    tokio::spawn(crate::client_auth::run(
+        move || live.snapshot().client_auth.clone(),
+        shutdown.clone(),
+    ));
     // Active health checks: one task per server of an upstream with `health` (each server once); the config
     // reload re-plans them.
     let snapshot = state.snapshot();

@@ -266,6 +266,8 @@ pub struct Access {
     pub bytes: u64,
     /// Its `X-Request-Id` (checked: visible ASCII).
     pub request_id: http::HeaderValue,
+    /// The connection's verified client certificate (mutual TLS): its subject goes in the line.
+    pub client_cert: Option<Arc<crate::http::client_cert::ClientCert>>,
 }
 
 /// A response body that writes the access line when it is done.
@@ -321,6 +323,8 @@ impl Drop for Logged {
                 duration_ms = a.start.elapsed().as_secs_f64() * 1000.0,
                 upstream = a.upstream.as_deref().unwrap_or("-"),
                 request_id = a.request_id.to_str().unwrap_or("-"),
+                // Absent (not `-`) without one: lines of sites without client_auth are as they were.
+                client_cert = a.client_cert.as_deref().map(|c| c.subject_text.as_str()),
             );
         }
     }

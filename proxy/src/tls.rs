@@ -16,12 +16,8 @@ pub fn server_config(
     min: TlsVersion,
     tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let versions: &[&SupportedProtocolVersion] = match min {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
     let mut c = ServerConfig::builder_with_provider(portcullis_certs::provider())
-        .with_protocol_versions(versions)?
+        .with_protocol_versions(versions(min))?
         .with_no_client_auth()
         .with_cert_resolver(certs);
     c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -31,6 +27,34 @@ pub fn server_config(
     };
     c.session_storage = ServerSessionMemoryCache::new(16 * 1024);
     Ok(Arc::new(c))
+}
+
+/// A `client_auth` site's config: the same versions, ALPN and certificates, `verifier` asking for client
+/// certificates, and no session resumption at all (no ticketer, no session cache, no TLS 1.3 tickets sent):
+/// a resumed session skips the verifier, and must never carry a certificate revoked since it was made.
+pub fn mtls_config(
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+    min: TlsVersion,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut c = ServerConfig::builder_with_provider(portcullis_certs::provider())
+        .with_protocol_versions(versions(min))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(certs);
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
+    Ok(Arc::new(c))
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static SupportedProtocolVersion] {
+    static BOTH: [&SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match min {
+        TlsVersion::Tls12 => &BOTH,
+        TlsVersion::Tls13 => &TLS13,
+    }
 }
 
 /// The config for another site set (a config reload changed the sites), with the same versions: it shares

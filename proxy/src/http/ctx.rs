@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::header::HeaderValue;
 
 use crate::admission::Ticket;
+use crate::http::client_cert::ClientCert;
 use crate::shutdown::Shutdown;
 use crate::state::{Shared, Snapshot};
 
@@ -36,6 +37,8 @@ pub struct Lease {
     /// The peer's IP address as text: `X-Forwarded-For` (and `X-Real-IP`) of each request it sends.
     pub peer: HeaderValue,
     pub shutdown: Shutdown,
+    /// The client certificate verified at the handshake (a `client_auth` site's), read once.
+    pub client_cert: Option<Arc<ClientCert>>,
     _ticket: Arc<Ticket>,
 }
 
@@ -45,6 +48,7 @@ impl Lease {
             port,
             peer: ip_value(peer),
             shutdown,
+            client_cert: None,
             _ticket: Arc::new(ticket),
         }
     }

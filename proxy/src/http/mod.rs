@@ -3,6 +3,7 @@
 //! headers, `compress` for routes that ask, the `request_id` every request carries), upgraded connections (`tunnel`), the plain-HTTP `redirect`, and the header rules they share.
 
 pub mod action;
+pub mod client_cert;
 pub mod compress;
 pub mod ctx;
 pub mod filters;

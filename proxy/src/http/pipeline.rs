@@ -63,6 +63,7 @@ pub async fn serve(
             upstream: None,
             bytes: 0,
             request_id: request_id.clone(),
+            client_cert: lease.client_cert.clone(),
         })
     });
     let ctx = Ctx {
@@ -110,7 +111,7 @@ async fn https(
     };
     let route = &routes[index];
     let taken = Some((site, index));
-    let admitted = match filters::request(ctx, route, &mut req).await {
+    let admitted = match filters::request(ctx, site, route, &mut req).await {
         Ok(a) => a,
         Err(refused) => return (refused, taken),
     };

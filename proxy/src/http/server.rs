@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::admission::Ticket;
+use crate::http::client_cert::ClientCert;
 use crate::http::ctx::Lease;
 use crate::http::guard::{Guard, UpgradeGate};
 use crate::http::h2;
@@ -197,13 +198,20 @@ async fn https(
         // The name this connection's SNI gives (requests on it must be for its site). The certificate
         // comes from the sites of `snap.tls`, this connection's snapshot.
         let sni = start.client_hello().server_name().map(Box::<str>::from);
+        // A `client_auth` site has a config of its own (its verifier, no resumption), picked by the site
+        // the SNI names, as the certificate is.
+        let site = snap.sites.site_for_sni(sni.as_deref());
+        let mtls = snap.client_auth.tls_for(site);
+        let config = mtls
+            .as_ref()
+            .map_or_else(|| snap.tls.clone(), |m| m.tls.clone());
         start
-            .into_stream(snap.tls.clone())
+            .into_stream(config)
             .await
-            .map(|tls| Some((tls, sni)))
+            .map(|tls| Some((tls, sni, site, mtls.map(|m| m.verifier.clone()))))
     }))
     .await;
-    let (tls, sni) = match tls {
+    let (tls, sni, site, verifier) = match tls {
         Ok(Ok(Some(pair))) => pair,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -218,6 +226,15 @@ async fn https(
         }
     };
     shared.metrics.handshake_done();
+    let mut lease = lease;
+    let auth_site = site.and_then(|i| snap.config.sites.get(i));
+    if let Some((site, auth)) = auth_site.and_then(|s| Some((s, s.client_auth.as_ref()?)))
+        && let Some(verifier) = verifier
+        && let crate::client_auth::Verified::Success(id, chain) =
+            crate::client_auth::Verified::of(tls.get_ref().1)
+    {
+        lease.client_cert = Some(Arc::new(ClientCert::of(id, chain, site, auth, verifier)));
+    }
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let shutdown = lease.shutdown.clone();
     let conn = Conn::new(lease, sni);

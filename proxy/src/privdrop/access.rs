@@ -59,6 +59,25 @@ impl fmt::Display for Problem {
 pub fn needed(config: &Config) -> Vec<Needed> {
     let mut out = Vec::new();
     for site in &config.sites {
+        if let Some(auth) = &site.client_auth {
+            out.push(Needed {
+                path: auth.ca.clone(),
+                what: "client CA bundle (read again when it changes)",
+                access: Access::Read,
+                secret: false,
+            });
+            if let Some(dir) = &auth.crl {
+                // Listed and each file read on every change: read and enter.
+                for access in [Access::Read, Access::EnterDir] {
+                    out.push(Needed {
+                        path: dir.clone(),
+                        what: "CRL folder (listed and read again when it changes)",
+                        access,
+                        secret: false,
+                    });
+                }
+            }
+        }
         let CertSource::Files { cert, key } = &site.tls else {
             continue;
         };

@@ -177,6 +177,7 @@ impl<S: Store> RateLimits<S> {
     pub async fn check(
         &self,
         client: IpAddr,
+        cert_key: Option<u128>,
         req: &mut Request<Incoming>,
         max_body: u64,
         body_timeout: Duration,
@@ -189,7 +190,11 @@ impl<S: Store> RateLimits<S> {
             .filter(|l| l.matches(req.method(), req.uri().path()) && !l.exempts(client))
             .collect();
         for limit in &matching {
-            if let Err(wait) = limit.store.count_client(limit.client_key(client)).await {
+            if let Err(wait) = limit
+                .store
+                .count_client(limit.client_key(client, cert_key))
+                .await
+            {
                 return Err(limit.refuse(client, None, wait, &self.refusals));
             }
         }
@@ -286,6 +291,7 @@ mod tests {
                 per_account: None,
                 exempt: vec![],
                 ipv6_prefix: 64,
+                key: portcullis_config::RateKey::ClientAddr,
                 max_keys: 1000,
             }],
             Arc::default(),
@@ -312,6 +318,7 @@ mod tests {
             per_account: None,
             exempt: vec![],
             ipv6_prefix: 64,
+            key: portcullis_config::RateKey::ClientAddr,
             max_keys: 1000,
         };
         let first = RateLimits::new(&[limit("a", 1), limit("b", 1)], Arc::default(), None);

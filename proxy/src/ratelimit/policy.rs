@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use portcullis_config::{Cidr, PathMatch, RateLimit};
+use portcullis_config::{Cidr, PathMatch, RateKey, RateLimit};
 
 use crate::telemetry::{Refusals, refused};
 
@@ -73,8 +73,13 @@ impl<S> Limit<S> {
         self.exempt.iter().any(|c| c.contains(client))
     }
 
-    pub(super) fn client_key(&self, client: IpAddr) -> u128 {
-        client_key(client, self.ipv6_prefix)
+    /// The key `client` is counted under: with `key = "client_cert"` its certificate's (`cert_key`, the
+    /// first 128 bits of its SHA-256 fingerprint) when it has one, else its address's.
+    pub(super) fn client_key(&self, client: IpAddr, cert_key: Option<u128>) -> u128 {
+        match (self.settings.key, cert_key) {
+            (RateKey::ClientCert, Some(k)) => k,
+            _ => client_key(client, self.ipv6_prefix),
+        }
     }
 
     /// Rejections so far (for the metrics).

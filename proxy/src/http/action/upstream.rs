@@ -14,7 +14,7 @@ use crate::http::ctx::Ctx;
 use crate::http::filters::{Admitted, closing, timed_out, too_large};
 use crate::http::guard::UpgradeGate;
 use crate::http::request_id::X_REQUEST_ID;
-use crate::http::{forwarded, hop, pages, tunnel};
+use crate::http::{client_cert, forwarded, hop, pages, tunnel};
 use crate::pace::Rule;
 use crate::telemetry::{Access, refused};
 use crate::upstream::{self, Answer, Failure};
@@ -64,6 +64,11 @@ pub async fn run(
         requested.as_ref(),
         &ctx.lease.port,
         &ctx.snap.config.trusted_proxies,
+    );
+    client_cert::set(
+        &mut parts.headers,
+        admitted.client_auth,
+        admitted.client_cert.as_ref().map(|(c, v)| (&**c, v)),
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     match &requested {
