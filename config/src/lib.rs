@@ -38,9 +38,9 @@ pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
     Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, ClientAuth, ClientAuthMode,
-    Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance,
-    PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route, SecurityHeaders, ServerAddr,
-    Site, Static, StaticKind, Timeouts, Tls, TlsVersion, Upstream,
+    Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log, LogFormat,
+    Maintenance, PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route, SecurityHeaders,
+    ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
