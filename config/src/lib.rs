@@ -38,8 +38,8 @@ pub use error::{Error, Problem};
 pub use model::{
     Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Config, Eab, HeaderRule,
     Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
-    RateLimit, Route, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
-    TlsVersion, Upstream,
+    RateLimit, Route, Sandbox, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts,
+    Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 

@@ -81,6 +81,19 @@ pub struct Process {
     pub group: Option<String>,
     /// The private folder (0700) for buffered bodies that outgrow memory; files there are unlinked at creation.
     pub temp_dir: PathBuf,
+    /// Whether the process confines itself after the drop (Landlock: only the files the config names).
+    pub sandbox: Sandbox,
+}
+
+/// `[process] sandbox`: what to do about the Landlock filesystem sandbox applied after the privilege drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// Confine where the kernel can; a kernel without Landlock is warned about once, then serving goes on.
+    BestEffort,
+    /// Refuse to start (exit 64) on a kernel that cannot enforce the sandbox.
+    Require,
+    /// No sandbox at all: the process can read whatever its user can (a dangerous opt-out).
+    Off,
 }
 
 /// One site: the host names it answers, its certificate, its routes (longest prefix first).

@@ -47,6 +47,8 @@ pub struct Shared {
     pub request_ids: RequestIds,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
+    /// The sandbox set up at start (fixed for the process's life): what a reload's paths must fit in.
+    pub sandbox: crate::sandbox::State,
     live: ArcSwap<Snapshot>,
 }
 
@@ -87,6 +89,7 @@ impl Shared {
         sites: Arc<portcullis_certs::Sites>,
         maintenance_page: Option<Bytes>,
         https_port: u16,
+        sandbox: crate::sandbox::State,
     ) -> Shared {
         let l = &config.limits;
         let refusals = Arc::new(Refusals::default());
@@ -119,6 +122,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             request_ids: RequestIds::default(),
             https_port,
+            sandbox,
             live: ArcSwap::from_pointee(snapshot),
         }
     }
