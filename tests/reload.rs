@@ -424,7 +424,11 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
-    let s = Setup::new("", &site(&["b.test"], certs.path(), "b", "b", &b.addr_string())).await;
+    let s = Setup::new(
+        "",
+        &site(&["b.test"], certs.path(), "b", "b", &b.addr_string()),
+    )
+    .await;
     let a = &s.upstream;
     let default = default_leaf(&s).await;
     // Site c's files were never written; the same config also moves `/` to b.
@@ -459,7 +463,11 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test", "www.b.test"], None);
-    let s = Setup::new("", &site(&["b.test"], certs.path(), "b", "b", &b.addr_string())).await;
+    let s = Setup::new(
+        "",
+        &site(&["b.test"], certs.path(), "b", "b", &b.addr_string()),
+    )
+    .await;
     let a = &s.upstream;
     let default = default_leaf(&s).await;
     assert_eq!(get_as(s.https(), "www.b.test", false, "/").await.0, default);
@@ -494,7 +502,13 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let moved = config(
         &s.pki,
         &a.addr_string(),
-        &site(&["www.b.test"], certs.path(), "moved", "b", &b.addr_string()),
+        &site(
+            &["www.b.test"],
+            certs.path(),
+            "moved",
+            "b",
+            &b.addr_string(),
+        ),
     );
     let line = reload(&s, &moved, 3);
     assert!(

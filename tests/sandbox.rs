@@ -40,7 +40,11 @@ async fn require_on_a_kernel_without_landlock_refuses_to_start_with_exit_64() {
     let mut p = Portcullis::run_with_env(&path, &[NO_LANDLOCK]);
     assert!(!p.ready, "started:\n{}", p.output());
     assert_eq!(p.wait().code(), Some(64), "{}", p.output());
-    assert!(p.output().contains("sandbox = \"require\""), "{}", p.output());
+    assert!(
+        p.output().contains("sandbox = \"require\""),
+        "{}",
+        p.output()
+    );
 }
 
 #[tokio::test]
@@ -63,8 +67,14 @@ async fn a_reload_naming_a_certificate_folder_outside_the_sandbox_needs_a_restar
     let other = Pki::new(outside.path(), &[]);
     let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml"))
         .unwrap()
-        .replace(&s.pki.cert.display().to_string(), &other.cert.display().to_string())
-        .replace(&s.pki.key.display().to_string(), &other.key.display().to_string());
+        .replace(
+            &s.pki.cert.display().to_string(),
+            &other.cert.display().to_string(),
+        )
+        .replace(
+            &s.pki.key.display().to_string(),
+            &other.key.display().to_string(),
+        );
     s.dir.write("portcullis.toml", &text);
     s.proxy.signal("HUP");
     let line = s
@@ -72,7 +82,10 @@ async fn a_reload_naming_a_certificate_folder_outside_the_sandbox_needs_a_restar
         .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
         .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
     assert!(line.contains("needs a restart"), "{line}");
-    assert!(line.contains(&outside.path().display().to_string()), "{line}");
+    assert!(
+        line.contains(&outside.path().display().to_string()),
+        "{line}"
+    );
     // Nothing was half-applied: the running certificate is still served.
     let resp = s.client.get(s.https(), "/after").await;
     assert_eq!(resp.status(), 200);

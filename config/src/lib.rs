@@ -36,10 +36,10 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, Config, Eab, HeaderRule,
-    Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate,
-    RateLimit, Route, Sandbox, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts,
-    Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, AcmePaths, Action, Admin, Balance, Buffers, CertSource, Config, Eab,
+    HeaderRule, Health, Limits, Listen, Log, LogFormat, Maintenance, PathMatch, PerAccount,
+    Process, Rate, RateLimit, Route, Sandbox, SecurityHeaders, ServerAddr, Site, Static,
+    StaticKind, Timeouts, Tls, TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -96,6 +96,7 @@ impl Checker<'_> {
             sites.push(self.site(i, s, &f.upstream, limits.body));
         }
         self.distinct_site_names(&sites);
+        let acme_paths = f.acme.as_ref().map(|a| self.acme_paths(a.get_ref()));
         let acme = self.acme(f.acme, &sites, usize::from(top_level), &listen);
         let strict_sni = f.strict_sni.is_some_and(|s| *s.get_ref());
         let trusted_proxies = self.trusted_proxies(f.trusted_proxies, &listen);
@@ -124,6 +125,7 @@ impl Checker<'_> {
             maintenance,
             rate_limits,
             acme,
+            acme_paths,
             admin,
             warnings: Vec::new(),
         }

@@ -35,6 +35,9 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
     pub acme: Option<Acme>,
+    /// `[acme]`'s `state_dir` and `ca_root` whenever the section is written, used by a site or not: the
+    /// sandbox allows them from the start, since a reload may add the first `acme = true` site.
+    pub acme_paths: Option<AcmePaths>,
     /// `[admin]`: the admin listener; `None` without the section (no admin listener).
     pub admin: Option<Admin>,
     /// Things that work but deserve a second look (`check` prints them; they do not fail it).
@@ -83,6 +86,13 @@ pub struct Process {
     pub temp_dir: PathBuf,
     /// Whether the process confines itself after the drop (Landlock: only the files the config names).
     pub sandbox: Sandbox,
+}
+
+/// The folders `[acme]` names (see [`Config::acme_paths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmePaths {
+    pub state_dir: PathBuf,
+    pub ca_root: Option<PathBuf>,
 }
 
 /// `[process] sandbox`: what to do about the Landlock filesystem sandbox applied after the privilege drop.

@@ -46,7 +46,10 @@ const SYSTEM_READ: &[(&str, &str)] = &[
     // check reads /proc/self/task/*/status); the kernel resolves it at start to /proc/PID.
     ("/proc/self", "the process's own /proc entry"),
     ("/sys/fs/cgroup", "CPU quota (the runtime's thread count)"),
-    ("/sys/devices/system/cpu", "CPU count (the runtime's thread count)"),
+    (
+        "/sys/devices/system/cpu",
+        "CPU count (the runtime's thread count)",
+    ),
 ];
 
 /// Read-only or read-write beneath a path.
@@ -221,6 +224,24 @@ fn config_rules(config: &Config) -> Vec<Rule> {
                     }
                 }
             }
+        }
+    }
+    // `[acme]` without an ACME site yet: a reload that adds the first one starts ACME, so its folders are
+    // allowed from the start (`needed` lists them only once a site uses them).
+    if let Some(acme) = &config.acme_paths {
+        let state = acme
+            .state_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(&acme.state_dir);
+        push(
+            &mut out,
+            state,
+            Rights::ReadWrite,
+            "ACME state directory (or the folder it will be created in)",
+        );
+        if let Some(dir) = acme.ca_root.as_deref().and_then(Path::parent) {
+            push(&mut out, dir, Rights::Read, "ACME CA root's folder");
         }
     }
     if let Some(page) = &config.maintenance.page
