@@ -109,3 +109,74 @@ async fn a_certificate_swapped_for_a_link_outside_the_sandbox_is_refused_by_the_
     let resp = s.client.get(s.https(), "/after").await;
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_static_route_gives_nothing_from_outside_its_folder_through_a_link() {
+    let outside = TempDir::new("sandbox-outside");
+    let secret = outside.write("secret", "TOP-SECRET-sandbox");
+    let www = TempDir::new("sandbox-www");
+    www.write("index.html", "inside");
+    std::os::unix::fs::symlink(&secret, www.path().join("leak.html")).unwrap();
+    let s = Setup::new(
+        "",
+        &format!(
+            "[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n",
+            www.path().display()
+        ),
+    )
+    .await;
+    let ok = s.client.get(s.https(), "/www/index.html").await;
+    assert_eq!(ok.status(), 200);
+    let leak = s.client.get(s.https(), "/www/leak.html").await;
+    assert_eq!(leak.status(), 404);
+    assert!(!String::from_utf8_lossy(leak.body()).contains("TOP-SECRET"));
+}
+
+#[tokio::test]
+async fn a_reload_adding_a_static_folder_outside_the_sandbox_needs_a_restart() {
+    let s = Setup::new("", "").await;
+    let www = TempDir::new("sandbox-www");
+    www.write("index.html", "new");
+    let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml")).unwrap();
+    let text = format!(
+        "{text}\n[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n",
+        www.path().display()
+    );
+    s.dir.write("portcullis.toml", &text);
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
+        .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
+    assert!(line.contains("needs a restart"), "{line}");
+    assert!(line.contains(&www.path().display().to_string()), "{line}");
+    // Not half-applied: the route does not exist, `/` still goes upstream.
+    let resp = s.client.get(s.https(), "/www/index.html").await;
+    assert_ne!(String::from_utf8_lossy(resp.body()), "new");
+}
+
+#[test]
+fn check_lists_what_the_sandbox_allows() {
+    let dir = TempDir::new("sandbox-check");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = std::process::Command::new(portcullis_tests::binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sandbox: Landlock (best effort), no execute"),
+        "{stdout}"
+    );
+    let folder = std::fs::canonicalize(dir.path()).unwrap();
+    assert!(
+        stdout.contains(&format!(
+            "read       {} (config file's folder)",
+            folder.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("read-write "), "{stdout}");
+    assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
+}
