@@ -79,6 +79,14 @@ async fn root_start_binds_443_and_80_then_runs_as_nobody_with_no_capability_and_
         "{}",
         proxy.output()
     );
+    // The same line names the sandbox (issue 18): on by default, and this kernel has Landlock.
+    assert!(
+        proxy
+            .output()
+            .contains("; Landlock sandbox (fully enforced"),
+        "{}",
+        proxy.output()
+    );
 
     let res = Client::new(&d.pki.ca_pem)
         .get(addr, "/after-the-drop")

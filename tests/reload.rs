@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -289,13 +290,13 @@ async fn served(
 
 /// A `[[site]]` for `names` with the certificate `dir/stem.pem` + `dir/stem.key` and one route `/` to
 /// the upstream `up`, defined at `addr`.
-fn site(names: &[&str], dir: &TempDir, stem: &str, up: &str, addr: &str) -> String {
+fn site(names: &[&str], dir: &Path, stem: &str, up: &str, addr: &str) -> String {
     let names: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
     format!(
         "[[site]]\nnames = [{}]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n  [[site.route]]\n  path = \"/\"\n  upstream = \"{up}\"\n\n[upstream.{up}]\nservers = [\"{addr}\"]\n",
         names.join(", "),
-        dir.path().join(format!("{stem}.pem")).display(),
-        dir.path().join(format!("{stem}.key")).display(),
+        dir.join(format!("{stem}.pem")).display(),
+        dir.join(format!("{stem}.key")).display(),
     )
 }
 
@@ -308,8 +309,11 @@ async fn default_leaf(s: &Setup) -> Vec<u8> {
 async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     let s = Setup::new("", "").await;
     let (a, b) = (&s.upstream, Upstream::tcp().await);
-    let certs = TempDir::new("site-b");
-    let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    // Beneath the config's folder, which the sandbox set at start allows (a folder it does not allow
+    // needs a restart: tests/sandbox.rs).
+    let certs = s.dir.path().join("site-b");
+    std::fs::create_dir(&certs).unwrap();
+    let b_leaf = TestCa::new().issue(&certs, "b", &["b.test"], None);
     let default = default_leaf(&s).await;
     // Before: b.test is an unknown name, served by the default site.
     served(&s, &b, "b.test", false, "/before", &default, false).await;
@@ -339,7 +343,7 @@ async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
     s.proxy
         .wait_for_log(|l| l.contains("reload on SIGHUP done"), LIMIT)
         .unwrap();
-    let b_renewed = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
+    let b_renewed = TestCa::new().issue(&certs, "b", &["b.test"], None);
     let reloaded = |l: &str| l.contains("certificate reloaded") && l.contains("site=1");
     // One `certificate reloaded` line for site 1 came from the SIGHUP's pass over every pair.
     s.proxy
@@ -365,7 +369,7 @@ async fn a_site_removed_by_sighup_is_an_unknown_name_while_its_open_requests_fin
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
-    let b_site = site(&["b.test"], &certs, "b", "b", &b.addr_string());
+    let b_site = site(&["b.test"], certs.path(), "b", "b", &b.addr_string());
     let s = Setup::new("", &b_site).await;
     let a = &s.upstream;
     let default = default_leaf(&s).await;
@@ -420,7 +424,11 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test"], None);
-    let s = Setup::new("", &site(&["b.test"], &certs, "b", "b", &b.addr_string())).await;
+    let s = Setup::new(
+        "",
+        &site(&["b.test"], certs.path(), "b", "b", &b.addr_string()),
+    )
+    .await;
     let a = &s.upstream;
     let default = default_leaf(&s).await;
     // Site c's files were never written; the same config also moves `/` to b.
@@ -429,8 +437,8 @@ async fn a_new_site_whose_certificate_is_missing_refuses_the_reload_whole() {
         &b.addr_string(),
         &format!(
             "{}{}",
-            site(&["b.test"], &certs, "b", "b", &b.addr_string()),
-            site(&["c.test"], &certs, "c", "c", &a.addr_string())
+            site(&["b.test"], certs.path(), "b", "b", &b.addr_string()),
+            site(&["c.test"], certs.path(), "c", "c", &a.addr_string())
         ),
     );
     let line = reload(&s, &broken, 1);
@@ -455,7 +463,11 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let b = Upstream::tcp().await;
     let certs = TempDir::new("site-b");
     let b_leaf = TestCa::new().issue(certs.path(), "b", &["b.test", "www.b.test"], None);
-    let s = Setup::new("", &site(&["b.test"], &certs, "b", "b", &b.addr_string())).await;
+    let s = Setup::new(
+        "",
+        &site(&["b.test"], certs.path(), "b", "b", &b.addr_string()),
+    )
+    .await;
     let a = &s.upstream;
     let default = default_leaf(&s).await;
     assert_eq!(get_as(s.https(), "www.b.test", false, "/").await.0, default);
@@ -463,7 +475,7 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let renamed = config(
         &s.pki,
         &a.addr_string(),
-        &site(&["www.b.test"], &certs, "b", "b", &b.addr_string()),
+        &site(&["www.b.test"], certs.path(), "b", "b", &b.addr_string()),
     );
     let line = reload(&s, &renamed, 1);
     assert!(line.contains("config reloaded"), "{line}");
@@ -478,7 +490,7 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let uncovered = config(
         &s.pki,
         &a.addr_string(),
-        &site(&["other.test"], &certs, "b", "b", &b.addr_string()),
+        &site(&["other.test"], certs.path(), "b", "b", &b.addr_string()),
     );
     let line = reload(&s, &uncovered, 2);
     assert!(line.contains("config reload failed"), "{line}");
@@ -490,7 +502,13 @@ async fn a_site_renamed_by_sighup_answers_to_its_new_names_only_and_can_move_its
     let moved = config(
         &s.pki,
         &a.addr_string(),
-        &site(&["www.b.test"], &certs, "moved", "b", &b.addr_string()),
+        &site(
+            &["www.b.test"],
+            certs.path(),
+            "moved",
+            "b",
+            &b.addr_string(),
+        ),
     );
     let line = reload(&s, &moved, 3);
     assert!(

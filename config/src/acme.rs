@@ -8,11 +8,22 @@ use std::time::Duration;
 
 use crate::check::Checker;
 use crate::file::{self, S};
-use crate::model::{Acme, AcmeChallenge, CertSource, Eab, Listen, Site};
+use crate::model::{Acme, AcmeChallenge, AcmePaths, CertSource, Eab, Listen, Site};
 use crate::{defaults, duration};
 
 impl Checker<'_> {
     /// `[acme]` and the sites that use it. `first_site` is the index of `[[site]]` 0 in `sites`.
+    /// The folders the section names, as the checked `[acme]` would have them.
+    pub(crate) fn acme_paths(&self, a: &file::Acme) -> AcmePaths {
+        AcmePaths {
+            state_dir: a.state_dir.as_ref().map_or_else(
+                || PathBuf::from(defaults::ACME_STATE_DIR),
+                |d| self.resolve(d.get_ref()),
+            ),
+            ca_root: a.ca_root.as_ref().map(|p| self.resolve(p.get_ref())),
+        }
+    }
+
     pub(crate) fn acme(
         &mut self,
         a: Option<S<file::Acme>>,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::model::{LogFormat, TlsVersion};
+use crate::model::{LogFormat, Sandbox, TlsVersion};
 
 pub const HTTPS: &[&str] = &["0.0.0.0:443", "[::]:443"];
 pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
@@ -145,6 +145,9 @@ pub const ACME_DIRECTORY_STAGING: &str = "https://acme-staging-v02.api.letsencry
 pub const ACME_STATE_DIR: &str = "/var/lib/portcullis/acme";
 /// Prove each name reaches this instance before ordering: no failed authorization spent on a misconfiguration.
 pub const ACME_SELF_CHECK: bool = true;
+
+/// `[process] sandbox`: confine the process with Landlock where the kernel can, warn once where it cannot.
+pub const SANDBOX: Sandbox = Sandbox::BestEffort;
 
 /// `[process] temp_dir`: under systemd's `RuntimeDirectory=` when the unit gives one (a tmpfs: files there
 /// cost memory), else `/var/tmp/portcullis` (on disk; private with the unit's `PrivateTmp=`).

@@ -272,6 +272,8 @@ pub struct Process {
     pub group: Option<S<String>>,
     /// Where buffered bodies spill (unlinked files in a private folder).
     pub temp_dir: Option<S<String>>,
+    /// "best-effort" (default), "require" or "off".
+    pub sandbox: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

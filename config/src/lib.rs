@@ -37,10 +37,11 @@ use check::Checker;
 pub use cidr::Cidr;
 pub use error::{Error, Problem};
 pub use model::{
-    Acme, AcmeChallenge, Action, Admin, Balance, Buffers, CertSource, ClientAuth, ClientAuthMode,
-    Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log, LogFormat,
-    Maintenance, PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route, SecurityHeaders,
-    ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion, Upstream,
+    Acme, AcmeChallenge, AcmePaths, Action, Admin, Balance, Buffers, CertSource, ClientAuth,
+    ClientAuthMode, Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log,
+    LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route,
+    Sandbox, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion,
+    Upstream,
 };
 pub use ratelimit::parse_rate;
 
@@ -98,6 +99,7 @@ impl Checker<'_> {
             sites.push(self.site(i, s, &f.upstream, limits.body));
         }
         self.distinct_site_names(&sites);
+        let acme_paths = f.acme.as_ref().map(|a| self.acme_paths(a.get_ref()));
         let acme = self.acme(f.acme, &sites, usize::from(top_level), &listen);
         let strict_sni = f.strict_sni.is_some_and(|s| *s.get_ref());
         let trusted_proxies = self.trusted_proxies(f.trusted_proxies, &listen);
@@ -127,6 +129,7 @@ impl Checker<'_> {
             maintenance,
             rate_limits,
             acme,
+            acme_paths,
             admin,
             cluster,
             warnings: Vec::new(),

@@ -35,6 +35,9 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// `[acme]`, with its defaults; `None` when no site has `acme = true`.
     pub acme: Option<Acme>,
+    /// `[acme]`'s `state_dir` and `ca_root` whenever the section is written, used by a site or not: the
+    /// sandbox allows them from the start, since a reload may add the first `acme = true` site.
+    pub acme_paths: Option<AcmePaths>,
     /// `[admin]`: the admin listener; `None` without the section (no admin listener).
     pub admin: Option<Admin>,
     /// `[cluster]`: the Redis several nodes share; `None` without the section (this node's state is its own).
@@ -83,6 +86,26 @@ pub struct Process {
     pub group: Option<String>,
     /// The private folder (0700) for buffered bodies that outgrow memory; files there are unlinked at creation.
     pub temp_dir: PathBuf,
+    /// Whether the process confines itself after the drop (Landlock: only the files the config names).
+    pub sandbox: Sandbox,
+}
+
+/// The folders `[acme]` names (see [`Config::acme_paths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmePaths {
+    pub state_dir: PathBuf,
+    pub ca_root: Option<PathBuf>,
+}
+
+/// `[process] sandbox`: what to do about the Landlock filesystem sandbox applied after the privilege drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// Confine where the kernel can; a kernel without Landlock is warned about once, then serving goes on.
+    BestEffort,
+    /// Refuse to start (exit 64) on a kernel that cannot enforce the sandbox.
+    Require,
+    /// No sandbox at all: the process can read whatever its user can (a dangerous opt-out).
+    Off,
 }
 
 /// One site: the host names it answers, its certificate, its routes (longest prefix first).

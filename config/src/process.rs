@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::check::Checker;
 use crate::defaults;
 use crate::file::{self, S};
-use crate::model::Process;
+use crate::model::{Process, Sandbox};
 
 impl Checker<'_> {
     pub(crate) fn process(&mut self, p: Option<file::Process>) -> Process {
@@ -14,6 +14,7 @@ impl Checker<'_> {
             user: None,
             group: None,
             temp_dir: None,
+            sandbox: None,
         });
         let mut name = |key: &str, v: Option<S<String>>| {
             let v = v?;
@@ -47,10 +48,27 @@ impl Checker<'_> {
                 path
             }
         };
+        let sandbox = match p.sandbox {
+            None => defaults::SANDBOX,
+            Some(v) => match v.get_ref().as_str() {
+                "best-effort" => Sandbox::BestEffort,
+                "require" => Sandbox::Require,
+                "off" => Sandbox::Off,
+                other => {
+                    self.problem(
+                        v.span(),
+                        "process.sandbox",
+                        format!("{other:?}: use \"best-effort\", \"require\" or \"off\""),
+                    );
+                    defaults::SANDBOX
+                }
+            },
+        };
         Process {
             user,
             group,
             temp_dir,
+            sandbox,
         }
     }
 }
@@ -73,6 +91,13 @@ mod tests {
         assert!(
             problems(&format!("{EXAMPLE}\n[process]\ntemp_dir = \"tmp\"\n"))[0]
                 .contains("process.temp_dir")
+        );
+        assert_eq!(c.process.sandbox, crate::Sandbox::BestEffort);
+        let c = parse(&format!("{EXAMPLE}\n[process]\nsandbox = \"require\"\n")).unwrap();
+        assert_eq!(c.process.sandbox, crate::Sandbox::Require);
+        assert!(
+            problems(&format!("{EXAMPLE}\n[process]\nsandbox = \"on\"\n"))[0]
+                .contains("process.sandbox")
         );
         assert!(
             problems(&format!("{EXAMPLE}\n[process]\nuser = \"a b\"\n"))[0]

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use portcullis_certs::inspect::{Info, format_time};
 use portcullis_config::{CertSource, Config, Site};
 
-use crate::{cli, http, privdrop};
+use crate::{cli, http, privdrop, sandbox};
 
 pub mod live;
 
@@ -71,6 +71,7 @@ pub fn run(path: &Path) -> ExitCode {
     if !problems.is_empty() {
         return ExitCode::from(cli::EXIT_CONFIG);
     }
+    sandbox_report(&config);
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
 }
@@ -135,6 +136,23 @@ fn client_auth_report(path: &Path, i: usize, site: &Site) -> bool {
         );
     }
     true
+}
+
+/// What the sandbox `run` sets up after the drop will allow (Landlock; nothing else is reachable, and
+/// nothing can be executed).
+fn sandbox_report(config: &Config) {
+    if config.process.sandbox == portcullis_config::Sandbox::Off {
+        println!("sandbox: off ([process] sandbox = \"off\"): the service user's own access only");
+        return;
+    }
+    let mode = match config.process.sandbox {
+        portcullis_config::Sandbox::Require => "required",
+        _ => "best effort",
+    };
+    println!("sandbox: Landlock ({mode}), no execute; allowed:");
+    for rule in sandbox::rules(config) {
+        println!("  {rule}");
+    }
 }
 
 /// The config, or its problems printed and exit code 64.

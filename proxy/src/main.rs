@@ -1,6 +1,6 @@
 //! `portcullis`: the numbered steps from the command line to the exit code. Each step is a call into a
 //! module of its own: `check` is `portcullis check`'s report, `demo` the demo's start-up, `tasks` what
-//! serving starts, `signals` what ends it.
+//! serving starts, `signals` what ends it, `privdrop` and `sandbox` what the process gives up.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,7 @@ mod privdrop;
 mod ratelimit;
 mod reconfigure;
 mod reload;
+mod sandbox;
 mod scrape;
 mod sdnotify;
 mod shutdown;
@@ -163,6 +164,22 @@ fn run(
     //    then start the runtime, whose threads are born unprivileged, and prove the drop on every one.
     let dropped =
         privdrop::apply(&plan).map_err(|e| failed(format_args!("cannot drop privileges: {e}")))?;
+    //    Then the sandbox, still single-threaded: every thread made from now on is confined to the files the
+    //    config names (Landlock). `require` on a kernel without it is the operator's to fix: exit 64.
+    let sandbox = sandbox::apply(&config).map_err(|e| match e {
+        sandbox::Error::Required => bad_config(&config, e),
+        e => failed(e),
+    })?;
+    match &sandbox {
+        sandbox::State::Unsupported => tracing::warn!(
+            "this kernel does not enforce Landlock: running without the filesystem sandbox; [process] \
+             sandbox = \"require\" refuses to start instead"
+        ),
+        sandbox::State::Off => tracing::warn!(
+            "INSECURE: [process] sandbox = \"off\": the process can read and write whatever its user can"
+        ),
+        sandbox::State::Enforced { .. } => {}
+    }
     //    The access log's writer thread, born with the credentials every thread has from now on.
     let _access_log = access_file.as_ref().and_then(logfile::AccessFile::start);
     if dropped.is_none() {
@@ -178,9 +195,11 @@ fn run(
     if let Some(d) = dropped {
         let threads = privdrop::verify(d).map_err(failed)?;
         tracing::info!(
-            "privileges dropped: running as {}, no capabilities, no new privileges ({threads} threads checked)",
+            "privileges dropped: running as {}, no capabilities, no new privileges ({threads} threads checked); {sandbox}",
             plan.identity()
         );
+    } else {
+        tracing::info!("{sandbox}");
     }
 
     // 7. and 8.
@@ -193,6 +212,7 @@ fn run(
         bound,
         demo_upstream,
         access_file,
+        sandbox,
     ))
 }
 
@@ -209,6 +229,7 @@ async fn serve(
     bound: listen::Bound,
     demo_upstream: Option<std::net::TcpListener>,
     access_file: Option<logfile::AccessFile>,
+    sandbox: sandbox::State,
 ) -> Result<ExitCode, ExitCode> {
     // SIGHUP reads the config file again; the demo's config is made at start and has none.
     let config_path = demo_upstream.is_none().then(|| config.source.clone());
@@ -224,6 +245,7 @@ async fn serve(
         maintenance_page,
         listeners.https_port(),
         cluster,
+        sandbox,
     ));
     let (trigger, shutdown) = shutdown::Trigger::new();
     if let Some(up) = demo_upstream {

@@ -10,7 +10,8 @@
 //! another certificate source, `strict_sni`; an unchanged site keeps its certificate and tasks, a new
 //! one's certificate is loaded before anything is swapped (one that fails refuses the reload whole), and
 //! the new `Sites` is in the same snapshot as the routes. Then every certificate pair is read again, and
-//! systemd hears `RELOADING=1` before and `READY=1` after.
+//! systemd hears `RELOADING=1` before and `READY=1` after. A config naming a path outside the sandbox set
+//! at start (`sandbox.rs`) is refused whole as needing a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,6 +87,17 @@ impl Reconfigure {
         }
         let old = self.state.snapshot();
         let pinned = pin(&old.config, &mut config);
+        // A path the sandbox set at start does not allow (a new certificate or static folder, ...) cannot
+        // be read from now on: refused whole, before anything is read from it.
+        let outside = crate::sandbox::uncovered(&self.state.sandbox, &config);
+        if !outside.is_empty() {
+            let paths: Vec<String> = outside.iter().map(|r| r.to_string()).collect();
+            return refuse(format_args!(
+                "{}: needs a restart: the sandbox set at start does not allow {}",
+                path.display(),
+                paths.join("; ")
+            ));
+        }
         // What can fail comes first, before anything is changed.
         let page_path = config.maintenance.page.clone();
         let page = tokio::task::spawn_blocking(move || {
@@ -211,6 +223,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "process.user" => process.user;
         "process.group" => process.group;
         "process.temp_dir" => process.temp_dir;
+        "process.sandbox" => process.sandbox;
         "buffers.memory_per_request" => buffers.memory_per_request;
         "buffers.memory" => buffers.memory;
         "buffers.disk" => buffers.disk;

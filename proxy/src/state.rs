@@ -50,6 +50,8 @@ pub struct Shared {
     pub cluster: Option<crate::cluster::Node>,
     /// The port HTTPS is served on (the listeners are bound once): what a redirect names.
     https_port: u16,
+    /// The sandbox set up at start (fixed for the process's life): what a reload's paths must fit in.
+    pub sandbox: crate::sandbox::State,
     live: ArcSwap<Snapshot>,
 }
 
@@ -86,6 +88,7 @@ pub struct Snapshot {
 impl Shared {
     /// The process state and its first snapshot, from the config it started with. `maintenance_page` is
     /// `[maintenance] page` as read at start-up (`None`: the built-in page).
+    #[allow(clippy::too_many_arguments)] // each is one thing start-up made for the process state, used once
     pub fn new(
         config: Config,
         tls: Arc<rustls::ServerConfig>,
@@ -94,6 +97,7 @@ impl Shared {
         maintenance_page: Option<Bytes>,
         https_port: u16,
         cluster: Option<crate::cluster::Node>,
+        sandbox: crate::sandbox::State,
     ) -> Shared {
         let l = &config.limits;
         let refusals = Arc::new(Refusals::default());
@@ -131,6 +135,7 @@ impl Shared {
             request_ids: RequestIds::default(),
             cluster,
             https_port,
+            sandbox,
             live: ArcSwap::from_pointee(snapshot),
         }
     }

@@ -1,0 +1,182 @@
+//! The Landlock sandbox the binary sets up after the privilege drop (`[process] sandbox`): on this kernel
+//! it is enforced by default, and reading outside what the config names fails as the kernel refuses it
+//! (EACCES); a reload naming a folder outside needs a restart; a kernel without Landlock (simulated with
+//! the test switch) starts with a warning under `best-effort` and refuses under `require` (exit 64).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, Upstream, config};
+
+const LIMIT: Duration = Duration::from_secs(10);
+const NO_LANDLOCK: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK", "1");
+
+/// A config file for a fresh PKI, with `extra` appended.
+async fn write_config(extra: &str) -> (TempDir, Upstream, std::path::PathBuf) {
+    let dir = TempDir::new("sandbox");
+    let pki = Pki::new(dir.path(), &[]);
+    let up = Upstream::tcp().await;
+    let path = dir.write("portcullis.toml", &config(&pki, &up.addr_string(), extra));
+    (dir, up, path)
+}
+
+#[tokio::test]
+async fn the_sandbox_is_on_by_default_and_the_start_up_log_says_so() {
+    let s = Setup::new("", "").await;
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("Landlock sandbox"), LIMIT)
+        .unwrap_or_else(|| panic!("no sandbox line:\n{}", s.proxy.output()));
+    assert!(line.contains("fully enforced"), "{line}");
+    assert!(line.contains("no execute"), "{line}");
+    // Serving works inside it.
+    let resp = s.client.get(s.https(), "/inside").await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn require_on_a_kernel_without_landlock_refuses_to_start_with_exit_64() {
+    let (_dir, _up, path) = write_config("[process]\nsandbox = \"require\"\n").await;
+    let mut p = Portcullis::run_with_env(&path, &[NO_LANDLOCK]);
+    assert!(!p.ready, "started:\n{}", p.output());
+    assert_eq!(p.wait().code(), Some(64), "{}", p.output());
+    assert!(
+        p.output().contains("sandbox = \"require\""),
+        "{}",
+        p.output()
+    );
+}
+
+#[tokio::test]
+async fn best_effort_on_a_kernel_without_landlock_starts_with_one_warning() {
+    let (_dir, _up, path) = write_config("").await;
+    let p = Portcullis::run_with_env(&path, &[NO_LANDLOCK]);
+    assert!(p.ready, "did not start:\n{}", p.output());
+    let warned = p
+        .lines()
+        .iter()
+        .filter(|l| l.contains("does not enforce Landlock"))
+        .count();
+    assert_eq!(warned, 1, "{}", p.output());
+}
+
+#[tokio::test]
+async fn a_reload_naming_a_certificate_folder_outside_the_sandbox_needs_a_restart() {
+    let s = Setup::new("", "").await;
+    let outside = TempDir::new("sandbox-outside");
+    let other = Pki::new(outside.path(), &[]);
+    let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml"))
+        .unwrap()
+        .replace(
+            &s.pki.cert.display().to_string(),
+            &other.cert.display().to_string(),
+        )
+        .replace(
+            &s.pki.key.display().to_string(),
+            &other.key.display().to_string(),
+        );
+    s.dir.write("portcullis.toml", &text);
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
+        .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
+    assert!(line.contains("needs a restart"), "{line}");
+    assert!(
+        line.contains(&outside.path().display().to_string()),
+        "{line}"
+    );
+    // Nothing was half-applied: the running certificate is still served.
+    let resp = s.client.get(s.https(), "/after").await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_certificate_swapped_for_a_link_outside_the_sandbox_is_refused_by_the_kernel() {
+    let s = Setup::new("", "").await;
+    // A valid pair outside every allowed folder, linked in where the running certificate is: the
+    // reload (on a runtime worker thread) opens it through the link, and Landlock refuses.
+    let outside = TempDir::new("sandbox-outside");
+    let other = Pki::new(outside.path(), &[]);
+    std::fs::remove_file(&s.pki.cert).unwrap();
+    std::os::unix::fs::symlink(&other.cert, &s.pki.cert).unwrap();
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("Permission denied"), LIMIT)
+        .unwrap_or_else(|| panic!("no EACCES:\n{}", s.proxy.output()));
+    assert!(line.contains("os error 13"), "{line}");
+    let resp = s.client.get(s.https(), "/after").await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_static_route_gives_nothing_from_outside_its_folder_through_a_link() {
+    let outside = TempDir::new("sandbox-outside");
+    let secret = outside.write("secret", "TOP-SECRET-sandbox");
+    let www = TempDir::new("sandbox-www");
+    www.write("index.html", "inside");
+    std::os::unix::fs::symlink(&secret, www.path().join("leak.html")).unwrap();
+    let s = Setup::new(
+        "",
+        &format!(
+            "[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n",
+            www.path().display()
+        ),
+    )
+    .await;
+    let ok = s.client.get(s.https(), "/www/index.html").await;
+    assert_eq!(ok.status(), 200);
+    let leak = s.client.get(s.https(), "/www/leak.html").await;
+    assert_eq!(leak.status(), 404);
+    assert!(!String::from_utf8_lossy(leak.body()).contains("TOP-SECRET"));
+}
+
+#[tokio::test]
+async fn a_reload_adding_a_static_folder_outside_the_sandbox_needs_a_restart() {
+    let s = Setup::new("", "").await;
+    let www = TempDir::new("sandbox-www");
+    www.write("index.html", "new");
+    let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml")).unwrap();
+    let text = format!(
+        "{text}\n[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n",
+        www.path().display()
+    );
+    s.dir.write("portcullis.toml", &text);
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
+        .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
+    assert!(line.contains("needs a restart"), "{line}");
+    assert!(line.contains(&www.path().display().to_string()), "{line}");
+    // Not half-applied: the route does not exist, `/` still goes upstream.
+    let resp = s.client.get(s.https(), "/www/index.html").await;
+    assert_ne!(String::from_utf8_lossy(resp.body()), "new");
+}
+
+#[test]
+fn check_lists_what_the_sandbox_allows() {
+    let dir = TempDir::new("sandbox-check");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = std::process::Command::new(portcullis_tests::binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sandbox: Landlock (best effort), no execute"),
+        "{stdout}"
+    );
+    let folder = std::fs::canonicalize(dir.path()).unwrap();
+    assert!(
+        stdout.contains(&format!(
+            "read       {} (config file's folder)",
+            folder.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("read-write "), "{stdout}");
+    assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
+}
