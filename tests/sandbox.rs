@@ -2,14 +2,111 @@
 //! it is enforced by default, and reading outside what the config names fails as the kernel refuses it
 //! (EACCES); a reload naming a folder outside needs a restart; a kernel without Landlock (simulated with
 //! the test switch) starts with a warning under `best-effort` and refuses under `require` (exit 64).
+//! From inside (the debug build's `PORTCULLIS_TEST_SANDBOX_PROBE`, run on a runtime thread once ready),
+//! as `nobody`: a file the user may read by its mode but outside the sandbox is refused, no program runs,
+//! and TCP connects only to what the config names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod launch;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 use std::time::Duration;
 
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, Upstream, config};
+use portcullis_tests::{Pki, Portcullis, Setup, TempDir, Upstream, binary, config};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NO_LANDLOCK: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK", "1");
+const PROBE: &str = "PORTCULLIS_TEST_SANDBOX_PROBE";
+
+/// Waits for the probe line of `what` (`read /path`, `connect 127.0.0.1:9`, ...) and gives its result.
+fn probe_result(log: impl Fn(Duration) -> Option<String>, what: &str) -> String {
+    let line = log(LIMIT).unwrap_or_else(|| panic!("no probe line for {what}"));
+    line.split_once(&format!("sandbox probe: {what}: "))
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_nobody_inside_the_sandbox_no_file_outside_is_read_nothing_runs_and_only_named_ports_connect()
+ {
+    launch::require_root();
+    let d = launch::Deployment::new("sandbox-probe").await;
+    // A file `nobody` may read by its mode bits, in a folder it may enter: only Landlock stands in the way.
+    let outside = TempDir::new("sandbox-outside");
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = outside.write("secret", "TOP-SECRET");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A port that is not an upstream, listening on loopback.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = other.local_addr().unwrap();
+    let up = d.upstream.addr_string();
+    let user = "[process]\nuser = \"nobody\"\n";
+    let path = d.dir.write("portcullis.toml", &config(&d.pki, &up, user));
+    let probes = [
+        format!("read:{}", d.pki.cert.display()),
+        format!("read:{}", secret.display()),
+        "exec:/bin/true".to_owned(),
+        format!("connect:{up}"),
+        format!("connect:{other}"),
+    ]
+    .join(",");
+    let mut cmd = Command::new(binary());
+    cmd.args(["run", "--config", path.to_str().unwrap()])
+        .env(PROBE, &probes);
+    let proxy = launch::Launched::start(cmd);
+    assert!(proxy.ready, "did not start:\n{}", proxy.output());
+    let result = |what: &str| {
+        let what = what.to_owned();
+        probe_result(
+            |limit| proxy.wait_for(|l| l.contains(&format!("sandbox probe: {what}: ")), limit),
+            &what,
+        )
+    };
+    assert_eq!(result(&format!("read {}", d.pki.cert.display())), "ok");
+    assert_eq!(
+        result(&format!("read {}", secret.display())),
+        "Permission denied (os error 13)"
+    );
+    assert_eq!(result("exec /bin/true"), "Permission denied (os error 13)");
+    assert_eq!(result(&format!("connect {up}")), "ok");
+    assert_eq!(
+        result(&format!("connect {other}")),
+        "Permission denied (os error 13)"
+    );
+    // And it still serves, through the upstream port it may connect to.
+    let res = portcullis_tests::Client::new(&d.pki.ca_pem)
+        .get(proxy.listening("https").unwrap(), "/after-the-probes")
+        .await;
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn a_reload_adding_an_upstream_on_a_port_outside_the_sandbox_needs_a_restart() {
+    let s = Setup::new("", "").await;
+    let other = Upstream::tcp().await;
+    let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml")).unwrap();
+    let text = format!(
+        "{text}\n[[route]]\npath = \"/other/\"\nupstream = \"other\"\n\n[upstream.other]\nservers = [\"{}\"]\n",
+        other.addr_string()
+    );
+    s.dir.write("portcullis.toml", &text);
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
+        .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
+    assert!(line.contains("needs a restart"), "{line}");
+    let port = other.addr_string().rsplit(':').next().unwrap().to_owned();
+    assert!(
+        line.contains(&format!("connect    tcp port {port}")),
+        "{line}"
+    );
+    // Not half-applied: /other/ still goes to the first upstream.
+    let resp = s.client.get(s.https(), "/other/x").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.upstream.last().target, "/other/x");
+}
 
 /// A config file for a fresh PKI, with `extra` appended.
 async fn write_config(extra: &str) -> (TempDir, Upstream, std::path::PathBuf) {
@@ -160,7 +257,7 @@ fn check_lists_what_the_sandbox_allows() {
     let dir = TempDir::new("sandbox-check");
     let pki = Pki::new(dir.path(), &[]);
     let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
-    let out = std::process::Command::new(portcullis_tests::binary())
+    let out = Command::new(binary())
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
@@ -178,5 +275,13 @@ fn check_lists_what_the_sandbox_allows() {
         "{stdout}"
     );
     assert!(stdout.contains("read-write "), "{stdout}");
+    assert!(
+        stdout.contains("connect    tcp port 9 (upstream server)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("connect    tcp port 53 (DNS over TCP)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
 }
