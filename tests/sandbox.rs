@@ -4,10 +4,13 @@
 //! the test switch) starts with a warning under `best-effort` and refuses under `require` (exit 64).
 //! From inside (the debug build's `PORTCULLIS_TEST_SANDBOX_PROBE`, run on a runtime thread once ready),
 //! as `nobody`: a file the user may read by its mode but outside the sandbox is refused, no program runs,
-//! and TCP connects only to what the config names.
+//! and TCP connects only to what the config names; ACME against Pebble gets and serves its certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod launch;
+#[allow(dead_code)]
+#[path = "acme/pebble.rs"]
+mod pebble;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -284,4 +287,78 @@ fn check_lists_what_the_sandbox_allows() {
         "{stdout}"
     );
     assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_nobody_inside_the_sandbox_acme_against_pebble_gets_and_serves_its_certificate() {
+    launch::require_root();
+    let (https, http) = (pebble::free_port(), pebble::free_port());
+    let ca = pebble::Pebble::start(pebble::Options::new(http, https));
+    let dir = TempDir::new("sandbox-acme");
+    let (uid, gid) = launch::nobody();
+    // The state and temp folders an operator (or the package) makes for the service user.
+    let state = dir.path().join("state");
+    let buffers = dir.path().join("buffers");
+    for d in [&state, &buffers] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let up = Upstream::tcp().await;
+    let text = format!(
+        r#"names = ["localhost"]
+
+[listen]
+https = ["127.0.0.1:{https}"]
+http = ["127.0.0.1:{http}"]
+
+[tls]
+acme = true
+
+[[route]]
+path = "/"
+upstream = "app"
+
+[upstream.app]
+servers = ["{}"]
+
+[acme]
+directory = "{}"
+ca_root = "{}"
+state_dir = "{}"
+challenge = "http-01"
+validation_port = {http}
+
+[process]
+user = "nobody"
+temp_dir = "{}"
+"#,
+        up.addr_string(),
+        ca.directory,
+        ca.api_ca.display(),
+        state.display(),
+        buffers.display()
+    );
+    let path = dir.write("portcullis.toml", &text);
+    let mut cmd = Command::new(binary());
+    cmd.args(["run", "--config", path.to_str().unwrap()]);
+    let proxy = launch::Launched::start(cmd);
+    assert!(proxy.ready, "did not start:\n{}", proxy.output());
+    assert!(
+        proxy.output().contains("running as nobody")
+            && proxy.output().contains("Landlock sandbox (fully enforced"),
+        "{}",
+        proxy.output()
+    );
+    proxy
+        .wait_for(|l| l.contains("ACME certificate installed"), LIMIT * 3)
+        .unwrap_or_else(|| panic!("no certificate:\n{}", proxy.output()));
+    let client = ca.client().await;
+    let (status, leaf) =
+        portcullis_tests::client::fresh_get(&client, proxy.listening("https").unwrap())
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    assert!(leaf.windows(9).any(|w| w == b"localhost"));
+    assert_eq!(ca.orders(), 1);
 }

@@ -53,6 +53,18 @@ use crate::state::Shared;
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
+/// The allocators benches compare with glibc's (`--features mimalloc` / `jemalloc`).
+#[cfg(all(feature = "mimalloc", not(feature = "dhat-heap")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(all(
+    feature = "jemalloc",
+    not(feature = "mimalloc"),
+    not(feature = "dhat-heap")
+))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // Written when main returns (a clean exit: SIGTERM, then the drain).
     #[cfg(feature = "dhat-heap")]
