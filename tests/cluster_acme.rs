@@ -171,9 +171,10 @@ async fn three_nodes_order_once(challenge: &str) {
             .trim(),
         "OK"
     );
-    let nodes: Vec<Portcullis> = (0..3)
-        .map(|i| start(&s.node(i, &pebble, &NAMES, challenge), None))
+    let configs: Vec<_> = (0..3)
+        .map(|i| s.node(i, &pebble, &NAMES, challenge))
         .collect();
+    let mut nodes: Vec<Portcullis> = configs.iter().map(|c| start(c, None)).collect();
     for n in &nodes {
         wait(n, WAITING);
     }
@@ -219,6 +220,14 @@ async fn three_nodes_order_once(challenge: &str) {
     let cert_key = format!("portcullis:acme:{}:cert:a.test", pebble.state_folder());
     let sealed = s.redis_cli(&["HGET", &cert_key, "sealed"]);
     assert!(!sealed.contains("PRIVATE KEY") && !sealed.contains("CERTIFICATE"));
+
+    // Redis gone, a node restarted: it serves its last certificate from its state_dir (its cache).
+    let mut s = s;
+    s.redis.kill();
+    nodes.remove(0);
+    let again = start(&configs[0], None);
+    assert_eq!(leaf(&pebble, again.https_addr(), NAMES[1]).await, first);
+    assert_eq!(pebble.orders(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
