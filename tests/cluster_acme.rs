@@ -296,3 +296,53 @@ async fn a_node_killed_mid_order_is_replaced_once_its_lease_runs_out() {
     );
     nodes.clear();
 }
+
+/// Short certificates (12 s, renewed at two thirds): each renewal is ordered once for the cluster, and
+/// every node swaps the renewed certificate in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_is_ordered_once_and_every_node_picks_it_up() {
+    let s = Setup::new("cluster-acme-renew").await;
+    let pebble = Pebble::start(Options {
+        validity: Some(12),
+        ..Options::new(s.http, s.https)
+    });
+    for (i, n) in NAMES.iter().enumerate() {
+        pebble.set_host(n, &format!("127.0.0.{}", i + 1));
+    }
+    let lock = Setup::lock_key(&pebble, NAMES[0]);
+    assert_eq!(
+        s.redis_cli(&["SET", &lock, "test", "NX", "PX", "60000"])
+            .trim(),
+        "OK"
+    );
+    let nodes: Vec<Portcullis> = (0..3)
+        .map(|i| start(&s.node(i, &pebble, &NAMES, "http-01"), None))
+        .collect();
+    for n in &nodes {
+        wait(n, WAITING);
+    }
+    s.redis_cli(&["DEL", &lock]);
+    for n in &nodes {
+        wait(n, INSTALLED);
+    }
+    let first = leaf(&pebble, nodes[0].https_addr(), NAMES[0]).await;
+    for (i, n) in nodes.iter().enumerate() {
+        n.wait_for_nth(
+            |l| l.contains("ACME certificate") && l.contains(" installed"),
+            2,
+            LIMIT,
+        )
+        .unwrap_or_else(|| panic!("node {i} never got the renewal:\n{}", n.output()));
+    }
+    assert_eq!(pebble.orders(), 2, "{:?}", pebble.log());
+    let holds: usize = nodes
+        .iter()
+        .map(|n| n.lines().iter().filter(|l| l.contains(HOLDING)).count())
+        .sum();
+    assert_eq!(holds, 2, "one holder per order");
+    let renewed = leaf(&pebble, nodes[0].https_addr(), NAMES[0]).await;
+    assert_ne!(renewed, first);
+    for n in &nodes {
+        assert_eq!(leaf(&pebble, n.https_addr(), NAMES[2]).await, renewed);
+    }
+}

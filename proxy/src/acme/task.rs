@@ -553,8 +553,10 @@ async fn cluster_lock(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut said = false;
+    // The fence of the certificate already looked at: not fetched again while it stays.
+    let mut seen = 0u64;
     loop {
-        if let Some(found) = fresh(ctx, shared, names, store, current).await {
+        if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await {
             if said {
                 tracing::info!(
                     site,
@@ -567,7 +569,7 @@ async fn cluster_lock(
             Err(()) => return Err(Failure::ClusterDown),
             Ok(Some(lease)) => {
                 // Stored just before the lock was ours?
-                if let Some(found) = fresh(ctx, shared, names, store, current).await {
+                if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await {
                     lease.release().await;
                     return Ok(found);
                 }
@@ -592,15 +594,18 @@ async fn cluster_lock(
     }
 }
 
-/// The cluster's certificate for these names when it is new here and not yet due for renewal.
+/// The cluster's certificate for these names when it is new here and not yet due for renewal (`seen`: the
+/// fence last looked at, updated).
 async fn fresh(
     ctx: &Ctx,
     shared: &SharedAcme,
     names: &[String],
     store: &SiteStore,
     current: Option<&Loaded>,
+    seen: &mut u64,
 ) -> Option<Clustered> {
-    let (loaded, fence) = pick_up(ctx, shared, names, store, current, 0).await?;
+    let (loaded, fence) = pick_up(ctx, shared, names, store, current, *seen).await?;
+    *seen = fence;
     let loaded = loaded?;
     (SystemTime::now() < schedule::renewal_time(&loaded.info, ctx.settings.renew_before))
         .then_some(Clustered::Found(loaded, fence))

@@ -614,4 +614,92 @@ mod tests {
         let (a, b) = split(&join("chain", "key")).unwrap();
         assert_eq!((a.as_str(), b.as_str()), ("chain", "key"));
     }
+
+    /// A real redis-server (Debian's) on a unix socket in a temp folder, killed by PID on drop.
+    struct Server(std::process::Child, std::path::PathBuf);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    /// A holder whose lease ran out (it stopped renewing: paused, or cut off) cannot store over the next
+    /// holder's certificate, nor release the next holder's lock.
+    #[tokio::test]
+    async fn a_stale_holders_late_write_is_refused() {
+        let dir = std::env::temp_dir().join(format!("portcullis-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("redis.sock");
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--unixsocket",
+            ])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's package)");
+        let _server = Server(child, dir.clone());
+        let key_file = dir.join("cluster.key");
+        std::fs::write(&key_file, "00".repeat(32)).unwrap();
+        let c = portcullis_config::Cluster {
+            redis: format!("unix://{}", sock.display()),
+            password_file: None,
+            ca_file: None,
+            prefix: "t:".into(),
+            timeout: Duration::from_millis(500),
+            key_file: Some(key_file.clone()),
+        };
+        let redis = Arc::new(Redis::open(&c).unwrap());
+        let (_trigger, shutdown) = crate::shutdown::Trigger::new();
+        tokio::spawn(super::super::run(redis.clone(), shutdown));
+        // Safety net only: it is up within milliseconds of the socket appearing.
+        for _ in 0..200 {
+            if redis.is_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(redis.is_up());
+        let mut shared = SharedAcme::open(redis, &key_file).unwrap();
+        shared.lease = Duration::from_millis(300);
+        let shared = Arc::new(shared);
+
+        let stale = shared.try_lock("ca", "a.test").await.unwrap().unwrap();
+        assert!(shared.try_lock("ca", "a.test").await.unwrap().is_none());
+        // It stops renewing; its lease runs out and another node takes the lock.
+        stale.renewing.abort();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let next = shared.try_lock("ca", "a.test").await.unwrap().unwrap();
+        assert!(next.fence > stale.fence);
+        assert!(
+            shared
+                .save_cert("ca", "a.test", &next, "new chain", "new key")
+                .await
+        );
+        assert!(
+            !shared
+                .save_cert("ca", "a.test", &stale, "old chain", "old key")
+                .await
+        );
+        let stored = shared.cert("ca", "a.test").await.unwrap();
+        assert_eq!(
+            (stored.fence, stored.chain_pem.as_str()),
+            (next.fence, "new chain")
+        );
+        assert_eq!(shared.version("ca", "a.test").await, Some(next.fence));
+        // Its release does not free the lock it no longer holds; the holder's does.
+        stale.release().await;
+        assert!(shared.try_lock("ca", "a.test").await.unwrap().is_none());
+        next.release().await;
+        assert!(shared.try_lock("ca", "a.test").await.unwrap().is_some());
+    }
 }
