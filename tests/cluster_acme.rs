@@ -346,3 +346,26 @@ async fn a_renewal_is_ordered_once_and_every_node_picks_it_up() {
         assert_eq!(leaf(&pebble, n.https_addr(), NAMES[2]).await, renewed);
     }
 }
+
+/// Redis down when the first order is due: the node orders nothing alone (it serves its bootstrap
+/// certificate), says why, and orders as soon as Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_due_while_redis_is_down_waits_for_it_then_is_made_once() {
+    let mut s = Setup::new("cluster-acme-down").await;
+    let pebble = Pebble::start(Options::new(s.http, s.https));
+    let names = ["a.test"];
+    let config = s.node(0, &pebble, &names, "http-01");
+    s.redis.kill();
+    let node = start(&config, None);
+    wait(&node, "ordering waits for it");
+    assert_eq!(pebble.orders(), 0);
+    s.redis.restart();
+    wait(
+        &node,
+        "the cluster's Redis is back: the ACME attempt is made now",
+    );
+    wait(&node, INSTALLED);
+    assert_eq!(pebble.orders(), 1);
+    let issued = leaf(&pebble, node.https_addr(), names[0]).await;
+    assert!(!issued.is_empty());
+}

@@ -40,7 +40,8 @@ const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
 /// Polling rather than pub/sub: nothing is missed across a Redis restart or a lost subscription, and a
 /// few seconds is soon enough for a certificate renewed weeks before it expires.
 pub const PICKUP_EVERY: Duration = Duration::from_secs(2);
-/// `[cluster]`: at start, how long an attempt waits for the first connection to Redis.
+/// `[cluster]`: how long an attempt waits for Redis to answer before it counts as down (at start the
+/// connection is not made yet).
 const FIRST_CONNECT: Duration = Duration::from_secs(5);
 
 /// What starts the ACME site tasks: the `[acme]` settings in force (those of the first config that had an
@@ -228,7 +229,10 @@ async fn site_task(
                 let reason = if retry.is_some() { "retry" } else { "renewal" };
                 tracing::info!(site, at = %format_time(when), reason, "next ACME attempt scheduled");
             }
-            let wake = ari_next
+            // ARI is only asked about a certificate: without one, its time must not cut the sleep short
+            // (a past `ari_next` would make this loop spin until the retry is due).
+            let ari_wake = current.as_ref().and(ari_next);
+            let wake = ari_wake
                 .map_or(when, |a| when.min(a))
                 .duration_since(now)
                 .unwrap_or_default()
@@ -547,7 +551,8 @@ async fn cluster_lock(
     current: Option<&Loaded>,
 ) -> Result<Clustered, Failure> {
     let first = names.first().map_or("", String::as_str);
-    // At start Redis may not be connected yet: give it a moment before calling it down.
+    // At start Redis may not be connected yet (or it just came back): give it a moment before calling it
+    // down.
     let started = tokio::time::Instant::now();
     while !shared.is_up() && started.elapsed() < FIRST_CONNECT {
         tokio::time::sleep(Duration::from_millis(50)).await;
