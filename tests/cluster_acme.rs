@@ -369,3 +369,37 @@ async fn an_order_due_while_redis_is_down_waits_for_it_then_is_made_once() {
     let issued = leaf(&pebble, node.https_addr(), names[0]).await;
     assert!(!issued.is_empty());
 }
+
+/// The holder's order fails (the name leads nowhere): the nodes that waited on it do not each try the
+/// same order in turn; they back off as it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_order_is_not_retried_by_every_node_in_turn() {
+    let s = Setup::new("cluster-acme-fail").await;
+    let pebble = Pebble::start(Options::new(s.http, s.https));
+    let names = ["a.test"];
+    // Nothing listens there: the CA's validation fails.
+    pebble.set_host(names[0], "127.0.0.9");
+    let lock = Setup::lock_key(&pebble, names[0]);
+    assert_eq!(
+        s.redis_cli(&["SET", &lock, "test", "NX", "PX", "60000"])
+            .trim(),
+        "OK"
+    );
+    let nodes: Vec<Portcullis> = (0..3)
+        .map(|i| start(&s.node(i, &pebble, &names, "http-01"), None))
+        .collect();
+    for n in &nodes {
+        wait(n, WAITING);
+    }
+    s.redis_cli(&["DEL", &lock]);
+    let failures: Vec<String> = nodes
+        .iter()
+        .map(|n| wait(n, "ACME attempt failed"))
+        .collect();
+    assert_eq!(pebble.orders(), 1, "{failures:?}");
+    let deferred = failures
+        .iter()
+        .filter(|l| l.contains("another node's attempt for these names failed"))
+        .count();
+    assert_eq!(deferred, 2, "{failures:?}");
+}

@@ -12,6 +12,8 @@
 //! every [`PICKUP_EVERY`] and swaps a new one in. state_dir stays this node's cache: what it serves after a
 //! restart while Redis is down. An order due while Redis is down is not made alone (N nodes would order N
 //! times): it fails as `ClusterDown`, is retried with the usual backoff, and at once when Redis is back.
+//! A holder whose attempt fails says so in Redis for the first backoff's length, so that the nodes that
+//! waited on it back off too instead of each trying the same order in turn.
 
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -450,6 +452,56 @@ async fn attempt(
             Clustered::Held(lease) => Some(lease),
         },
     };
+    let ordered = order(ctx, site, names, store, current, replaces, shutdown).await;
+    let (Some(shared), Some(lease)) = (&ctx.cluster, lease) else {
+        return ordered.map(|(loaded, _)| (loaded, 0));
+    };
+    let first = names.first().map_or("", String::as_str);
+    let fence = lease.fence;
+    let result = match ordered {
+        Ok((loaded, None)) => Ok((loaded, 0)),
+        Ok((loaded, Some(issued))) => {
+            if shared
+                .save_cert(&ctx.ca, first, &lease, &issued.chain_pem, &issued.key_pem)
+                .await
+            {
+                tracing::info!(site, fence, "ACME certificate stored in the cluster");
+            } else {
+                // Served here all the same (it is valid); the others keep theirs, and the poll swaps in
+                // whatever a newer holder stores.
+                tracing::warn!(
+                    site,
+                    fence,
+                    "the ACME certificate could not be stored in the cluster (Redis down, or a newer \
+                     holder of the lock): only this node serves it"
+                );
+            }
+            Ok((loaded, fence))
+        }
+        Err(e) => {
+            // The nodes waiting on this lock (and those whose retry comes first) back off too, rather
+            // than each try the same failing order in turn.
+            shared
+                .mark_failed(&ctx.ca, first, &describe(&e), schedule::RETRY_FIRST)
+                .await;
+            Err(e)
+        }
+    };
+    lease.release().await;
+    result
+}
+
+/// The order itself, with the site's locks held: another instance's fresh certificate in state_dir, else
+/// the self-check and the account, the order, the files. `Some(issued)`: ordered here (for the cluster).
+async fn order(
+    ctx: &Ctx,
+    site: &str,
+    names: &[String],
+    store: &SiteStore,
+    current: Option<&Loaded>,
+    replaces: Option<acme::CertificateId>,
+    shutdown: &Shutdown,
+) -> Result<(Loaded, Option<acme::Issued>), Failure> {
     // Another instance sharing state_dir may have just renewed these names: take its certificate.
     let s = store.clone();
     if let Ok(Some(stored)) = blocking(move || s.load()).await
@@ -460,10 +512,7 @@ async fn attempt(
             site,
             "another instance stored a newer certificate for these names: using it"
         );
-        if let Some(l) = lease {
-            l.release().await;
-        }
-        return Ok((stored, 0));
+        return Ok((stored, None));
     }
     let check = async {
         if ctx.settings.self_check {
@@ -507,28 +556,7 @@ async fn attempt(
         issued.key_pem.clone(),
     );
     let loaded = blocking(move || s.save(&chain, &key)).await?;
-    let (Some(shared), Some(lease)) = (&ctx.cluster, lease) else {
-        return Ok((loaded, 0));
-    };
-    let first = names.first().map_or("", String::as_str);
-    let fence = lease.fence;
-    if shared
-        .save_cert(&ctx.ca, first, &lease, &issued.chain_pem, &issued.key_pem)
-        .await
-    {
-        tracing::info!(site, fence, "ACME certificate stored in the cluster");
-    } else {
-        // Served here all the same (it is valid); the others keep theirs, and the poll swaps in whatever
-        // a newer holder stores.
-        tracing::warn!(
-            site,
-            fence,
-            "the ACME certificate could not be stored in the cluster (Redis down, or a newer holder of \
-             the lock): only this node serves it"
-        );
-    }
-    lease.release().await;
-    Ok((loaded, fence))
+    Ok((loaded, Some(issued)))
 }
 
 /// What the cluster's lock gave an attempt.
@@ -561,6 +589,11 @@ async fn cluster_lock(
     // The fence of the certificate already looked at: not fetched again while it stays.
     let mut seen = 0u64;
     loop {
+        if let Some(why) = shared.failed_elsewhere(&ctx.ca, first).await {
+            return Err(Failure::Cluster(format!(
+                "another node's attempt for these names failed ({why}): not tried again before its backoff"
+            )));
+        }
         if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await {
             if said {
                 tracing::info!(

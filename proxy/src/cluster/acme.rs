@@ -8,6 +8,7 @@
 //! P acme:C:cert:NAME          hash: fence (the holder's fencing number), sealed (chain + key)
 //! P acme:C:lock:NAME          lease: the holder's random token, SET NX PX, renewed while it orders
 //! P acme:C:fence:NAME         INCR'd by each new holder; a write with an older number is refused
+//! P acme:C:failed:NAME        the last holder's attempt failed: "node-id error", for the backoff's length
 //! P acme:http01:TOKEN         key authorization (what the CA is served anyway), with a TTL
 //! P acme:tlsalpn01:NAME       sealed TLS-ALPN-01 certificate and key, with a TTL
 //! ```
@@ -70,6 +71,8 @@ return 1
 /// The ACME side of `[cluster]`: the Redis, the sealing key, the lease.
 pub struct SharedAcme {
     redis: Arc<Redis>,
+    /// This process among the nodes (random): whose failure a `failed:` key records.
+    node: String,
     key: LessSafeKey,
     rng: SystemRandom,
     lease: Duration,
@@ -124,10 +127,15 @@ impl SharedAcme {
             .ok()
             .and_then(|v| v.parse().ok())
             .map_or(LEASE, Duration::from_millis);
+        let rng = SystemRandom::new();
+        let mut id = [0u8; 8];
+        rng.fill(&mut id)
+            .map_err(|_| "cluster: the system's random source failed".to_owned())?;
         Ok(SharedAcme {
             redis,
+            node: hex(&id),
             key: LessSafeKey::new(key),
-            rng: SystemRandom::new(),
+            rng,
             lease,
             take: redis::Script::new(TAKE),
             renew: redis::Script::new(RENEW),
@@ -306,6 +314,42 @@ impl SharedAcme {
             })
             .await;
         stored == Some(1)
+    }
+
+    /// Records that this node's attempt for `name` failed (`why`), for `hold` (the first backoff).
+    pub async fn mark_failed(&self, ca: &str, name: &str, why: &str, hold: Duration) {
+        let key = self.key(ca, &format!("failed:{name}"));
+        let value = format!("{} {why}", self.node);
+        let _ = self
+            .redis
+            .call_background("acme failure", move |mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(millis(hold))
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Why another node's attempt for `name` failed, while that failure holds (this node's own do not
+    /// count: its own backoff already applies).
+    pub async fn failed_elsewhere(&self, ca: &str, name: &str) -> Option<String> {
+        let key = self.key(ca, &format!("failed:{name}"));
+        let value: String = self
+            .redis
+            .call_background("acme failure", move |mut c| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await
+            .flatten()?;
+        let (node, why) = value.split_once(' ')?;
+        (node != self.node).then(|| why.to_owned())
     }
 
     fn seal(&self, aad: &[u8], plain: &[u8]) -> Option<Vec<u8>> {
