@@ -54,13 +54,15 @@ impl Setup {
         }
     }
 
-    /// Node `i`'s config: the site with `names`, `challenge`, its own state_dir, the shared Redis.
+    /// Node `i`'s config: the site with `names`, `challenge`, its own state_dir, the shared Redis; the
+    /// self-check on or off (it resolves names with the system's resolver, which knows nothing of
+    /// Pebble's DNS: only IP names can be checked here).
     fn node(
         &self,
         i: usize,
         pebble: &Pebble,
         names: &[&str],
-        challenge: &str,
+        (challenge, self_check): (&str, bool),
     ) -> std::path::PathBuf {
         let ip = format!("127.0.0.{}", i + 1);
         let key = self.dir.write("cluster.key", KEY);
@@ -94,7 +96,7 @@ ca_root = "{ca_root}"
 state_dir = "{state}"
 challenge = "{challenge}"
 validation_port = {validation_port}
-self_check = false
+self_check = {self_check}
 
 {cluster}key_file = "{key}"
 "#,
@@ -172,7 +174,7 @@ async fn three_nodes_order_once(challenge: &str) {
         "OK"
     );
     let configs: Vec<_> = (0..3)
-        .map(|i| s.node(i, &pebble, &NAMES, challenge))
+        .map(|i| s.node(i, &pebble, &NAMES, (challenge, false)))
         .collect();
     let mut nodes: Vec<Portcullis> = configs.iter().map(|c| start(c, None)).collect();
     for n in &nodes {
@@ -256,7 +258,12 @@ async fn a_node_killed_mid_order_is_replaced_once_its_lease_runs_out() {
         "OK"
     );
     let mut nodes: Vec<Portcullis> = (0..3)
-        .map(|i| start(&s.node(i, &pebble, &names, "http-01"), Some("3000")))
+        .map(|i| {
+            start(
+                &s.node(i, &pebble, &names, ("http-01", false)),
+                Some("3000"),
+            )
+        })
         .collect();
     for n in &nodes {
         wait(n, WAITING);
@@ -316,7 +323,7 @@ async fn a_renewal_is_ordered_once_and_every_node_picks_it_up() {
         "OK"
     );
     let nodes: Vec<Portcullis> = (0..3)
-        .map(|i| start(&s.node(i, &pebble, &NAMES, "http-01"), None))
+        .map(|i| start(&s.node(i, &pebble, &NAMES, ("http-01", false)), None))
         .collect();
     for n in &nodes {
         wait(n, WAITING);
@@ -354,7 +361,7 @@ async fn an_order_due_while_redis_is_down_waits_for_it_then_is_made_once() {
     let mut s = Setup::new("cluster-acme-down").await;
     let pebble = Pebble::start(Options::new(s.http, s.https));
     let names = ["a.test"];
-    let config = s.node(0, &pebble, &names, "http-01");
+    let config = s.node(0, &pebble, &names, ("http-01", false));
     s.redis.kill();
     let node = start(&config, None);
     wait(&node, "ordering waits for it");
@@ -386,7 +393,7 @@ async fn a_failed_order_is_not_retried_by_every_node_in_turn() {
         "OK"
     );
     let nodes: Vec<Portcullis> = (0..3)
-        .map(|i| start(&s.node(i, &pebble, &names, "http-01"), None))
+        .map(|i| start(&s.node(i, &pebble, &names, ("http-01", false)), None))
         .collect();
     for n in &nodes {
         wait(n, WAITING);
@@ -402,4 +409,33 @@ async fn a_failed_order_is_not_retried_by_every_node_in_turn() {
         .filter(|l| l.contains("another node's attempt for these names failed"))
         .count();
     assert_eq!(deferred, 2, "{failures:?}");
+}
+
+/// IP names (each node's own address): the holder's self-check probes every address before it orders,
+/// and the two nodes that do not order answer its probes from Redis, as they answer the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_check_passes_through_the_nodes_that_do_not_order() {
+    let s = Setup::new("cluster-acme-check").await;
+    let pebble = Pebble::start(Options::new(s.http, s.https));
+    let names = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    let lock = Setup::lock_key(&pebble, names[0]);
+    assert_eq!(
+        s.redis_cli(&["SET", &lock, "test", "NX", "PX", "60000"])
+            .trim(),
+        "OK"
+    );
+    let nodes: Vec<Portcullis> = (0..3)
+        .map(|i| start(&s.node(i, &pebble, &names, ("http-01", true)), None))
+        .collect();
+    for n in &nodes {
+        wait(n, WAITING);
+    }
+    s.redis_cli(&["DEL", &lock]);
+    for n in &nodes {
+        wait(n, INSTALLED);
+    }
+    assert_eq!(pebble.orders(), 1, "{:?}", pebble.log());
+    for n in &nodes {
+        assert!(!n.output().contains("self-check failed"), "{}", n.output());
+    }
 }
