@@ -439,3 +439,26 @@ async fn the_self_check_passes_through_the_nodes_that_do_not_order() {
         assert!(!n.output().contains("self-check failed"), "{}", n.output());
     }
 }
+
+/// A node whose key_file is not the cluster's cannot open what Redis holds: it says so and orders nothing
+/// over it (else the others could no longer open theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_key_orders_nothing_over_the_clusters_certificate() {
+    let s = Setup::new("cluster-acme-key").await;
+    let pebble = Pebble::start(Options::new(s.http, s.https));
+    let names = ["a.test"];
+    let first = start(&s.node(0, &pebble, &names, ("http-01", false)), None);
+    wait(&first, INSTALLED);
+    let other_key = s.dir.write("other.key", &"11".repeat(32));
+    let config = s.node(1, &pebble, &names, ("http-01", false));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &s.dir.path().join("cluster.key").display().to_string(),
+        &other_key.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let second = start(&config, None);
+    wait(&second, "does not open with this node's cluster.key_file");
+    wait(&second, "ACME attempt failed");
+    assert_eq!(pebble.orders(), 1);
+    assert!(!second.output().contains(HOLDING), "{}", second.output());
+}

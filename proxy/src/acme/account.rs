@@ -73,7 +73,14 @@ async fn from_cluster(
     let ca = store.ca();
     let started = tokio::time::Instant::now();
     loop {
-        if let Some(json) = shared.account(&ca).await {
+        if let Some(opened) = shared.account(&ca).await {
+            let json = opened.map_err(|_| {
+                Failure::Cluster(
+                    "the shared ACME account does not open with this node's cluster.key_file (the same \
+                     file must be on every node): nothing is ordered over it"
+                        .into(),
+                )
+            })?;
             let stored: acme::StoredAccount = serde_json::from_slice(&json)
                 .map_err(|e| Failure::Cluster(format!("the shared account: {e}")))?;
             let id = stored.id.clone();

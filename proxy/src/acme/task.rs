@@ -271,7 +271,7 @@ async fn site_task(
                             pick_up(&ctx, shared, names, &store, current.as_ref(), fence).await
                         {
                             fence = f;
-                            if let Some(loaded) = loaded {
+                            if let Picked::New(loaded) = loaded {
                                 served.cert.swap(loaded.key.clone());
                                 tracing::info!(
                                     site,
@@ -387,10 +387,8 @@ enum Woke {
     Poll,
 }
 
-/// `[cluster]`: the certificate Redis holds for these names when its fence is not `known`: `Some((Some(c),
-/// f))` when it is new here (checked, and written to state_dir, this node's cache), `Some((None, f))` when
-/// there is nothing new to serve (already served, or unusable: logged), `None` when Redis has none or
-/// cannot be asked.
+/// `[cluster]`: the certificate Redis holds for these names when its fence is not `known`, and that fence
+/// (`None` when Redis has none or cannot be asked).
 async fn pick_up(
     ctx: &Ctx,
     shared: &SharedAcme,
@@ -398,29 +396,43 @@ async fn pick_up(
     store: &SiteStore,
     current: Option<&Loaded>,
     known: u64,
-) -> Option<(Option<Loaded>, u64)> {
+) -> Option<(Picked, u64)> {
     let first = names.first()?;
     let version = shared.version(&ctx.ca, first).await?;
     if version == known {
-        return Some((None, known));
+        return Some((Picked::Nothing, known));
     }
-    let stored = shared.cert(&ctx.ca, first).await?;
+    let stored = match shared.cert(&ctx.ca, first).await? {
+        Ok(s) => s,
+        // Logged there; not fetched again until it changes.
+        Err((_, fence)) => return Some((Picked::Foreign, fence)),
+    };
     let s = store.clone();
     let saved = blocking(move || s.save(&stored.chain_pem, &stored.key_pem)).await;
     match saved {
         Ok(loaded) if current.is_some_and(|c| c.info.serial == loaded.info.serial) => {
-            Some((None, stored.fence))
+            Some((Picked::Nothing, stored.fence))
         }
-        Ok(loaded) => Some((Some(loaded), stored.fence)),
+        Ok(loaded) => Some((Picked::New(loaded), stored.fence)),
         Err(e) => {
             tracing::warn!(
                 names = ?names,
                 "the cluster's certificate for these names is not served: {}",
                 describe(&e)
             );
-            Some((None, stored.fence))
+            Some((Picked::Nothing, stored.fence))
         }
     }
+}
+
+/// What [`pick_up`] found in Redis.
+enum Picked {
+    /// A certificate new here, checked and cached in state_dir.
+    New(Loaded),
+    /// Nothing new to serve (the one served, or unusable: logged).
+    Nothing,
+    /// One this node's key_file does not open (logged).
+    Foreign,
 }
 
 /// A site task's end when a config reload removed its site.
@@ -594,7 +606,7 @@ async fn cluster_lock(
                 "another node's attempt for these names failed ({why}): not tried again before its backoff"
             )));
         }
-        if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await {
+        if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await? {
             if said {
                 tracing::info!(
                     site,
@@ -607,7 +619,7 @@ async fn cluster_lock(
             Err(()) => return Err(Failure::ClusterDown),
             Ok(Some(lease)) => {
                 // Stored just before the lock was ours?
-                if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await {
+                if let Some(found) = fresh(ctx, shared, names, store, current, &mut seen).await? {
                     lease.release().await;
                     return Ok(found);
                 }
@@ -633,7 +645,8 @@ async fn cluster_lock(
 }
 
 /// The cluster's certificate for these names when it is new here and not yet due for renewal (`seen`: the
-/// fence last looked at, updated).
+/// fence last looked at, updated). `Err` when one is stored that this node cannot open: nothing is ordered
+/// over it.
 async fn fresh(
     ctx: &Ctx,
     shared: &SharedAcme,
@@ -641,12 +654,26 @@ async fn fresh(
     store: &SiteStore,
     current: Option<&Loaded>,
     seen: &mut u64,
-) -> Option<Clustered> {
-    let (loaded, fence) = pick_up(ctx, shared, names, store, current, *seen).await?;
+) -> Result<Option<Clustered>, Failure> {
+    let Some((picked, fence)) = pick_up(ctx, shared, names, store, current, *seen).await else {
+        return Ok(None);
+    };
     *seen = fence;
-    let loaded = loaded?;
-    (SystemTime::now() < schedule::renewal_time(&loaded.info, ctx.settings.renew_before))
-        .then_some(Clustered::Found(loaded, fence))
+    let loaded = match picked {
+        Picked::New(loaded) => loaded,
+        Picked::Nothing => return Ok(None),
+        Picked::Foreign => {
+            return Err(Failure::Cluster(
+                "the cluster's certificate for these names does not open with this node's \
+                 cluster.key_file (the same file must be on every node): nothing is ordered over it"
+                    .into(),
+            ));
+        }
+    };
+    Ok(
+        (SystemTime::now() < schedule::renewal_time(&loaded.info, ctx.settings.renew_before))
+            .then_some(Clustered::Found(loaded, fence)),
+    )
 }
 
 /// This site's lock file, waiting (bounded) while another instance orders the same names.

@@ -98,6 +98,10 @@ pub struct Stored {
     pub key_pem: String,
 }
 
+/// What Redis holds does not open with this node's `key_file` (another key, or not ours).
+#[derive(Debug, Clone, Copy)]
+pub struct Foreign;
+
 /// A held lock: renewed in the background until released (or dropped, which releases it too).
 pub struct Lease {
     shared: Arc<SharedAcme>,
@@ -153,8 +157,9 @@ impl SharedAcme {
         format!("{}acme:{ca}:{what}", self.redis.prefix)
     }
 
-    /// The sealed account (`None`: none stored, or Redis down: see [`SharedAcme::is_up`]).
-    pub async fn account(&self, ca: &str) -> Option<Vec<u8>> {
+    /// The account, opened (`None`: none stored, or Redis down: see [`SharedAcme::is_up`]; `Some(Err)`:
+    /// one is stored that this node's key does not open).
+    pub async fn account(&self, ca: &str) -> Option<Result<Vec<u8>, Foreign>> {
         let key = self.key(ca, "account");
         let k = key.clone();
         let sealed: Option<Vec<u8>> = self
@@ -163,7 +168,7 @@ impl SharedAcme {
                 redis::cmd("GET").arg(k).query_async(&mut c).await
             })
             .await?;
-        self.unseal(key.as_bytes(), &sealed?)
+        Some(self.unseal(key.as_bytes(), &sealed?).ok_or(Foreign))
     }
 
     pub async fn save_account(&self, ca: &str, json: &[u8]) -> bool {
@@ -253,8 +258,9 @@ impl SharedAcme {
             .flatten()
     }
 
-    /// The certificate stored for `name`, opened. `None`: none, Redis down, or it does not open (logged).
-    pub async fn cert(&self, ca: &str, name: &str) -> Option<Stored> {
+    /// The certificate stored for `name`, opened. `None`: none, or Redis down; `Some(Err(fence))`: one is
+    /// stored (under `fence`) that this node's key does not open (logged).
+    pub async fn cert(&self, ca: &str, name: &str) -> Option<Result<Stored, (Foreign, u64)>> {
         let key = self.key(ca, &format!("cert:{name}"));
         let k = key.clone();
         let (fence, sealed): (Option<u64>, Option<Vec<u8>>) = self
@@ -274,14 +280,16 @@ impl SharedAcme {
                 key,
                 "the cluster's certificate does not open with this node's cluster.key_file (another key?)"
             );
-            return None;
+            return Some(Err((Foreign, fence)));
         };
-        let (chain, key_pem) = split(&plain)?;
-        Some(Stored {
+        let Some((chain, key_pem)) = split(&plain) else {
+            return Some(Err((Foreign, fence)));
+        };
+        Some(Ok(Stored {
             fence,
             chain_pem: chain,
             key_pem,
-        })
+        }))
     }
 
     /// Stores a new certificate for `name` under `lease`'s fence: false when a newer holder took the lock
@@ -734,7 +742,7 @@ mod tests {
                 .save_cert("ca", "a.test", &stale, "old chain", "old key")
                 .await
         );
-        let stored = shared.cert("ca", "a.test").await.unwrap();
+        let stored = shared.cert("ca", "a.test").await.unwrap().unwrap();
         assert_eq!(
             (stored.fence, stored.chain_pem.as_str()),
             (next.fence, "new chain")
