@@ -1,6 +1,7 @@
 //! `[cluster]`: several nodes sharing state through one Redis (`redis = "redis://…"`, `"rediss://…"` or
 //! `"unix:///path.sock"`), its AUTH password from a file, the key prefix, the CA of a `rediss://` server
-//! and the round-trip timeout. Only the spelling is checked here: the password file is read by the proxy
+//! the round-trip timeout, and the file of the key that ACME's state is sealed with in Redis (required once a
+//! site has `acme = true`). Only the spelling is checked here: the password file is read by the proxy
 //! at start, with its privileges then (it may be root's alone), and nothing connects.
 
 use crate::check::Checker;
@@ -9,8 +10,9 @@ use crate::file::{self, S};
 use crate::model::Cluster;
 
 impl Checker<'_> {
-    /// `None` without a `[cluster]` section: one node, its state its own.
-    pub(crate) fn cluster(&mut self, c: Option<S<file::Cluster>>) -> Option<Cluster> {
+    /// `None` without a `[cluster]` section: one node, its state its own. `acme`: some site has
+    /// `acme = true` (its account and certificates are then shared, sealed with `key_file`).
+    pub(crate) fn cluster(&mut self, c: Option<S<file::Cluster>>, acme: bool) -> Option<Cluster> {
         let c = c?;
         let span = c.span();
         let c = c.into_inner();
@@ -86,12 +88,32 @@ impl Checker<'_> {
             }
         };
         let timeout = self.duration("cluster.timeout", c.timeout, defaults::CLUSTER_TIMEOUT);
+        let key_file = match c.key_file {
+            Some(p) => {
+                if p.get_ref().trim().is_empty() {
+                    self.problem(p.span(), "cluster.key_file", "is empty");
+                }
+                Some(self.resolve(p.get_ref()))
+            }
+            None if acme => {
+                self.problem(
+                    span.clone(),
+                    "cluster.key_file",
+                    "is missing: with [cluster], the ACME account, certificates and keys are kept in Redis \
+                     sealed with this key (32 random bytes, base64 or hex: `openssl rand -base64 32 > \
+                     /etc/portcullis/cluster.key`, the same file on every node)",
+                );
+                None
+            }
+            None => None,
+        };
         Some(Cluster {
             redis: url,
             password_file,
             ca_file,
             prefix,
             timeout,
+            key_file,
         })
     }
 }
@@ -154,6 +176,36 @@ mod tests {
         assert!(
             problems(&format!("{EXAMPLE}\n[cluster]\nprefix = \"x:\"\n"))[0]
                 .contains("cluster.redis: is missing")
+        );
+    }
+
+    #[test]
+    fn an_acme_site_in_a_cluster_needs_the_key_file() {
+        let acme = "[[site]]\nnames = [\"a.example.com\"]\ntls = { acme = true }\n[[site.route]]\npath = \"/\"\n\
+                    upstream = \"app\"\n[acme]\nemail = \"ops@example.com\"\nstate_dir = \"acme\"\n";
+        let text = format!("{EXAMPLE}\n{acme}[cluster]\nredis = \"redis://127.0.0.1:6379\"\n");
+        let p = problems(&text);
+        let line = text.lines().position(|l| l == "[cluster]").unwrap() + 1;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains(&format!(":{line}:")) && p[0].contains("cluster.key_file: is missing"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("portcullis.toml"), "{p:?}");
+        let c = parse(&format!("{text}key_file = \"cluster.key\"\n"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(
+            c.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/portcullis/cluster.key"))
+        );
+        // Without an ACME site nothing is sealed: no key needed.
+        assert!(
+            parse(&format!(
+                "{EXAMPLE}\n[cluster]\nredis = \"redis://r:6379\"\n"
+            ))
+            .is_ok()
         );
     }
 

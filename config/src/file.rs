@@ -54,6 +54,8 @@ pub struct Cluster {
     pub ca_file: Option<S<String>>,
     pub prefix: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    /// The AES-256-GCM key ACME's account, certificates and keys are sealed with in Redis.
+    pub key_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -111,7 +111,7 @@ impl Checker<'_> {
         let maintenance = self.maintenance(f.maintenance);
         let rate_limits = self.rate_limits(f.rate_limit);
         let admin = self.admin(f.admin);
-        let cluster = self.cluster(f.cluster);
+        let cluster = self.cluster(f.cluster, acme.is_some());
         Config {
             source: self.path().to_owned(),
             sites,

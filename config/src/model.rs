@@ -376,6 +376,9 @@ pub struct Cluster {
     pub prefix: String,
     /// The most one Redis round trip may take before this node does without it.
     pub timeout: Duration,
+    /// The file holding the key (32 bytes, base64 or hex) that ACME's account, certificates and keys are
+    /// sealed with in Redis; required when a site has `acme = true`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[admin]`: where `/metrics` and `/health` are served (plain HTTP/1.1, no authentication).

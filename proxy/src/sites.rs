@@ -14,6 +14,7 @@ use portcullis_certs::{Error, SiteCert, Sites};
 use portcullis_config::{CertSource, Config};
 
 use crate::acme::Acme;
+use crate::cluster::acme::SharedAcme;
 use crate::metrics::Metrics;
 use crate::ocsp;
 use crate::reload::{self, Reloader, Watched};
@@ -27,6 +28,8 @@ pub struct SiteSet {
     acme: Acme,
     /// Where ACME validation answers go (the listeners find them there).
     challenges: Arc<Challenges>,
+    /// `[cluster]` with its key: ACME's account, certificates and locks are shared through it.
+    cluster: Option<Arc<SharedAcme>>,
     /// Where ACME attempts are counted (`/metrics`).
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
@@ -180,12 +183,13 @@ impl Prepared {
 
 impl SiteSet {
     /// The set served at start (`prepared`, from `config`, whose `Sites` the first snapshot holds), its
-    /// tasks started.
+    /// tasks started. ACME's validation answers go to `challenges`, its shared state (with `[cluster]`)
+    /// to `cluster`.
     pub fn start(
         config: &Config,
         prepared: Prepared,
         reloader: Arc<Reloader>,
-        challenges: Arc<Challenges>,
+        (challenges, cluster): (Arc<Challenges>, Option<Arc<SharedAcme>>),
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
         reloads: Reloads,
@@ -193,8 +197,9 @@ impl SiteSet {
         let mut set = SiteSet {
             current: Current::default(),
             reloader,
-            acme: Acme::new(config, challenges.clone(), metrics.clone()),
+            acme: Acme::new(config, challenges.clone(), cluster.clone(), metrics.clone()),
             challenges,
+            cluster,
             metrics,
             shutdown,
             reloads,
@@ -219,7 +224,12 @@ impl SiteSet {
     /// first `[acme]` there is (the process may have started without an ACME site, hence without one).
     pub fn commit(&mut self, config: &Config, prepared: Prepared) {
         if !self.acme.enabled() {
-            self.acme = Acme::new(config, self.challenges.clone(), self.metrics.clone());
+            self.acme = Acme::new(
+                config,
+                self.challenges.clone(),
+                self.cluster.clone(),
+                self.metrics.clone(),
+            );
         }
         let Prepared {
             sites,

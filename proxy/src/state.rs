@@ -124,9 +124,14 @@ impl Shared {
             https_port,
             rate_limits,
         );
+        // `[cluster]` with its key: challenge answers are published to, and looked up in, Redis.
+        let challenges = Arc::new(portcullis_certs::acme::Challenges::default());
+        if let Some(shared) = cluster.as_ref().and_then(|n| n.acme.clone()) {
+            challenges.share_with(shared);
+        }
         Shared {
             admission,
-            challenges: Arc::default(),
+            challenges,
             servers,
             buffers,
             refusals,

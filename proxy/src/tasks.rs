@@ -74,7 +74,10 @@ pub fn spawn(
         &state.snapshot().config,
         sites,
         reloader.clone(),
-        state.challenges.clone(),
+        (
+            state.challenges.clone(),
+            state.cluster.as_ref().and_then(|n| n.acme.clone()),
+        ),
         state.metrics.clone(),
         shutdown.clone(),
         signals.reloads(),

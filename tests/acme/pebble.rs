@@ -4,6 +4,8 @@
 //! and a port accepting, and are stopped by PID on drop. Validation is real (no PEBBLE_VA_ALWAYS_VALID):
 //! Pebble's `httpPort`/`tlsPort` are the ports Portcullis listens on. Its API certificate comes from a test
 //! CA (the Debian package lacks the one its example config names), passed to Portcullis as `ca_root`.
+//! [`Pebble::set_host`] points one name at another loopback address (challtestsrv's `/add-a`), so that
+//! the CA validates each name at the node a test chooses.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -136,6 +138,8 @@ pub struct Pebble {
     /// The test CA that signed Pebble's API certificate (Portcullis' `ca_root`).
     pub api_ca: PathBuf,
     pub management: SocketAddr,
+    /// pebble-challtestsrv's management API (its DNS answers), while it runs.
+    dns_management: Option<SocketAddr>,
     api_ca_pem: String,
     options: Options,
     config: PathBuf,
@@ -186,6 +190,7 @@ impl Pebble {
             directory: format!("https://127.0.0.1:{}/dir", options.acme_port),
             api_ca: pki.ca_path(),
             management,
+            dns_management: None,
             api_ca_pem: pki.ca_pem,
             options,
             config,
@@ -197,9 +202,10 @@ impl Pebble {
     /// Starts pebble-challtestsrv (DNS) then Pebble, and waits until both answer.
     pub fn run(&mut self) {
         let dns_port = free_port();
+        let dns_management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dns = Proc::spawn(Command::new("pebble-challtestsrv").args([
             "-management",
-            &format!("127.0.0.1:{}", free_port()),
+            &dns_management.to_string(),
             "-dns01",
             &format!("127.0.0.1:{dns_port}"),
             "-http01",
@@ -259,6 +265,26 @@ impl Pebble {
             }
         }
         self.running = Some((pebble, dns));
+        self.dns_management = Some(dns_management);
+    }
+
+    /// From now on the DNS answers `ip` (an IPv4 address) for `host` (the CA resolves at each validation).
+    #[allow(dead_code)] // used by cluster_acme.rs, not by acme.rs
+    pub fn set_host(&self, host: &str, ip: &str) {
+        use std::io::Write;
+        let addr = self.dns_management.expect("pebble-challtestsrv runs");
+        let body = format!(r#"{{"host":"{host}.","addresses":["{ip}"]}}"#);
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        write!(
+            tcp,
+            "POST /add-a HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "add-a {host}: {answer}");
     }
 
     /// The folder Portcullis keeps this CA's account and certificates in, under its state_dir.

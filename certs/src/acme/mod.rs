@@ -13,7 +13,9 @@ mod store;
 
 use std::path::PathBuf;
 
-pub use challenge::{ACME_TLS_ALPN, ChallengeCert, Challenges, Pending};
+pub use challenge::{
+    ACME_TLS_ALPN, Answer, ChallengeCert, Challenges, Pending, Share, ShareFuture,
+};
 pub use instant_acme::{Account, BodyWrapper, HttpClient};
 /// A certificate's ARI identifier (RFC 9773 section 4.1): what a renewal order `replaces`.
 pub type CertificateId = instant_acme::CertificateIdentifier<'static>;

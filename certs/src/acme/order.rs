@@ -150,6 +150,13 @@ pub async fn obtain(
                 pending.add_tls_alpn01(&name, key_authorization.digest().as_ref())?;
             }
         }
+        // `[cluster]`: every node answers from here on, whichever the CA reaches.
+        if !pending.publish().await {
+            tracing::warn!(
+                name,
+                "cannot publish the challenge answer to the cluster: only this node answers it"
+            );
+        }
         ch.set_ready().await?;
     }
     match order.poll_ready(&POLL).await {

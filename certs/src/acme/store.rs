@@ -81,6 +81,11 @@ impl Store {
         }
     }
 
+    /// This CA's name, as its folder is named (what `[cluster]` keys its shared state under).
+    pub fn ca(&self) -> String {
+        slug_of(&self.dir)
+    }
+
     /// Creates the folders (0700) and proves they are writable with a file written, renamed and removed.
     /// Run before the first order: a misconfigured `state_dir` must not cost the CA an order.
     pub fn prepare(&self) -> Result<(), Error> {
@@ -244,6 +249,11 @@ pub fn report(acme: &portcullis_config::Acme, names: &[String]) -> Vec<String> {
         ));
     }
     out
+}
+
+fn slug_of(dir: &Path) -> String {
+    dir.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
 /// The CA's folder name: its directory URL with every character but `[A-Za-z0-9.-]` made `_`.

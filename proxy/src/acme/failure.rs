@@ -23,6 +23,14 @@ pub(super) enum Failure {
     /// Another instance sharing state_dir has been ordering these names for too long.
     #[error("another instance has held the lock for these names for {}s", .0.as_secs())]
     Locked(Duration),
+    /// `[cluster]`: Redis cannot be asked now; orders wait for it (the node serves its last certificate).
+    #[error(
+        "the cluster's Redis is down: ordering waits for it, the last certificate is served meanwhile"
+    )]
+    ClusterDown,
+    /// `[cluster]`: what Redis holds is not usable (another key_file, or not ours).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A blocking file task did not finish (ours).
     #[error("file task failed: {0}")]
     Task(String),

@@ -7,8 +7,11 @@ use portcullis_certs::acme::Challenges;
 /// Where the CA asks for a token (RFC 8555 §8.3).
 pub const PATH_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// The key authorization for the token `path` asks for, while that token is pending. `None` for every other
+/// The key authorization for the token `path` asks for, while that token is pending (here, or with
+/// `[cluster]` on another node: then one Redis round trip, bounded by its timeout). `None` for every other
 /// path (which the caller redirects as usual).
-pub fn answer(challenges: &Challenges, path: &str) -> Option<String> {
-    challenges.http01(path.strip_prefix(PATH_PREFIX)?)
+pub async fn answer(challenges: &Challenges, path: &str) -> Option<String> {
+    challenges
+        .http01_shared(path.strip_prefix(PATH_PREFIX)?)
+        .await
 }

@@ -116,7 +116,9 @@ async fn probe_http01(
 ) -> Result<bool, String> {
     let token = random_hex();
     let answer = random_hex();
-    let _pending = challenges.answer_http01(&token, &answer);
+    let mut pending = challenges.answer_http01(&token, &answer);
+    // `[cluster]`: the name may lead to another node, which answers from the shared store.
+    pending.publish().await;
     let host = match name.parse::<IpAddr>() {
         Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
         _ => name.to_owned(),
@@ -164,6 +166,7 @@ async fn probe_tls_alpn01(
     let ours = pending
         .add_tls_alpn01(name, &digest)
         .map_err(|e| e.to_string())?;
+    pending.publish().await;
     let verifier = Arc::new(CompareOnly {
         provider: portcullis_certs::provider(),
         expected: ours.clone(),

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use portcullis_certs::acme::{ACME_TLS_ALPN, Challenges};
 use rustls::server::ClientHello;
 
-/// The config that answers this handshake, when it offers `acme-tls/1` for a name with a pending validation.
-pub fn answer(
-    challenges: &Challenges,
-    hello: &ClientHello<'_>,
-) -> Option<Arc<rustls::ServerConfig>> {
+/// The name this handshake validates: it offers `acme-tls/1` (only the CA's do) and names one.
+pub fn validation(hello: &ClientHello<'_>) -> Option<String> {
     let offered = hello.alpn()?.any(|p| p == ACME_TLS_ALPN);
     if !offered {
         return None;
     }
-    challenges.tls_alpn01(hello.server_name()?)
+    hello.server_name().map(str::to_owned)
+}
+
+/// The config that answers a validation for `name` (from [`validation`]), when one is pending here or,
+/// with `[cluster]`, on another node (one Redis round trip, bounded by its timeout).
+pub async fn answer(challenges: &Challenges, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+    challenges.tls_alpn01_shared(name).await
 }

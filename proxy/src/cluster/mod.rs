@@ -3,9 +3,11 @@
 //! pings it once a second, and every round trip goes through [`Redis::call`], bounded by `[cluster] timeout`
 //! and skipped outright while Redis is down, so that neither the accept loop nor a request ever waits on it
 //! for longer. Up and down are logged once per change and exposed in `/metrics`. What is shared lives in
-//! the submodule `tickets` (the TLS session-ticket keys); the GCRA state of each rate-limit key is
+//! the submodules `tickets` (the TLS session-ticket keys) and `acme` (the ACME account, certificates, locks
+//! and challenge answers, sealed with `key_file`); the GCRA state of each rate-limit key is
 //! `ratelimit::cluster`'s.
 
+pub mod acme;
 pub mod tickets;
 
 use std::future::Future;
@@ -27,20 +29,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// scheduler alone can delay an answer past a 100 ms `[cluster] timeout`. Round trips a request waits on
 /// are held to that timeout whatever this says.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// The least a background round trip (see [`Redis::call_background`]) may take.
+pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What `[cluster]` gives a node: the Redis and the ticket keys shared through it.
+/// What `[cluster]` gives a node: the Redis, the ticket keys shared through it, and (with `key_file`) the
+/// shared ACME state.
 #[derive(Debug, Clone)]
 pub struct Node {
     pub redis: Arc<Redis>,
     pub tickets: Arc<tickets::Tickets>,
+    pub acme: Option<Arc<acme::SharedAcme>>,
 }
 
 impl Node {
-    /// See [`Redis::open`]; the ticketer starts with a local key (the shared ones come with [`Node::start`]).
+    /// See [`Redis::open`] and [`acme::SharedAcme::open`] (the key file is read now); the ticketer starts
+    /// with a local key (the shared ones come with [`Node::start`]).
     pub fn open(c: &portcullis_config::Cluster) -> Result<Node, String> {
+        let redis = Arc::new(Redis::open(c)?);
+        let acme = match &c.key_file {
+            Some(path) => Some(Arc::new(acme::SharedAcme::open(redis.clone(), path)?)),
+            None => None,
+        };
         Ok(Node {
-            redis: Arc::new(Redis::open(c)?),
+            redis,
             tickets: tickets::Tickets::new().map_err(|e| format!("cluster: {e}"))?,
+            acme,
         })
     }
 
@@ -158,6 +171,26 @@ impl Redis {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.call_within(what, self.timeout, f).await
+    }
+
+    /// [`Redis::call`] for work in the background that no request waits on (ACME's locks and
+    /// certificates): bounded by [`BACKGROUND_TIMEOUT`] when that is longer than `[cluster] timeout`, as
+    /// the ping is, so that a busy moment does not make Redis count as down for everyone.
+    pub async fn call_background<T, F, Fut>(&self, what: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_within(what, self.timeout.max(BACKGROUND_TIMEOUT), f)
+            .await
+    }
+
+    async fn call_within<T, F, Fut>(&self, what: &'static str, limit: Duration, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let conn = match self.conn.load_full() {
             Some(c) if self.is_up() => ConnectionManager::clone(&c),
             _ => {
@@ -165,7 +198,7 @@ impl Redis {
                 return None;
             }
         };
-        match tokio::time::timeout(self.timeout, f(conn)).await {
+        match tokio::time::timeout(limit, f(conn)).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -176,7 +209,7 @@ impl Redis {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 self.down(format_args!(
                     "{what}: no answer within {}ms",
-                    self.timeout.as_millis()
+                    limit.as_millis()
                 ));
                 None
             }

@@ -80,7 +80,10 @@ pub async fn serve(
             let cell = route.map_or(&snap.routes.unrouted, |(s, r)| snap.routes.route(s, r));
             (res, cell)
         }
-        Listener::Http => (redirect::handle(shared, &snap, &req), &snap.routes.redirect),
+        Listener::Http => (
+            redirect::handle(shared, &snap, &req).await,
+            &snap.routes.redirect,
+        ),
     };
     cell.count(method, res.status(), start.elapsed());
     // Response filters: the client learns the id its request is known by (the app's own is replaced).

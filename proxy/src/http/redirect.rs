@@ -10,9 +10,10 @@ use crate::body::Body;
 use crate::http::{host, pages};
 use crate::state::{Shared, Snapshot};
 
-pub fn handle<B>(shared: &Shared, snap: &Snapshot, req: &Request<B>) -> Response<Body> {
-    // ACME HTTP-01: a pending token is answered here, before any redirect.
-    if let Some(answer) = acme::http01::answer(&shared.challenges, req.uri().path()) {
+pub async fn handle<B>(shared: &Shared, snap: &Snapshot, req: &Request<B>) -> Response<Body> {
+    // ACME HTTP-01: a pending token is answered here, before any redirect (with `[cluster]`, another
+    // node's too).
+    if let Some(answer) = acme::http01::answer(&shared.challenges, req.uri().path()).await {
         return pages::acme_http01(answer);
     }
     let names = &snap.redirect_names;

@@ -188,9 +188,12 @@ async fn https(
     let tls = Box::pin(tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = acceptor.await?;
         // ACME TLS-ALPN-01 (RFC 8737): a validation handshake gets the challenge certificate, then the end.
-        if let Some(config) =
-            crate::acme::tls_alpn01::answer(&shared.challenges, &start.client_hello())
-        {
+        let validation = crate::acme::tls_alpn01::validation(&start.client_hello());
+        let answer = match &validation {
+            Some(name) => crate::acme::tls_alpn01::answer(&shared.challenges, name).await,
+            None => None,
+        };
+        if let Some(config) = answer {
             let mut tls = start.into_stream(config).await?;
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
             return Ok(None);
