@@ -2,11 +2,21 @@
 //! it is enforced by default, and reading outside what the config names fails as the kernel refuses it
 //! (EACCES); a reload naming a folder outside needs a restart; a kernel without Landlock (simulated with
 //! the test switch) starts with a warning under `best-effort` and refuses under `require` (exit 64).
+//! The seccomp filter set with it (`[process] seccomp`): every thread has it, serving, reloads, static
+//! files and buffered uploads keep working under it, and `"off"` leaves none.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod launch;
 
 use std::time::Duration;
 
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, Upstream, config};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use launch::{Deployment, Launched, nobody, require_root, threads};
+use portcullis_tests::{
+    Pki, Portcullis, Setup, TempDir, Upstream, config, random_bytes, sha256_hex,
+};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NO_LANDLOCK: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK", "1");
@@ -179,4 +189,137 @@ fn check_lists_what_the_sandbox_allows() {
     );
     assert!(stdout.contains("read-write "), "{stdout}");
     assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
+}
+
+/// Asserts from /proc that every thread of `pid` has seccomp mode `mode` (2: a filter) and NoNewPrivs;
+/// returns how many threads there were.
+fn assert_seccomp(pid: u32, mode: u32) -> usize {
+    let all = threads(pid);
+    for t in &all {
+        assert_eq!(t.seccomp, mode, "thread {}: Seccomp", t.tid);
+        assert!(t.no_new_privs, "thread {}: NoNewPrivs", t.tid);
+    }
+    all.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_nobody_every_thread_has_the_seccomp_filter_and_h1_h2_static_uploads_and_reloads_work() {
+    require_root();
+    let d = Deployment::new("seccomp-nobody").await;
+    let www = TempDir::new("seccomp-www");
+    www.write("index.html", "inside the filter");
+    let extra = format!(
+        "[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n\n[buffers]\nmemory_per_request = \"64KiB\"\n\n\
+         [process]\nuser = \"nobody\"\n",
+        www.path().display()
+    );
+    let path = d.dir.write(
+        "portcullis.toml",
+        &config(&d.pki, &d.upstream.addr_string(), &extra),
+    );
+    let mut cmd = std::process::Command::new(portcullis_tests::binary());
+    cmd.args(["run", "--config", path.to_str().unwrap()]);
+    let proxy = Launched::start(cmd);
+    assert!(proxy.ready, "did not start; log:\n{}", proxy.output());
+    let line = proxy
+        .wait_for(|l| l.contains("privileges dropped"), LIMIT)
+        .unwrap_or_else(|| panic!("no drop line:\n{}", proxy.output()));
+    assert!(line.contains("running as nobody"), "{line}");
+    assert!(line.contains("syscalls allowed, others EPERM"), "{line}");
+    let addr = proxy.listening("https").unwrap();
+    let client = portcullis_tests::Client::new(&d.pki.ca_pem);
+
+    // HTTP/1.1 and HTTP/2 to the upstream; a static file (read on the blocking pool).
+    assert_eq!(client.get(addr, "/h1").await.status(), 200);
+    let h2 = client
+        .send_h2(addr, Request::get("/h2").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(h2.status(), 200);
+    let page = client.get(addr, "/www/index.html").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.body().as_ref(), b"inside the filter");
+    // An upload past memory_per_request goes through a temp file (O_TMPFILE in temp_dir) whole.
+    let body = random_bytes(1 << 20, 18);
+    let req = Request::post("/sha256")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let res = client.send_h2(addr, req).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        String::from_utf8_lossy(res.body()),
+        format!("sha256={} len={}", sha256_hex(&body), body.len())
+    );
+    // A reload (config and certificate files read again, on a worker thread).
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    proxy
+        .wait_for(|l| l.contains("reload on SIGHUP done"), LIMIT)
+        .unwrap_or_else(|| panic!("no reload:\n{}", proxy.output()));
+    assert_eq!(client.get(addr, "/after-reload").await.status(), 200);
+
+    // Every thread, the blocking pool's included, has the filter and NoNewPrivs, and runs as nobody.
+    assert!(assert_seccomp(proxy.pid(), 2) >= 2);
+    launch::assert_unprivileged(proxy.pid(), nobody(), true);
+    assert!(
+        !proxy.output().contains("Operation not permitted"),
+        "{}",
+        proxy.output()
+    );
+}
+
+#[tokio::test]
+async fn seccomp_kill_is_in_force_on_every_thread_and_serves() {
+    let s = Setup::new("", "[process]\nseccomp = \"kill\"\n").await;
+    assert!(
+        s.proxy
+            .output()
+            .contains("syscalls allowed, others kill the process"),
+        "{}",
+        s.proxy.output()
+    );
+    assert_eq!(s.client.get(s.https(), "/kill-mode").await.status(), 200);
+    assert!(assert_seccomp(s.proxy.pid(), 2) >= 2);
+}
+
+#[tokio::test]
+async fn seccomp_off_and_sandbox_off_leave_no_filter() {
+    for extra in [
+        "[process]\nseccomp = \"off\"\n",
+        "[process]\nsandbox = \"off\"\n",
+    ] {
+        let s = Setup::new("", extra).await;
+        assert!(
+            s.proxy.output().contains("seccomp off"),
+            "{}",
+            s.proxy.output()
+        );
+        assert_eq!(s.client.get(s.https(), "/off").await.status(), 200);
+        for t in threads(s.proxy.pid()) {
+            assert_eq!(t.seccomp, 0, "{extra}: thread {}: Seccomp", t.tid);
+        }
+    }
+}
+
+#[test]
+fn check_lists_the_system_calls_the_filter_allows() {
+    let dir = TempDir::new("seccomp-check");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = std::process::Command::new(portcullis_tests::binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("syscalls allowed, others EPERM; no program can be run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("socket (AF_INET, AF_INET6, AF_UNIX)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("execve"), "{stdout}");
 }

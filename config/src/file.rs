@@ -274,6 +274,8 @@ pub struct Process {
     pub temp_dir: Option<S<String>>,
     /// "best-effort" (default), "require" or "off".
     pub sandbox: Option<S<String>>,
+    /// "errno" (default), "kill" or "off".
+    pub seccomp: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
