@@ -323,3 +323,112 @@ fn check_lists_the_system_calls_the_filter_allows() {
     );
     assert!(!stdout.contains("execve"), "{stdout}");
 }
+
+#[test]
+fn the_units_system_call_filter_allows_every_call_the_binarys_filter_allows() {
+    // The binary's list, as `check` prints it: "  what it is for: read, ioctl (FIONBIO, ...), ...".
+    let dir = TempDir::new("seccomp-unit");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = std::process::Command::new(portcullis_tests::binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut ours = Vec::new();
+    for line in stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("seccomp: "))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+    {
+        let (_, calls) = line.rsplit_once(": ").unwrap();
+        // Limits in parentheses are not names.
+        let mut depth = 0;
+        let bare: String = calls
+            .chars()
+            .filter(|c| {
+                depth += i32::from(*c == '(') - i32::from(*c == ')');
+                depth == 0 && *c != ')'
+            })
+            .collect();
+        ours.extend(bare.split(',').map(|n| n.trim().to_owned()));
+    }
+    assert!(ours.len() > 50, "{stdout}");
+    // And the calls that set the sandbox up, before the filter (in no group but @known on systemd 252).
+    ours.extend(
+        [
+            "landlock_create_ruleset",
+            "landlock_add_rule",
+            "landlock_restrict_self",
+            "seccomp",
+        ]
+        .map(String::from),
+    );
+
+    // The unit's, expanded as systemd 252 does: allow-list lines add, `~` lines take away.
+    let groups = std::process::Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager"])
+        .output()
+        .unwrap();
+    let groups = String::from_utf8_lossy(&groups.stdout);
+    let mut members: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut current = "";
+    for line in groups.lines() {
+        if line.starts_with('@') {
+            current = line.trim();
+        } else if let Some(item) = line.strip_prefix("    ").map(str::trim)
+            && !item.is_empty()
+            && !item.starts_with('#')
+        {
+            members.entry(current).or_default().push(item);
+        }
+    }
+    fn expand<'a>(
+        name: &'a str,
+        members: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+        out: &mut std::collections::HashSet<&'a str>,
+    ) {
+        match members.get(name) {
+            Some(items) if name.starts_with('@') => {
+                for i in items {
+                    expand(i, members, out);
+                }
+            }
+            _ => {
+                out.insert(name);
+            }
+        }
+    }
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/portcullis.service"),
+    )
+    .unwrap();
+    let mut allowed = std::collections::HashSet::new();
+    for value in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        let mut these = std::collections::HashSet::new();
+        for name in list.split_whitespace() {
+            expand(name, &members, &mut these);
+        }
+        if deny {
+            allowed.retain(|n| !these.contains(n));
+        } else {
+            allowed.extend(these);
+        }
+    }
+    let refused: Vec<_> = ours
+        .iter()
+        .filter(|n| !allowed.contains(n.as_str()))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the unit refuses what the binary needs: {refused:?}"
+    );
+}
