@@ -303,6 +303,31 @@ async fn seccomp_off_and_sandbox_off_leave_no_filter() {
     }
 }
 
+#[tokio::test]
+async fn a_kernel_refusing_seccomp_gets_one_warning_under_best_effort_and_exit_64_under_require() {
+    const NO_SECCOMP: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_SECCOMP", "1");
+    let (_dir, _up, path) = write_config("").await;
+    let p = Portcullis::run_with_env(&path, &[NO_SECCOMP]);
+    assert!(p.ready, "did not start:\n{}", p.output());
+    let warned = p
+        .lines()
+        .iter()
+        .filter(|l| l.contains("running without the seccomp filter"))
+        .count();
+    assert_eq!(warned, 1, "{}", p.output());
+    assert!(p.output().contains("no seccomp filter ("), "{}", p.output());
+
+    let (_dir, _up, path) = write_config("[process]\nsandbox = \"require\"\n").await;
+    let mut p = Portcullis::run_with_env(&path, &[NO_SECCOMP]);
+    assert!(!p.ready, "started:\n{}", p.output());
+    assert_eq!(p.wait().code(), Some(64), "{}", p.output());
+    assert!(
+        p.output().contains("does not accept a seccomp filter"),
+        "{}",
+        p.output()
+    );
+}
+
 #[test]
 fn check_lists_the_system_calls_the_filter_allows() {
     let dir = TempDir::new("seccomp-check");

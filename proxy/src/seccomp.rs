@@ -16,6 +16,9 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+/// Tests only (debug builds): set to `1` to behave as on a kernel that refuses seccomp filters.
+pub const SIMULATE_UNSUPPORTED: &str = "PORTCULLIS_TEST_SIMULATE_NO_SECCOMP";
+
 /// One group of the allow-list: what it is for, and its calls (each with the argument values it is
 /// limited to, when it is).
 #[derive(Debug)]
@@ -89,6 +92,9 @@ pub fn apply(config: &Config) -> Result<State, Error> {
         Sandbox::Require => Err(Error::Required(why)),
         _ => Ok(State::Unsupported(why)),
     };
+    if cfg!(debug_assertions) && std::env::var_os(SIMULATE_UNSUPPORTED).is_some_and(|v| v == "1") {
+        return refused("simulated for a test".into());
+    }
     let Ok(arch) = TargetArch::try_from(std::env::consts::ARCH) else {
         return refused(format!("no filter for {}", std::env::consts::ARCH));
     };
