@@ -32,6 +32,13 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 /// Writes the config `text` over the running one, sends SIGHUP, and waits for reload number `n` (counted
 /// from 1) to be logged as done or failed; returns that line.
+/// `[process]` allowing the sandbox to connect to `b`, which a reload will move traffic to (the sandbox
+/// set at start allows only the ports the config names, and these: tests/sandbox.rs).
+fn allow(b: &Upstream) -> String {
+    let port = b.addr_string().rsplit(':').next().unwrap().to_owned();
+    format!("[process]\nsandbox_connect_ports = [{port}]\n")
+}
+
 fn reload(s: &Setup, text: &str, n: usize) -> String {
     s.dir.write("portcullis.toml", text);
     s.proxy.signal("HUP");
@@ -52,9 +59,9 @@ fn who_got(target: &str, a: &Upstream, b: &Upstream) -> (bool, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_and_an_upstream_change_under_load_with_no_failed_request() {
-    let s = Setup::new("", "").await;
-    let a = &s.upstream;
     let b = Upstream::tcp().await;
+    let s = Setup::new("", &allow(&b)).await;
+    let a = &s.upstream;
     // v1: everything to A. v2: `/` to B (the same group, a new server) and a new route `/new/` to a new
     // group, also on B.
     let v1 = config(&s.pki, &a.addr_string(), "");
@@ -115,8 +122,8 @@ async fn a_route_and_an_upstream_change_under_load_with_no_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_opened_before_a_reload_keeps_working_after_it() {
-    let s = Setup::new("", "").await;
     let b = Upstream::tcp().await;
+    let s = Setup::new("", &allow(&b)).await;
     let mut tls = s.client.tls(s.https(), &[b"http/1.1"]).await;
     tls.write_all(UPGRADE).await.unwrap();
     tls.flush().await.unwrap();
@@ -143,8 +150,8 @@ async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(tls: &mut
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_on_reload_changes_nothing_and_says_where() {
-    let s = Setup::new("", "").await;
     let b = Upstream::tcp().await;
+    let s = Setup::new("", &allow(&b)).await;
     // Good TOML, one key misspelt and one value wrong: both are reported.
     let broken = config(
         &s.pki,
@@ -188,8 +195,8 @@ async fn a_broken_config_on_reload_changes_nothing_and_says_where() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_listener_address_needs_a_restart_and_the_rest_applies() {
-    let s = Setup::new("", "").await;
     let b = Upstream::tcp().await;
+    let s = Setup::new("", &allow(&b)).await;
     let moved = config(&s.pki, &b.addr_string(), "").replacen(
         "https = [\"127.0.0.1:0\"]",
         "https = [\"127.0.0.2:0\"]",
@@ -307,8 +314,9 @@ async fn default_leaf(s: &Setup) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_added_by_sighup_serves_its_certificate_and_its_routes() {
-    let s = Setup::new("", "").await;
-    let (a, b) = (&s.upstream, Upstream::tcp().await);
+    let b = Upstream::tcp().await;
+    let s = Setup::new("", &allow(&b)).await;
+    let a = &s.upstream;
     // Beneath the config's folder, which the sandbox set at start allows (a folder it does not allow
     // needs a restart: tests/sandbox.rs).
     let certs = s.dir.path().join("site-b");

@@ -2,12 +2,18 @@
 //! it is enforced by default, and reading outside what the config names fails as the kernel refuses it
 //! (EACCES); a reload naming a folder outside needs a restart; a kernel without Landlock (simulated with
 //! the test switch) starts with a warning under `best-effort` and refuses under `require` (exit 64).
+//! From inside (the debug build's `PORTCULLIS_TEST_SANDBOX_PROBE`, run on a runtime thread once ready),
+//! as `nobody`: a file the user may read by its mode but outside the sandbox is refused, no program runs,
+//! and TCP connects only to what the config names.
 //! The seccomp filter set with it (`[process] seccomp`): every thread has it, serving, reloads, static
-//! files and buffered uploads keep working under it, and `"off"` leaves none.
+//! files and buffered uploads keep working under it, `"off"` leaves none, and without Landlock it alone
+//! stops a program from running (EPERM; `"kill"`: the process dies of SIGSYS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod launch;
 
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,11 +21,101 @@ use http_body_util::Full;
 use hyper::Request;
 use launch::{Deployment, Launched, nobody, require_root, threads};
 use portcullis_tests::{
-    Pki, Portcullis, Setup, TempDir, Upstream, config, random_bytes, sha256_hex,
+    Pki, Portcullis, Setup, TempDir, Upstream, binary, config, random_bytes, sha256_hex,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NO_LANDLOCK: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK", "1");
+const PROBE: &str = "PORTCULLIS_TEST_SANDBOX_PROBE";
+
+/// Waits for the probe line of `what` (`read /path`, `connect 127.0.0.1:9`, ...) and gives its result.
+fn probe_result(log: impl Fn(Duration) -> Option<String>, what: &str) -> String {
+    let line = log(LIMIT).unwrap_or_else(|| panic!("no probe line for {what}"));
+    line.split_once(&format!("sandbox probe: {what}: "))
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_nobody_inside_the_sandbox_no_file_outside_is_read_nothing_runs_and_only_named_ports_connect()
+ {
+    launch::require_root();
+    let d = launch::Deployment::new("sandbox-probe").await;
+    // A file `nobody` may read by its mode bits, in a folder it may enter: only Landlock stands in the way.
+    let outside = TempDir::new("sandbox-outside");
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = outside.write("secret", "TOP-SECRET");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A port that is not an upstream, listening on loopback.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = other.local_addr().unwrap();
+    let up = d.upstream.addr_string();
+    let user = "[process]\nuser = \"nobody\"\n";
+    let path = d.dir.write("portcullis.toml", &config(&d.pki, &up, user));
+    let probes = [
+        format!("read:{}", d.pki.cert.display()),
+        format!("read:{}", secret.display()),
+        "exec:/bin/true".to_owned(),
+        format!("connect:{up}"),
+        format!("connect:{other}"),
+    ]
+    .join(",");
+    let mut cmd = Command::new(binary());
+    cmd.args(["run", "--config", path.to_str().unwrap()])
+        .env(PROBE, &probes);
+    let proxy = launch::Launched::start(cmd);
+    assert!(proxy.ready, "did not start:\n{}", proxy.output());
+    let result = |what: &str| {
+        let what = what.to_owned();
+        probe_result(
+            |limit| proxy.wait_for(|l| l.contains(&format!("sandbox probe: {what}: ")), limit),
+            &what,
+        )
+    };
+    assert_eq!(result(&format!("read {}", d.pki.cert.display())), "ok");
+    assert_eq!(
+        result(&format!("read {}", secret.display())),
+        "Permission denied (os error 13)"
+    );
+    assert_eq!(result("exec /bin/true"), "Permission denied (os error 13)");
+    assert_eq!(result(&format!("connect {up}")), "ok");
+    assert_eq!(
+        result(&format!("connect {other}")),
+        "Permission denied (os error 13)"
+    );
+    // And it still serves, through the upstream port it may connect to.
+    let res = portcullis_tests::Client::new(&d.pki.ca_pem)
+        .get(proxy.listening("https").unwrap(), "/after-the-probes")
+        .await;
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn a_reload_adding_an_upstream_on_a_port_outside_the_sandbox_needs_a_restart() {
+    let s = Setup::new("", "").await;
+    let other = Upstream::tcp().await;
+    let text = std::fs::read_to_string(s.dir.path().join("portcullis.toml")).unwrap();
+    let text = format!(
+        "{text}\n[[route]]\npath = \"/other/\"\nupstream = \"other\"\n\n[upstream.other]\nservers = [\"{}\"]\n",
+        other.addr_string()
+    );
+    s.dir.write("portcullis.toml", &text);
+    s.proxy.signal("HUP");
+    let line = s
+        .proxy
+        .wait_for_log(|l| l.contains("config reload failed"), LIMIT)
+        .unwrap_or_else(|| panic!("reload not refused:\n{}", s.proxy.output()));
+    assert!(line.contains("needs a restart"), "{line}");
+    let port = other.addr_string().rsplit(':').next().unwrap().to_owned();
+    assert!(
+        line.contains(&format!("connect    tcp port {port}")),
+        "{line}"
+    );
+    // Not half-applied: /other/ still goes to the first upstream.
+    let resp = s.client.get(s.https(), "/other/x").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.upstream.last().target, "/other/x");
+}
 
 /// A config file for a fresh PKI, with `extra` appended.
 async fn write_config(extra: &str) -> (TempDir, Upstream, std::path::PathBuf) {
@@ -170,7 +266,7 @@ fn check_lists_what_the_sandbox_allows() {
     let dir = TempDir::new("sandbox-check");
     let pki = Pki::new(dir.path(), &[]);
     let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
-    let out = std::process::Command::new(portcullis_tests::binary())
+    let out = Command::new(binary())
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
@@ -188,6 +284,14 @@ fn check_lists_what_the_sandbox_allows() {
         "{stdout}"
     );
     assert!(stdout.contains("read-write "), "{stdout}");
+    assert!(
+        stdout.contains("connect    tcp port 9 (upstream server)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("connect    tcp port 53 (DNS over TCP)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("/etc/resolv.conf"), "{stdout}");
 }
 
@@ -217,7 +321,7 @@ async fn as_nobody_every_thread_has_the_seccomp_filter_and_h1_h2_static_uploads_
         "portcullis.toml",
         &config(&d.pki, &d.upstream.addr_string(), &extra),
     );
-    let mut cmd = std::process::Command::new(portcullis_tests::binary());
+    let mut cmd = Command::new(binary());
     cmd.args(["run", "--config", path.to_str().unwrap()]);
     let proxy = Launched::start(cmd);
     assert!(proxy.ready, "did not start; log:\n{}", proxy.output());
@@ -250,7 +354,7 @@ async fn as_nobody_every_thread_has_the_seccomp_filter_and_h1_h2_static_uploads_
         format!("sha256={} len={}", sha256_hex(&body), body.len())
     );
     // A reload (config and certificate files read again, on a worker thread).
-    let hup = std::process::Command::new("kill")
+    let hup = Command::new("kill")
         .args(["-HUP", &proxy.pid().to_string()])
         .status()
         .unwrap();
@@ -333,7 +437,7 @@ fn check_lists_the_system_calls_the_filter_allows() {
     let dir = TempDir::new("seccomp-check");
     let pki = Pki::new(dir.path(), &[]);
     let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
-    let out = std::process::Command::new(portcullis_tests::binary())
+    let out = Command::new(binary())
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
@@ -355,7 +459,7 @@ fn the_units_system_call_filter_allows_every_call_the_binarys_filter_allows() {
     let dir = TempDir::new("seccomp-unit");
     let pki = Pki::new(dir.path(), &[]);
     let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
-    let out = std::process::Command::new(portcullis_tests::binary())
+    let out = Command::new(binary())
         .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
@@ -392,7 +496,7 @@ fn the_units_system_call_filter_allows_every_call_the_binarys_filter_allows() {
     );
 
     // The unit's, expanded as systemd 252 does: allow-list lines add, `~` lines take away.
-    let groups = std::process::Command::new("systemd-analyze")
+    let groups = Command::new("systemd-analyze")
         .args(["syscall-filter", "--no-pager"])
         .output()
         .unwrap();
@@ -455,5 +559,39 @@ fn the_units_system_call_filter_allows_every_call_the_binarys_filter_allows() {
     assert!(
         refused.is_empty(),
         "the unit refuses what the binary needs: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_landlock_the_seccomp_filter_alone_stops_a_program_from_running_and_off_lets_it() {
+    for (extra, expected) in [
+        ("", "Operation not permitted (os error 1)"),
+        ("[process]\nseccomp = \"off\"\n", "ok"),
+    ] {
+        let (_dir, _up, path) = write_config(extra).await;
+        let p = Portcullis::run_with_env(&path, &[NO_LANDLOCK, (PROBE, "exec:/bin/true")]);
+        assert!(p.ready, "did not start:\n{}", p.output());
+        assert!(p.output().contains("no sandbox"), "{}", p.output());
+        let result = probe_result(
+            |limit| p.wait_for_log(|l| l.contains("sandbox probe: exec /bin/true: "), limit),
+            "exec /bin/true",
+        );
+        assert_eq!(result, expected, "{extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn under_seccomp_kill_running_a_program_kills_the_process_with_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_dir, _up, path) = write_config("[process]\nseccomp = \"kill\"\n").await;
+    let mut p = Portcullis::run_with_env(&path, &[NO_LANDLOCK, (PROBE, "exec:/bin/true")]);
+    assert!(p.ready, "did not start:\n{}", p.output());
+    let status = p.wait();
+    // SIGSYS (31 on x86-64 and aarch64): the signal a seccomp kill delivers.
+    assert_eq!(status.signal(), Some(31), "{status:?}\n{}", p.output());
+    assert!(
+        !p.output().contains("sandbox probe: exec"),
+        "{}",
+        p.output()
     );
 }

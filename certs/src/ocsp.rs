@@ -124,6 +124,11 @@ pub fn query(chain: &[CertificateDer<'_>]) -> Result<Option<Query>, String> {
     }))
 }
 
+/// The OCSP responder URL a chain's leaf names, if any (the sandbox allows its port).
+pub fn responder_of(chain: &[CertificateDer<'_>]) -> Option<String> {
+    responder(&Certificate::from_der(chain.first()?).ok()?)
+}
+
 /// The leaf's OCSP responder URL, from its Authority Information Access extension.
 fn responder(leaf: &Certificate) -> Option<String> {
     let ext = leaf

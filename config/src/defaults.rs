@@ -165,3 +165,6 @@ pub fn temp_dir(runtime_directory: Option<&std::ffi::OsStr>) -> std::path::PathB
         _ => std::path::PathBuf::from("/var/tmp/portcullis"),
     }
 }
+
+/// `[process] sandbox_connect_ports`: at most this many ports (ranges expanded): each is one Landlock rule.
+pub const SANDBOX_CONNECT_PORTS_MAX: usize = 4096;

@@ -276,6 +276,17 @@ pub struct Process {
     pub sandbox: Option<S<String>>,
     /// "errno" (default), "kill" or "off".
     pub seccomp: Option<S<String>>,
+    /// TCP ports the sandbox lets the process connect to beyond those the config names at start: ports a
+    /// reload may move an upstream to. Numbers, or `"8000-8099"` ranges.
+    pub sandbox_connect_ports: Option<S<Vec<S<PortSpec>>>>,
+}
+
+/// A port (`8001`) or an inclusive range (`"8000-8099"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    One(u16),
+    Range(String),
 }
 
 #[derive(Debug, Deserialize)]

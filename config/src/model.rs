@@ -90,13 +90,19 @@ pub struct Process {
     pub sandbox: Sandbox,
     /// What the seccomp filter set after the drop does to a system call outside its allow-list.
     pub seccomp: Seccomp,
+    /// `sandbox_connect_ports`: TCP ports the sandbox allows connecting to beyond those the config names
+    /// at start (where a reload may move an upstream), each once, sorted.
+    pub sandbox_connect_ports: Vec<u16>,
 }
 
-/// The folders `[acme]` names (see [`Config::acme_paths`]).
+/// The folders `[acme]` names (see [`Config::acme_paths`]), and the TCP ports it connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmePaths {
     pub state_dir: PathBuf,
     pub ca_root: Option<PathBuf>,
+    /// The CA directory's port (443 for the named CAs), and the port the self-check asks this instance on:
+    /// `validation_port`, or both of the RFC's (80 and 443).
+    pub connect_ports: Vec<u16>,
 }
 
 /// `[process] sandbox`: what to do about the Landlock filesystem sandbox applied after the privilege drop.

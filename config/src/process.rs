@@ -16,6 +16,7 @@ impl Checker<'_> {
             temp_dir: None,
             sandbox: None,
             seccomp: None,
+            sandbox_connect_ports: None,
         });
         let mut name = |key: &str, v: Option<S<String>>| {
             let v = v?;
@@ -81,19 +82,86 @@ impl Checker<'_> {
                 }
             },
         };
+        let sandbox_connect_ports = self.connect_ports(p.sandbox_connect_ports);
         Process {
             user,
             group,
             temp_dir,
             sandbox,
             seccomp,
+            sandbox_connect_ports,
         }
+    }
+
+    /// `sandbox_connect_ports`: numbers and `"A-B"` ranges, expanded, sorted, each once; 0 and empty or
+    /// reversed ranges are problems, and so are more than [`defaults::SANDBOX_CONNECT_PORTS_MAX`].
+    fn connect_ports(&mut self, v: Option<S<Vec<S<file::PortSpec>>>>) -> Vec<u16> {
+        const KEY: &str = "process.sandbox_connect_ports";
+        let Some(list) = v else {
+            return Vec::new();
+        };
+        let span = list.span();
+        let mut out = Vec::new();
+        for item in list.into_inner() {
+            let at = item.span();
+            let range = match item.into_inner() {
+                file::PortSpec::One(p) => Some((p, p)),
+                file::PortSpec::Range(text) => text
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?))),
+            };
+            match range {
+                Some((a, b)) if a != 0 && a <= b => out.extend(a..=b),
+                _ => self.problem(
+                    at,
+                    KEY,
+                    "give a port (1-65535) or a range \"LOW-HIGH\" (e.g. \"8000-8099\")",
+                ),
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        if out.len() > defaults::SANDBOX_CONNECT_PORTS_MAX {
+            self.problem(
+                span,
+                KEY,
+                format!(
+                    "{} ports: at most {} (each is one sandbox rule)",
+                    out.len(),
+                    defaults::SANDBOX_CONNECT_PORTS_MAX
+                ),
+            );
+            out.truncate(defaults::SANDBOX_CONNECT_PORTS_MAX);
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::testing::{EXAMPLE, parse, problems};
+
+    #[test]
+    fn sandbox_connect_ports_are_ports_and_ranges() {
+        let c = parse(&format!(
+            "{EXAMPLE}\n[process]\nsandbox_connect_ports = [8001, \"9000-9002\", 8001]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.process.sandbox_connect_ports,
+            vec![8001, 9000, 9001, 9002]
+        );
+        for bad in ["0", "\"9-3\"", "\"80\"", "\"1-65535\""] {
+            let p = problems(&format!(
+                "{EXAMPLE}\n[process]\nsandbox_connect_ports = [{bad}]\n"
+            ));
+            assert!(
+                p.iter()
+                    .any(|p| p.contains("process.sandbox_connect_ports")),
+                "{bad}: {p:?}"
+            );
+        }
+    }
 
     #[test]
     fn process_user_and_group() {

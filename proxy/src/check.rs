@@ -154,6 +154,19 @@ fn sandbox_report(config: &Config) {
     for rule in sandbox::rules(config) {
         println!("  {rule}");
     }
+    // The OCSP responders of the certificates on disk now (ACME's are allowed by the default ports).
+    let chains: Vec<_> = config
+        .sites
+        .iter()
+        .filter_map(|s| match &s.tls {
+            CertSource::Files { cert, .. } => portcullis_certs::read_chain(cert).ok(),
+            _ => None,
+        })
+        .collect();
+    let responders = sandbox::responders(chains.iter().map(Vec::as_slice));
+    for port in sandbox::ports(config, &responders) {
+        println!("  {port}");
+    }
 }
 
 /// The system calls `run`'s seccomp filter will allow after the drop, by group (`seccomp.rs`).

@@ -20,6 +20,8 @@ mod metrics;
 mod ocsp;
 mod pace;
 mod privdrop;
+#[cfg(debug_assertions)]
+mod probe;
 mod ratelimit;
 mod reconfigure;
 mod reload;
@@ -167,7 +169,11 @@ fn run(
         privdrop::apply(&plan).map_err(|e| failed(format_args!("cannot drop privileges: {e}")))?;
     //    Then the sandbox, still single-threaded: every thread made from now on is confined to the files the
     //    config names (Landlock). `require` on a kernel without it is the operator's to fix: exit 64.
-    let sandbox = sandbox::apply(&config).map_err(|e| match e {
+    let served: Vec<_> = (0..sites.sites.len())
+        .filter_map(|i| sites.sites.current(i))
+        .collect();
+    let responders = sandbox::responders(served.iter().map(|k| k.cert.as_slice()));
+    let sandbox = sandbox::apply(&config, &responders).map_err(|e| match e {
         sandbox::Error::Required => bad_config(&config, e),
         e => failed(e),
     })?;
@@ -279,6 +285,8 @@ async fn serve(
     }
     tracing::info!("ready");
     sdnotify::ready();
+    #[cfg(debug_assertions)]
+    probe::start();
 
     signals.until_stop().await;
     // The deadline of the config in force now (a reload may have changed it).

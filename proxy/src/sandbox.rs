@@ -1,20 +1,22 @@
-//! The process confines itself after the privilege drop (issue 18, first part: Landlock's filesystem
-//! rules). [`rules`] lists what the running proxy may read and write, from the config (certificate,
-//! static, maintenance, ACME, temp and log folders) and from the system (CA bundles, DNS files, its own
-//! `/proc` entry); [`apply`] restricts the still single-threaded process to them, so every thread the
-//! runtime starts later inherits the domain; [`uncovered`] is what a reloaded config would need that the
-//! sandbox set at start does not allow (the reload then says "restart"). Nothing grants `execute`: no
-//! program can be run after start-up. Which files the service user may read by its mode bits is
-//! `privdrop::access`'s.
+//! The process confines itself after the privilege drop (issue 18: Landlock). [`rules`] lists what the
+//! running proxy may read and write, from the config (certificate, static, maintenance, ACME, temp and log
+//! folders) and from the system (CA bundles, DNS files, its own `/proc` entry); [`ports`] the TCP ports it
+//! may bind (its listeners) and connect to (upstreams, the ACME CA, OCSP responders, Redis, DNS over TCP);
+//! [`apply`] restricts the still single-threaded process to them, so every thread the runtime starts later
+//! inherits the domain; [`uncovered`] is what a reloaded config would need that the sandbox set at start
+//! does not allow (the reload then says "restart"). Nothing grants `execute`: no program can be run after
+//! start-up. Signals can reach no process outside the domain (ABI 6). Which files the service user may
+//! read by its mode bits is `privdrop::access`'s.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus,
+    ABI, Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use portcullis_config::{Config, Sandbox, ServerAddr};
+use rustls::pki_types::CertificateDer;
 
 use crate::privdrop::access::{self, Needed};
 
@@ -24,6 +26,19 @@ pub const SIMULATE_UNSUPPORTED: &str = "PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK";
 /// The filesystem rights the ruleset handles: every one Landlock had by ABI 5 (later ABIs add none for
 /// files). What no rule grants is refused, `execute` (no rule grants it) included.
 const HANDLED: ABI = ABI::V5;
+
+/// The network rights the ruleset handles (ABI 4: TCP bind and connect; UDP, e.g. DNS, is not covered by
+/// Landlock). A kernel before ABI 4 enforces the filesystem rules only ("partly enforced").
+const HANDLED_NET: ABI = ABI::V4;
+
+/// Ports the running proxy connects to whatever the config says: DNS over TCP (the resolver's fallback for
+/// a long answer), and the default HTTP and HTTPS ports for OCSP responders (a renewed certificate may
+/// name another responder than the one at start).
+const SYSTEM_CONNECT: &[(u16, &str)] = &[
+    (53, "DNS over TCP"),
+    (80, "OCSP responders (http)"),
+    (443, "OCSP responders (https)"),
+];
 
 /// Files the system provides that the running proxy reads: CA bundles (the ACME and OCSP clients verify
 /// through the platform's roots, loaded at first use), name resolution, time zones, and what the runtime
@@ -80,6 +95,33 @@ impl fmt::Display for Rule {
     }
 }
 
+/// Bind or connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NetOp {
+    /// `bind(2)` to the port (the listeners, bound before the sandbox; listed so that nothing else can).
+    Bind,
+    /// `connect(2)` to the port on any address.
+    Connect,
+}
+
+/// One TCP port the sandbox allows, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    pub port: u16,
+    pub op: NetOp,
+    pub what: &'static str,
+}
+
+impl fmt::Display for PortRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            NetOp::Bind => "bind",
+            NetOp::Connect => "connect",
+        };
+        write!(f, "{op:<10} tcp port {} ({})", self.port, self.what)
+    }
+}
+
 /// What the sandbox is, once [`apply`] has run: logged at start, and what reloads are checked against.
 #[derive(Debug, Clone)]
 pub enum State {
@@ -87,8 +129,13 @@ pub enum State {
     Off,
     /// Best effort on a kernel without Landlock (or the test switch): nothing restricted.
     Unsupported,
-    /// Landlock restricts the process to `rules` (`full`: every handled right is enforced by this kernel).
-    Enforced { rules: Vec<Rule>, full: bool },
+    /// Landlock restricts the process to `rules` and `ports` (`full`: every handled right is enforced by
+    /// this kernel; a kernel before ABI 4 leaves the network alone).
+    Enforced {
+        rules: Vec<Rule>,
+        ports: Vec<PortRule>,
+        full: bool,
+    },
 }
 
 impl fmt::Display for State {
@@ -96,15 +143,16 @@ impl fmt::Display for State {
         match self {
             State::Off => write!(f, "sandbox off ([process] sandbox = \"off\")"),
             State::Unsupported => write!(f, "no sandbox (this kernel has no Landlock)"),
-            State::Enforced { rules, full } => write!(
+            State::Enforced { rules, ports, full } => write!(
                 f,
-                "Landlock sandbox ({}, {} paths allowed, no execute)",
+                "Landlock sandbox ({}, {} paths and {} TCP ports allowed, no execute)",
                 if *full {
                     "fully enforced"
                 } else {
                     "partly enforced"
                 },
-                rules.len()
+                rules.len(),
+                ports.len()
             ),
         }
     }
@@ -143,9 +191,42 @@ pub fn rules(config: &Config) -> Vec<Rule> {
     fold(out)
 }
 
-/// Confines this process to [`rules`]. Must run while it has one thread: Landlock restricts the calling
-/// thread and those it starts afterwards.
-pub fn apply(config: &Config) -> Result<State, Error> {
+/// Every TCP port the running proxy binds or connects to: its listeners, the config's upstreams, the ACME
+/// CA (and the self-check's validation port), Redis, the OCSP responders the certificates served at start
+/// name (`responders`, see [`responders`]), and [`SYSTEM_CONNECT`]. Sorted, each port and operation once.
+pub fn ports(config: &Config, responders: &[String]) -> Vec<PortRule> {
+    let mut out = config_ports(config);
+    out.extend(allowance(config));
+    for url in responders {
+        if let Some(port) = url_port(url) {
+            out.push(PortRule {
+                port,
+                op: NetOp::Connect,
+                what: "OCSP responder of a certificate served at start",
+            });
+        }
+    }
+    for &(port, what) in SYSTEM_CONNECT {
+        out.push(PortRule {
+            port,
+            op: NetOp::Connect,
+            what,
+        });
+    }
+    fold_ports(out)
+}
+
+/// The OCSP responder URLs the certificates' leaves name.
+pub fn responders<'a>(chains: impl IntoIterator<Item = &'a [CertificateDer<'a>]>) -> Vec<String> {
+    chains
+        .into_iter()
+        .filter_map(portcullis_certs::ocsp::responder_of)
+        .collect()
+}
+
+/// Confines this process to [`rules`] and [`ports`]. Must run while it has one thread: Landlock restricts
+/// the calling thread and those it starts afterwards.
+pub fn apply(config: &Config, responders: &[String]) -> Result<State, Error> {
     let mode = config.process.sandbox;
     if mode == Sandbox::Off {
         return Ok(State::Off);
@@ -156,9 +237,21 @@ pub fn apply(config: &Config) -> Result<State, Error> {
     let rules = rules(config);
     let read = AccessFs::ReadFile | AccessFs::ReadDir;
     let write = AccessFs::from_all(HANDLED) & !AccessFs::Execute;
+    let ports = ports(config, responders);
     let mut created = Ruleset::default()
         .handle_access(AccessFs::from_all(HANDLED))?
+        .handle_access(AccessNet::from_all(HANDLED_NET))?
+        // ABI 6: no signal to a process outside the domain. Abstract unix sockets are left alone:
+        // systemd's `NOTIFY_SOCKET` may be one.
+        .scope(Scope::Signal)?
         .create()?;
+    for p in &ports {
+        let access = match p.op {
+            NetOp::Bind => AccessNet::BindTcp,
+            NetOp::Connect => AccessNet::ConnectTcp,
+        };
+        created = created.add_rule(NetPort::new(p.port, access))?;
+    }
     for r in &rules {
         // A path gone since `rules` looked: nothing to allow there.
         let Ok(fd) = PathFd::new(&r.path) else {
@@ -179,25 +272,132 @@ pub fn apply(config: &Config) -> Result<State, Error> {
     let status = created.restrict_self()?;
     match status.ruleset {
         RulesetStatus::NotEnforced => unsupported(mode),
-        RulesetStatus::FullyEnforced => Ok(State::Enforced { rules, full: true }),
-        _ => Ok(State::Enforced { rules, full: false }),
+        RulesetStatus::FullyEnforced => Ok(State::Enforced {
+            rules,
+            ports,
+            full: true,
+        }),
+        _ => Ok(State::Enforced {
+            rules,
+            ports,
+            full: false,
+        }),
     }
 }
 
 /// What `config` needs that the sandbox in force does not allow: a reload naming any of it needs a
 /// restart. Empty when nothing is enforced.
-pub fn uncovered(state: &State, config: &Config) -> Vec<Rule> {
-    let State::Enforced { rules: allowed, .. } = state else {
+pub fn uncovered(state: &State, config: &Config) -> Vec<String> {
+    let State::Enforced {
+        rules: allowed,
+        ports,
+        ..
+    } = state
+    else {
         return Vec::new();
     };
-    fold(config_rules(config))
+    let paths = fold(config_rules(config)).into_iter().filter(|need| {
+        !allowed
+            .iter()
+            .any(|a| a.rights >= need.rights && need.path.starts_with(&a.path))
+    });
+    let net = fold_ports(config_ports(config))
         .into_iter()
-        .filter(|need| {
-            !allowed
-                .iter()
-                .any(|a| a.rights >= need.rights && need.path.starts_with(&a.path))
-        })
+        .filter(|need| !ports.iter().any(|a| a.port == need.port && a.op == need.op));
+    paths
+        .map(|r| r.to_string())
+        .chain(net.map(|p| {
+            format!("{p}, which [process] sandbox_connect_ports can allow from the start")
+        }))
         .collect()
+}
+
+/// The ports the config itself names (the certificates' and the system's are added by [`ports`]).
+fn config_ports(config: &Config) -> Vec<PortRule> {
+    let mut out = Vec::new();
+    // Port 0 (a port the kernel picks, as in tests) is bound before the sandbox and needs no rule.
+    let mut bind = |port: u16, what| {
+        if port != 0 {
+            out.push(PortRule {
+                port,
+                op: NetOp::Bind,
+                what,
+            });
+        }
+    };
+    for a in &config.listen.https {
+        bind(a.port(), "listen.https");
+    }
+    for a in &config.listen.http {
+        bind(a.port(), "listen.http");
+    }
+    if let Some(portcullis_config::Admin {
+        listen: ServerAddr::Tcp(a),
+        ..
+    }) = &config.admin
+    {
+        bind(a.port(), "[admin] listen");
+    }
+    let mut connect = |port: u16, what| {
+        out.push(PortRule {
+            port,
+            op: NetOp::Connect,
+            what,
+        })
+    };
+    for up in &config.upstreams {
+        for s in &up.servers {
+            if let ServerAddr::Tcp(a) = s {
+                connect(a.port(), "upstream server");
+            }
+        }
+    }
+    // `[acme]`, used by a site or not yet (a reload may add the first ACME site): the CA's directory and
+    // the port the self-check asks this instance on.
+    if let Some(acme) = &config.acme_paths {
+        for &port in &acme.connect_ports {
+            connect(port, "[acme] CA directory and self-check");
+        }
+    }
+    if let Some(port) = config.cluster.as_ref().and_then(|c| url_port(&c.redis)) {
+        connect(port, "[cluster] redis");
+    }
+    out
+}
+
+/// The ports `[process] sandbox_connect_ports` allows beyond what the config names: with [`ports`], never
+/// judged by [`uncovered`] (the operator's allowance for later reloads).
+fn allowance(config: &Config) -> impl Iterator<Item = PortRule> + '_ {
+    config
+        .process
+        .sandbox_connect_ports
+        .iter()
+        .map(|&port| PortRule {
+            port,
+            op: NetOp::Connect,
+            what: "[process] sandbox_connect_ports",
+        })
+}
+
+/// The TCP port a URL names, or its scheme's default; `None` for a unix socket or what does not parse.
+fn url_port(url: &str) -> Option<u16> {
+    let uri: http::Uri = url.parse().ok()?;
+    if let Some(port) = uri.port_u16() {
+        return Some(port);
+    }
+    match uri.scheme_str()? {
+        "http" => Some(80),
+        "https" => Some(443),
+        "redis" | "rediss" => Some(6379),
+        _ => None,
+    }
+}
+
+/// Sorted by port, each port and operation once (the first reason kept).
+fn fold_ports(mut ports: Vec<PortRule>) -> Vec<PortRule> {
+    ports.sort_by_key(|p| (p.op, p.port));
+    ports.dedup_by_key(|p| (p.op, p.port));
+    ports
 }
 
 /// The rules the config's own paths make (the system's are added by [`rules`]).
