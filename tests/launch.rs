@@ -156,6 +156,8 @@ pub struct ThreadCreds {
     pub cap_bnd: u64,
     pub cap_amb: u64,
     pub no_new_privs: bool,
+    /// The `Seccomp:` mode: 0 none, 2 a filter.
+    pub seccomp: u32,
 }
 
 /// Every thread of process `pid`.
@@ -192,6 +194,7 @@ pub fn threads(pid: u32) -> Vec<ThreadCreds> {
             cap_bnd: cap("CapBnd"),
             cap_amb: cap("CapAmb"),
             no_new_privs: field("NoNewPrivs") == "1",
+            seccomp: field("Seccomp").parse().expect("Seccomp mode"),
         });
     }
     out

@@ -5,6 +5,9 @@
 //! From inside (the debug build's `PORTCULLIS_TEST_SANDBOX_PROBE`, run on a runtime thread once ready),
 //! as `nobody`: a file the user may read by its mode but outside the sandbox is refused, no program runs,
 //! and TCP connects only to what the config names; ACME against Pebble gets and serves its certificate.
+//! The seccomp filter set with it (`[process] seccomp`): every thread has it, serving, reloads, static
+//! files and buffered uploads keep working under it, `"off"` leaves none, and without Landlock it alone
+//! stops a program from running (EPERM; `"kill"`: the process dies of SIGSYS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod launch;
@@ -16,7 +19,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use portcullis_tests::{Pki, Portcullis, Setup, TempDir, Upstream, binary, config};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use launch::{Deployment, Launched, nobody, require_root, threads};
+use portcullis_tests::{
+    Pki, Portcullis, Setup, TempDir, Upstream, binary, config, random_bytes, sha256_hex,
+};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const NO_LANDLOCK: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_LANDLOCK", "1");
@@ -361,4 +370,305 @@ temp_dir = "{}"
     assert_eq!(status, 200);
     assert!(leaf.windows(9).any(|w| w == b"localhost"));
     assert_eq!(ca.orders(), 1);
+}
+
+/// Asserts from /proc that every thread of `pid` has seccomp mode `mode` (2: a filter) and NoNewPrivs;
+/// returns how many threads there were.
+fn assert_seccomp(pid: u32, mode: u32) -> usize {
+    let all = threads(pid);
+    for t in &all {
+        assert_eq!(t.seccomp, mode, "thread {}: Seccomp", t.tid);
+        assert!(t.no_new_privs, "thread {}: NoNewPrivs", t.tid);
+    }
+    all.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_nobody_every_thread_has_the_seccomp_filter_and_h1_h2_static_uploads_and_reloads_work() {
+    require_root();
+    let d = Deployment::new("seccomp-nobody").await;
+    let www = TempDir::new("seccomp-www");
+    www.write("index.html", "inside the filter");
+    let extra = format!(
+        "[[route]]\npath = \"/www/\"\nstatic = \"{}\"\n\n[buffers]\nmemory_per_request = \"64KiB\"\n\n\
+         [process]\nuser = \"nobody\"\n",
+        www.path().display()
+    );
+    let path = d.dir.write(
+        "portcullis.toml",
+        &config(&d.pki, &d.upstream.addr_string(), &extra),
+    );
+    let mut cmd = Command::new(binary());
+    cmd.args(["run", "--config", path.to_str().unwrap()]);
+    let proxy = Launched::start(cmd);
+    assert!(proxy.ready, "did not start; log:\n{}", proxy.output());
+    let line = proxy
+        .wait_for(|l| l.contains("privileges dropped"), LIMIT)
+        .unwrap_or_else(|| panic!("no drop line:\n{}", proxy.output()));
+    assert!(line.contains("running as nobody"), "{line}");
+    assert!(line.contains("syscalls allowed, others EPERM"), "{line}");
+    let addr = proxy.listening("https").unwrap();
+    let client = portcullis_tests::Client::new(&d.pki.ca_pem);
+
+    // HTTP/1.1 and HTTP/2 to the upstream; a static file (read on the blocking pool).
+    assert_eq!(client.get(addr, "/h1").await.status(), 200);
+    let h2 = client
+        .send_h2(addr, Request::get("/h2").body(Full::default()).unwrap())
+        .await;
+    assert_eq!(h2.status(), 200);
+    let page = client.get(addr, "/www/index.html").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.body().as_ref(), b"inside the filter");
+    // An upload past memory_per_request goes through a temp file (O_TMPFILE in temp_dir) whole.
+    let body = random_bytes(1 << 20, 18);
+    let req = Request::post("/sha256")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let res = client.send_h2(addr, req).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        String::from_utf8_lossy(res.body()),
+        format!("sha256={} len={}", sha256_hex(&body), body.len())
+    );
+    // A reload (config and certificate files read again, on a worker thread).
+    let hup = Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    proxy
+        .wait_for(|l| l.contains("reload on SIGHUP done"), LIMIT)
+        .unwrap_or_else(|| panic!("no reload:\n{}", proxy.output()));
+    assert_eq!(client.get(addr, "/after-reload").await.status(), 200);
+
+    // Every thread, the blocking pool's included, has the filter and NoNewPrivs, and runs as nobody.
+    assert!(assert_seccomp(proxy.pid(), 2) >= 2);
+    launch::assert_unprivileged(proxy.pid(), nobody(), true);
+    assert!(
+        !proxy.output().contains("Operation not permitted"),
+        "{}",
+        proxy.output()
+    );
+}
+
+#[tokio::test]
+async fn seccomp_kill_is_in_force_on_every_thread_and_serves() {
+    let s = Setup::new("", "[process]\nseccomp = \"kill\"\n").await;
+    assert!(
+        s.proxy
+            .output()
+            .contains("syscalls allowed, others kill the process"),
+        "{}",
+        s.proxy.output()
+    );
+    assert_eq!(s.client.get(s.https(), "/kill-mode").await.status(), 200);
+    assert!(assert_seccomp(s.proxy.pid(), 2) >= 2);
+}
+
+#[tokio::test]
+async fn seccomp_off_and_sandbox_off_leave_no_filter() {
+    for extra in [
+        "[process]\nseccomp = \"off\"\n",
+        "[process]\nsandbox = \"off\"\n",
+    ] {
+        let s = Setup::new("", extra).await;
+        assert!(
+            s.proxy.output().contains("seccomp off"),
+            "{}",
+            s.proxy.output()
+        );
+        assert_eq!(s.client.get(s.https(), "/off").await.status(), 200);
+        for t in threads(s.proxy.pid()) {
+            assert_eq!(t.seccomp, 0, "{extra}: thread {}: Seccomp", t.tid);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_kernel_refusing_seccomp_gets_one_warning_under_best_effort_and_exit_64_under_require() {
+    const NO_SECCOMP: (&str, &str) = ("PORTCULLIS_TEST_SIMULATE_NO_SECCOMP", "1");
+    let (_dir, _up, path) = write_config("").await;
+    let p = Portcullis::run_with_env(&path, &[NO_SECCOMP]);
+    assert!(p.ready, "did not start:\n{}", p.output());
+    let warned = p
+        .lines()
+        .iter()
+        .filter(|l| l.contains("running without the seccomp filter"))
+        .count();
+    assert_eq!(warned, 1, "{}", p.output());
+    assert!(p.output().contains("no seccomp filter ("), "{}", p.output());
+
+    let (_dir, _up, path) = write_config("[process]\nsandbox = \"require\"\n").await;
+    let mut p = Portcullis::run_with_env(&path, &[NO_SECCOMP]);
+    assert!(!p.ready, "started:\n{}", p.output());
+    assert_eq!(p.wait().code(), Some(64), "{}", p.output());
+    assert!(
+        p.output().contains("does not accept a seccomp filter"),
+        "{}",
+        p.output()
+    );
+}
+
+#[test]
+fn check_lists_the_system_calls_the_filter_allows() {
+    let dir = TempDir::new("seccomp-check");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = Command::new(binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("syscalls allowed, others EPERM; no program can be run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("socket (AF_INET, AF_INET6, AF_UNIX)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("execve"), "{stdout}");
+}
+
+#[test]
+fn the_units_system_call_filter_allows_every_call_the_binarys_filter_allows() {
+    // The binary's list, as `check` prints it: "  what it is for: read, ioctl (FIONBIO, ...), ...".
+    let dir = TempDir::new("seccomp-unit");
+    let pki = Pki::new(dir.path(), &[]);
+    let path = dir.write("portcullis.toml", &config(&pki, "127.0.0.1:9", ""));
+    let out = Command::new(binary())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut ours = Vec::new();
+    for line in stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("seccomp: "))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+    {
+        let (_, calls) = line.rsplit_once(": ").unwrap();
+        // Limits in parentheses are not names.
+        let mut depth = 0;
+        let bare: String = calls
+            .chars()
+            .filter(|c| {
+                depth += i32::from(*c == '(') - i32::from(*c == ')');
+                depth == 0 && *c != ')'
+            })
+            .collect();
+        ours.extend(bare.split(',').map(|n| n.trim().to_owned()));
+    }
+    assert!(ours.len() > 50, "{stdout}");
+    // And the calls that set the sandbox up, before the filter (in no group but @known on systemd 252).
+    ours.extend(
+        [
+            "landlock_create_ruleset",
+            "landlock_add_rule",
+            "landlock_restrict_self",
+            "seccomp",
+        ]
+        .map(String::from),
+    );
+
+    // The unit's, expanded as systemd 252 does: allow-list lines add, `~` lines take away.
+    let groups = Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager"])
+        .output()
+        .unwrap();
+    let groups = String::from_utf8_lossy(&groups.stdout);
+    let mut members: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut current = "";
+    for line in groups.lines() {
+        if line.starts_with('@') {
+            current = line.trim();
+        } else if let Some(item) = line.strip_prefix("    ").map(str::trim)
+            && !item.is_empty()
+            && !item.starts_with('#')
+        {
+            members.entry(current).or_default().push(item);
+        }
+    }
+    fn expand<'a>(
+        name: &'a str,
+        members: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+        out: &mut std::collections::HashSet<&'a str>,
+    ) {
+        match members.get(name) {
+            Some(items) if name.starts_with('@') => {
+                for i in items {
+                    expand(i, members, out);
+                }
+            }
+            _ => {
+                out.insert(name);
+            }
+        }
+    }
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/portcullis.service"),
+    )
+    .unwrap();
+    let mut allowed = std::collections::HashSet::new();
+    for value in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match value.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        let mut these = std::collections::HashSet::new();
+        for name in list.split_whitespace() {
+            expand(name, &members, &mut these);
+        }
+        if deny {
+            allowed.retain(|n| !these.contains(n));
+        } else {
+            allowed.extend(these);
+        }
+    }
+    let refused: Vec<_> = ours
+        .iter()
+        .filter(|n| !allowed.contains(n.as_str()))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the unit refuses what the binary needs: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_landlock_the_seccomp_filter_alone_stops_a_program_from_running_and_off_lets_it() {
+    for (extra, expected) in [
+        ("", "Operation not permitted (os error 1)"),
+        ("[process]\nseccomp = \"off\"\n", "ok"),
+    ] {
+        let (_dir, _up, path) = write_config(extra).await;
+        let p = Portcullis::run_with_env(&path, &[NO_LANDLOCK, (PROBE, "exec:/bin/true")]);
+        assert!(p.ready, "did not start:\n{}", p.output());
+        assert!(p.output().contains("no sandbox"), "{}", p.output());
+        let result = probe_result(
+            |limit| p.wait_for_log(|l| l.contains("sandbox probe: exec /bin/true: "), limit),
+            "exec /bin/true",
+        );
+        assert_eq!(result, expected, "{extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn under_seccomp_kill_running_a_program_kills_the_process_with_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let (_dir, _up, path) = write_config("[process]\nseccomp = \"kill\"\n").await;
+    let mut p = Portcullis::run_with_env(&path, &[NO_LANDLOCK, (PROBE, "exec:/bin/true")]);
+    assert!(p.ready, "did not start:\n{}", p.output());
+    let status = p.wait();
+    // SIGSYS (31 on x86-64 and aarch64): the signal a seccomp kill delivers.
+    assert_eq!(status.signal(), Some(31), "{status:?}\n{}", p.output());
+    assert!(
+        !p.output().contains("sandbox probe: exec"),
+        "{}",
+        p.output()
+    );
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::model::{LogFormat, Sandbox, TlsVersion};
+use crate::model::{LogFormat, Sandbox, Seccomp, TlsVersion};
 
 pub const HTTPS: &[&str] = &["0.0.0.0:443", "[::]:443"];
 pub const HTTP: &[&str] = &["0.0.0.0:80", "[::]:80"];
@@ -148,6 +148,9 @@ pub const ACME_SELF_CHECK: bool = true;
 
 /// `[process] sandbox`: confine the process with Landlock where the kernel can, warn once where it cannot.
 pub const SANDBOX: Sandbox = Sandbox::BestEffort;
+/// `[process] seccomp`: a system call outside the allow-list fails with EPERM. A call we missed costs one
+/// failed operation (logged where it happens), not the process and every connection on it.
+pub const SECCOMP: Seccomp = Seccomp::Errno;
 
 /// `[process] temp_dir`: under systemd's `RuntimeDirectory=` when the unit gives one (a tmpfs: files there
 /// cost memory), else `/var/tmp/portcullis` (on disk; private with the unit's `PrivateTmp=`).

@@ -276,6 +276,8 @@ pub struct Process {
     pub temp_dir: Option<S<String>>,
     /// "best-effort" (default), "require" or "off".
     pub sandbox: Option<S<String>>,
+    /// "errno" (default), "kill" or "off".
+    pub seccomp: Option<S<String>>,
     /// TCP ports the sandbox lets the process connect to beyond those the config names at start: ports a
     /// reload may move an upstream to. Numbers, or `"8000-8099"` ranges.
     pub sandbox_connect_ports: Option<S<Vec<S<PortSpec>>>>,

@@ -40,8 +40,8 @@ pub use model::{
     Acme, AcmeChallenge, AcmePaths, Action, Admin, Balance, Buffers, CertSource, ClientAuth,
     ClientAuthMode, Cluster, Config, CrlExpired, Eab, HeaderRule, Health, Limits, Listen, Log,
     LogFormat, Maintenance, PathMatch, PerAccount, Process, Rate, RateKey, RateLimit, Route,
-    Sandbox, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls, TlsVersion,
-    Upstream,
+    Sandbox, Seccomp, SecurityHeaders, ServerAddr, Site, Static, StaticKind, Timeouts, Tls,
+    TlsVersion, Upstream,
 };
 pub use ratelimit::parse_rate;
 

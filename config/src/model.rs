@@ -88,6 +88,8 @@ pub struct Process {
     pub temp_dir: PathBuf,
     /// Whether the process confines itself after the drop (Landlock: only the files the config names).
     pub sandbox: Sandbox,
+    /// What the seccomp filter set after the drop does to a system call outside its allow-list.
+    pub seccomp: Seccomp,
     /// `sandbox_connect_ports`: TCP ports the sandbox allows connecting to beyond those the config names
     /// at start (where a reload may move an upstream), each once, sorted.
     pub sandbox_connect_ports: Vec<u16>,
@@ -111,6 +113,18 @@ pub enum Sandbox {
     /// Refuse to start (exit 64) on a kernel that cannot enforce the sandbox.
     Require,
     /// No sandbox at all: the process can read whatever its user can (a dangerous opt-out).
+    Off,
+}
+
+/// `[process] seccomp`: the system-call filter set after the privilege drop (with the sandbox; `sandbox =
+/// "off"` turns it off too), and what it does to a call outside its allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seccomp {
+    /// The call fails with `EPERM` ("Operation not permitted"); the caller sees an error and goes on.
+    Errno,
+    /// The kernel kills the whole process (SIGSYS, logged by the audit subsystem): nothing goes on.
+    Kill,
+    /// No filter: every system call the kernel offers (a dangerous opt-out).
     Off,
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::check::Checker;
 use crate::defaults;
 use crate::file::{self, S};
-use crate::model::{Process, Sandbox};
+use crate::model::{Process, Sandbox, Seccomp};
 
 impl Checker<'_> {
     pub(crate) fn process(&mut self, p: Option<file::Process>) -> Process {
@@ -15,6 +15,7 @@ impl Checker<'_> {
             group: None,
             temp_dir: None,
             sandbox: None,
+            seccomp: None,
             sandbox_connect_ports: None,
         });
         let mut name = |key: &str, v: Option<S<String>>| {
@@ -65,12 +66,29 @@ impl Checker<'_> {
                 }
             },
         };
+        let seccomp = match p.seccomp {
+            None => defaults::SECCOMP,
+            Some(v) => match v.get_ref().as_str() {
+                "errno" => Seccomp::Errno,
+                "kill" => Seccomp::Kill,
+                "off" => Seccomp::Off,
+                other => {
+                    self.problem(
+                        v.span(),
+                        "process.seccomp",
+                        format!("{other:?}: use \"errno\", \"kill\" or \"off\""),
+                    );
+                    defaults::SECCOMP
+                }
+            },
+        };
         let sandbox_connect_ports = self.connect_ports(p.sandbox_connect_ports);
         Process {
             user,
             group,
             temp_dir,
             sandbox,
+            seccomp,
             sandbox_connect_ports,
         }
     }
@@ -166,6 +184,13 @@ mod tests {
         assert!(
             problems(&format!("{EXAMPLE}\n[process]\nsandbox = \"on\"\n"))[0]
                 .contains("process.sandbox")
+        );
+        assert_eq!(c.process.seccomp, crate::Seccomp::Errno);
+        let c = parse(&format!("{EXAMPLE}\n[process]\nseccomp = \"kill\"\n")).unwrap();
+        assert_eq!(c.process.seccomp, crate::Seccomp::Kill);
+        assert!(
+            problems(&format!("{EXAMPLE}\n[process]\nseccomp = \"trap\"\n"))[0]
+                .contains("process.seccomp")
         );
         assert!(
             problems(&format!("{EXAMPLE}\n[process]\nuser = \"a b\"\n"))[0]

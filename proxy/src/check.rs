@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use portcullis_certs::inspect::{Info, format_time};
 use portcullis_config::{CertSource, Config, Site};
 
-use crate::{cli, http, privdrop, sandbox};
+use crate::{cli, http, privdrop, sandbox, seccomp};
 
 pub mod live;
 
@@ -72,6 +72,7 @@ pub fn run(path: &Path) -> ExitCode {
         return ExitCode::from(cli::EXIT_CONFIG);
     }
     sandbox_report(&config);
+    seccomp_report(&config);
     println!("{}: ok", path.display());
     ExitCode::SUCCESS
 }
@@ -165,6 +166,33 @@ fn sandbox_report(config: &Config) {
     let responders = sandbox::responders(chains.iter().map(Vec::as_slice));
     for port in sandbox::ports(config, &responders) {
         println!("  {port}");
+    }
+}
+
+/// The system calls `run`'s seccomp filter will allow after the drop, by group (`seccomp.rs`).
+fn seccomp_report(config: &Config) {
+    use portcullis_config::{Sandbox, Seccomp};
+    let action = config.process.seccomp;
+    if action == Seccomp::Off || config.process.sandbox == Sandbox::Off {
+        println!("seccomp: off: any system call, running programs included");
+        return;
+    }
+    let groups = seccomp::allow_list(std::process::id());
+    let allowed: usize = groups.iter().map(|g| g.calls.len()).sum();
+    println!(
+        "seccomp: {allowed} syscalls allowed, others {}; no program can be run; allowed:",
+        seccomp::others(action)
+    );
+    for g in groups {
+        let calls: Vec<String> = g
+            .calls
+            .iter()
+            .map(|c| match c.limit {
+                Some(limit) => format!("{} ({limit})", c.name),
+                None => c.name.to_owned(),
+            })
+            .collect();
+        println!("  {}: {}", g.what, calls.join(", "));
     }
 }
 

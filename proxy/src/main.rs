@@ -1,6 +1,6 @@
 //! `portcullis`: the numbered steps from the command line to the exit code. Each step is a call into a
 //! module of its own: `check` is `portcullis check`'s report, `demo` the demo's start-up, `tasks` what
-//! serving starts, `signals` what ends it, `privdrop` and `sandbox` what the process gives up.
+//! serving starts, `signals` what ends it, `privdrop`, `sandbox` and `seccomp` what the process gives up.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +28,7 @@ mod reload;
 mod sandbox;
 mod scrape;
 mod sdnotify;
+mod seccomp;
 mod shutdown;
 mod signals;
 mod sites;
@@ -194,9 +195,29 @@ fn run(
              sandbox = \"require\" refuses to start instead"
         ),
         sandbox::State::Off => tracing::warn!(
-            "INSECURE: [process] sandbox = \"off\": the process can read and write whatever its user can"
+            "INSECURE: [process] sandbox = \"off\": the process can read and write whatever its user can, \
+             and make any system call"
         ),
         sandbox::State::Enforced { .. } => {}
+    }
+    //    Then the system-call filter (seccomp), last: no program can be run from here on, and a call
+    //    outside the allow-list fails with EPERM (or kills the process, `[process] seccomp = "kill"`).
+    let seccomp = seccomp::apply(&config).map_err(|e| match e {
+        seccomp::Error::Required(_) => bad_config(&config, e),
+        e => failed(e),
+    })?;
+    match &seccomp {
+        seccomp::State::Unsupported(why) => tracing::warn!(
+            "running without the seccomp filter: {why}; [process] sandbox = \"require\" refuses to start \
+             instead"
+        ),
+        seccomp::State::Off if config.process.sandbox != portcullis_config::Sandbox::Off => {
+            tracing::warn!(
+                "INSECURE: [process] seccomp = \"off\": the process may make any system call, run \
+                 programs included"
+            )
+        }
+        _ => {}
     }
     //    The access log's writer thread, born with the credentials every thread has from now on.
     let _access_log = access_file.as_ref().and_then(logfile::AccessFile::start);
@@ -213,11 +234,11 @@ fn run(
     if let Some(d) = dropped {
         let threads = privdrop::verify(d).map_err(failed)?;
         tracing::info!(
-            "privileges dropped: running as {}, no capabilities, no new privileges ({threads} threads checked); {sandbox}",
+            "privileges dropped: running as {}, no capabilities, no new privileges ({threads} threads checked); {sandbox}; {seccomp}",
             plan.identity()
         );
     } else {
-        tracing::info!("{sandbox}");
+        tracing::info!("{sandbox}; {seccomp}");
     }
 
     // 7. and 8.

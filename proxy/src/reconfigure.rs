@@ -224,6 +224,7 @@ fn pin(old: &Config, new: &mut Config) -> Vec<&'static str> {
         "process.group" => process.group;
         "process.temp_dir" => process.temp_dir;
         "process.sandbox" => process.sandbox;
+        "process.seccomp" => process.seccomp;
         "buffers.memory_per_request" => buffers.memory_per_request;
         "buffers.memory" => buffers.memory;
         "buffers.disk" => buffers.disk;
