@@ -214,8 +214,8 @@ async fn https(
             .map(|tls| Some((tls, sni, site, mtls.map(|m| m.verifier.clone()))))
     }))
     .await;
-    let (tls, sni, site, verifier) = match tls {
-        Ok(Ok(Some(pair))) => pair,
+    let served = match tls {
+        Ok(Ok(Some(done))) => serve_tls(done, peer, shared, snap, lease),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -228,6 +228,31 @@ async fn https(
             return;
         }
     };
+    served.await;
+}
+
+/// A connection's serving future, boxed (what `https` and `http` await for the life of the connection).
+type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What a TLS handshake gave: the stream, the SNI name, the site it picked, and that site's client
+/// certificate verifier.
+type Handshaken = (
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<Box<str>>,
+    Option<usize>,
+    Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+);
+
+/// After the handshake: the HTTP/2 or HTTP/1.1 connection over it. Not `async`: what it builds is moved
+/// into the boxed future it returns, so the connection's task keeps a pointer, not a second copy of each
+/// stage's state (an `async fn` keeps room for every local that lives across its await).
+fn serve_tls(
+    (tls, sni, site, verifier): Handshaken,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    lease: Lease,
+) -> Served {
     shared.metrics.handshake_done();
     let mut lease = lease;
     let auth_site = site.and_then(|i| snap.config.sites.get(i));
@@ -259,7 +284,13 @@ async fn https(
             .max_local_error_reset_streams(Some(256))
             .keep_alive_interval(None)
             .serve_connection(io, svc);
-        drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
+        Box::pin(drive(
+            Box::pin(c),
+            |c| c.graceful_shutdown(),
+            conn,
+            idle,
+            shutdown,
+        ))
     } else {
         let guard = Guard::new(
             tls,
@@ -272,7 +303,13 @@ async fn https(
         let c = http1_builder(&snap)
             .serve_connection(io, svc)
             .with_upgrades();
-        drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
+        Box::pin(drive(
+            Box::pin(c),
+            |c| c.graceful_shutdown(),
+            conn,
+            idle,
+            shutdown,
+        ))
     }
 }
 
@@ -297,7 +334,15 @@ async fn http(
     let svc = service!(shared, snap, conn, Listener::Http, peer.ip());
     let idle = snap.config.timeouts.client_idle;
     let c = http1_builder(&snap).serve_connection(io, svc);
-    drive(c, |c| c.graceful_shutdown(), conn, idle, shutdown).await;
+    // Boxed, as `serve_tls`'s: the task keeps a pointer while the connection lives.
+    let served: Served = Box::pin(drive(
+        Box::pin(c),
+        |c| c.graceful_shutdown(),
+        conn,
+        idle,
+        shutdown,
+    ));
+    served.await;
 }
 
 fn http1_builder(snap: &Snapshot) -> http1::Builder {
@@ -327,12 +372,19 @@ fn http1_builder(snap: &Snapshot) -> http1::Builder {
 /// Runs a connection to its end. It is asked to close gracefully (finish what is in flight, then close) when
 /// shutdown begins, when it has served its quota of requests, or when no byte has moved either way for
 /// `idle` (checked twice per `idle`).
-async fn drive<C, G>(c: C, graceful: G, conn: Arc<Conn>, idle: Duration, mut shutdown: Shutdown)
-where
+///
+/// `c` comes boxed: pinned in place here, it would be kept twice in this future (as the argument and as
+/// the pinned local).
+async fn drive<C, G>(
+    mut c: Pin<Box<C>>,
+    graceful: G,
+    conn: Arc<Conn>,
+    idle: Duration,
+    mut shutdown: Shutdown,
+) where
     C: Future<Output = Result<(), hyper::Error>>,
     G: Fn(Pin<&mut C>),
 {
-    tokio::pin!(c);
     let mut tick = tokio::time::interval(idle / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
