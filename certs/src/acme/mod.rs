@@ -19,7 +19,7 @@ pub use challenge::{
 pub use instant_acme::{Account, BodyWrapper, HttpClient};
 /// A certificate's ARI identifier (RFC 9773 section 4.1): what a renewal order `replaces`.
 pub type CertificateId = instant_acme::CertificateIdentifier<'static>;
-pub use order::{Ari, Issued, ari, create_account, obtain, restore_account};
+pub use order::{Ari, Issued, ari, base64url, create_account, obtain, restore_account};
 pub use store::{Lock, Retry, SiteStore, Store, StoredAccount, report};
 
 /// Why an ACME step failed. Each says whose it was: the CA's or the network's (retried with backoff), the

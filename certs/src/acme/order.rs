@@ -245,8 +245,9 @@ fn at(unix: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0))
 }
 
-/// base64url with or without padding (RFC 4648 section 5), as CAs hand out EAB keys.
-fn base64url(s: &str) -> Option<Vec<u8>> {
+/// base64url with or without padding (RFC 4648 section 5), as CAs hand out EAB keys; the standard
+/// alphabet's `+` and `/` are read too (the cluster's key file may be either).
+pub fn base64url(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);
     for c in s.trim_end_matches('=').bytes() {

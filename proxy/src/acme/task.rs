@@ -283,14 +283,7 @@ async fn site_task(
                                 ari = None;
                                 ari_next = Some(SystemTime::now());
                                 planned = None;
-                                if retry.take().is_some() {
-                                    let s = store.clone();
-                                    let _ = blocking(move || {
-                                        s.clear_retry();
-                                        Ok(())
-                                    })
-                                    .await;
-                                }
+                                forget_retry(&store, &mut retry).await;
                             }
                         }
                         continue;
@@ -340,14 +333,7 @@ async fn site_task(
                 current = Some(loaded);
                 ari = None;
                 ari_next = Some(SystemTime::now());
-                if retry.take().is_some() {
-                    let s = store.clone();
-                    let _ = blocking(move || {
-                        s.clear_retry();
-                        Ok(())
-                    })
-                    .await;
-                }
+                forget_retry(&store, &mut retry).await;
             }
             Err(e) => {
                 waiting_for_redis = matches!(e, Failure::ClusterDown);
@@ -708,4 +694,16 @@ async fn ask_ari(ctx: &Ctx, current: &Loaded) -> Result<Option<Ari>, Failure> {
         .get(&ctx.settings, &ctx.store, ctx.cluster.as_ref())
         .await?;
     Ok(acme::ari(&account, leaf.as_ref()).await?)
+}
+
+/// A certificate is in place: the failed attempts recorded for the site are forgotten, in memory and on disk.
+async fn forget_retry(store: &SiteStore, retry: &mut Option<Retry>) {
+    if retry.take().is_some() {
+        let s = store.clone();
+        let _ = blocking(move || {
+            s.clear_retry();
+            Ok(())
+        })
+        .await;
+    }
 }

@@ -600,25 +600,7 @@ fn decode_key(text: &str) -> Option<Vec<u8>> {
             .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
             .collect::<Option<Vec<u8>>>()?
     } else {
-        let mut out = Vec::with_capacity(KEY_LEN);
-        let (mut acc, mut bits) = (0u32, 0u32);
-        for c in text.trim_end_matches('=').bytes() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' | b'-' => 62,
-                b'/' | b'_' => 63,
-                _ => return None,
-            };
-            acc = (acc << 6) | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-            }
-        }
-        out
+        portcullis_certs::acme::base64url(text)?
     };
     (bytes.len() == KEY_LEN).then_some(bytes)
 }
