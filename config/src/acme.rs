@@ -21,20 +21,8 @@ impl Checker<'_> {
                 |d| self.resolve(d.get_ref()),
             ),
             ca_root: a.ca_root.as_ref().map(|p| self.resolve(p.get_ref())),
-            connect_ports: {
-                // An explicit directory URL's port; the named CAs (and a URL that names none) are on 443.
-                let directory = a
-                    .directory
-                    .as_ref()
-                    .and_then(|d| url_port(d.get_ref()))
-                    .unwrap_or(443);
-                let mut ports = vec![directory];
-                match &a.validation_port {
-                    Some(p) => ports.push(*p.get_ref()),
-                    None => ports.extend([80, 443]),
-                }
-                ports
-            },
+            directory: a.directory.as_ref().map(|d| d.get_ref().clone()),
+            validation_port: a.validation_port.as_ref().map(|p| *p.get_ref()),
         }
     }
 
@@ -236,18 +224,6 @@ impl Checker<'_> {
     }
 }
 
-/// The port an `https://host:port/...` URL spells out, if it does.
-fn url_port(url: &str) -> Option<u16> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let after_host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split_once(']')?.1,
-        None => host_port,
-    };
-    after_host.rsplit_once(':')?.1.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -256,19 +232,6 @@ mod tests {
     use crate::defaults;
     use crate::model::{AcmeChallenge, CertSource};
     use crate::testing::{EXAMPLE, parse, problems};
-
-    #[test]
-    fn a_directory_url_gives_its_port() {
-        use super::url_port;
-        assert_eq!(url_port("https://127.0.0.1:14000/dir"), Some(14000));
-        assert_eq!(url_port("https://[::1]:8443/dir"), Some(8443));
-        assert_eq!(
-            url_port("https://acme-v02.api.letsencrypt.org/directory"),
-            None
-        );
-        assert_eq!(url_port("https://[::1]/directory"), None);
-        assert_eq!(url_port("letsencrypt"), None);
-    }
 
     #[test]
     fn acme_sites_and_the_acme_section() {

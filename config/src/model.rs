@@ -95,14 +95,15 @@ pub struct Process {
     pub sandbox_connect_ports: Vec<u16>,
 }
 
-/// The folders `[acme]` names (see [`Config::acme_paths`]), and the TCP ports it connects to.
+/// The folders `[acme]` names (see [`Config::acme_paths`]), and what it connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmePaths {
     pub state_dir: PathBuf,
     pub ca_root: Option<PathBuf>,
-    /// The CA directory's port (443 for the named CAs), and the port the self-check asks this instance on:
-    /// `validation_port`, or both of the RFC's (80 and 443).
-    pub connect_ports: Vec<u16>,
+    /// `directory` as written (a URL, or a named CA) and `validation_port`: the sandbox allows connecting
+    /// to the CA's port and to the port the self-check asks this instance on.
+    pub directory: Option<String>,
+    pub validation_port: Option<u16>,
 }
 
 /// `[process] sandbox`: what to do about the Landlock filesystem sandbox applied after the privilege drop.

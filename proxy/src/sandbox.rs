@@ -355,8 +355,15 @@ fn config_ports(config: &Config) -> Vec<PortRule> {
     // `[acme]`, used by a site or not yet (a reload may add the first ACME site): the CA's directory and
     // the port the self-check asks this instance on.
     if let Some(acme) = &config.acme_paths {
-        for &port in &acme.connect_ports {
-            connect(port, "[acme] CA directory and self-check");
+        // A named CA ("letsencrypt"), or a URL without a port: 443.
+        let directory = acme.directory.as_deref().and_then(url_port).unwrap_or(443);
+        connect(directory, "[acme] CA directory");
+        match acme.validation_port {
+            Some(port) => connect(port, "[acme] self-check of the validation port"),
+            None => {
+                connect(80, "[acme] self-check of the validation port");
+                connect(443, "[acme] self-check of the validation port");
+            }
         }
     }
     if let Some(port) = config.cluster.as_ref().and_then(|c| url_port(&c.redis)) {
@@ -539,6 +546,19 @@ mod tests {
             rights,
             what: "t",
         }
+    }
+
+    #[test]
+    fn a_url_gives_its_port_or_its_schemes() {
+        assert_eq!(url_port("https://127.0.0.1:14000/dir"), Some(14000));
+        assert_eq!(url_port("https://[::1]:8443/dir"), Some(8443));
+        assert_eq!(
+            url_port("https://acme-v02.api.letsencrypt.org/directory"),
+            Some(443)
+        );
+        assert_eq!(url_port("redis://127.0.0.1/0"), Some(6379));
+        assert_eq!(url_port("letsencrypt"), None);
+        assert_eq!(url_port("unix:///run/redis.sock"), None);
     }
 
     #[test]
